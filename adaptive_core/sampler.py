@@ -1,0 +1,383 @@
+"""``sample_adaptive``: ADO's k-diffusion-style entry point.
+
+The loop per model call: evaluate D at the current point → correct the last step with it (UniC-style,
+one order higher, Zhao et al. 2023) and read the predictor–corrector gap as the error estimate → report
+(callback, trace) → decide the next noise level (budget plan or tolerance control) → predict the next
+point with the variable-step multistep exponential integrator (:mod:`adaptive_core.solver`).
+
+All decisions are per sample, in half-log-SNR λ, so an image's result does not depend on its batch and
+the same code serves ve and flow models.  The model is called with one σ per sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from . import controller as ctl
+from .schedules import MODEL_TYPES, check_model_type, half_log_snr, sigma_from_half_log_snr
+from .solver import exponential_step, nan_guard, scaled_error
+from .trace import StepRecord, Trace
+
+MODES = ("budget", "tolerance", "fixed")
+
+DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=True, rho=7.0,
+                schedule="ado", final_correction=True, predictor="midpoint")
+
+
+def detect_model_type(model) -> str:
+    """"flow" if ``model`` wraps a ComfyUI model whose model_sampling is CONST (rectified flow), else "ve".
+
+    Looks for ``model.inner_model.model_patcher.get_model_object("model_sampling")`` (ComfyUI's
+    ``comfy/samplers.py::KSamplerX0Inpaint``) or ``model.inner_model.inner_model.model_sampling`` and checks
+    the class hierarchy by name, so no host module is imported.
+    """
+    inner = getattr(model, "inner_model", None)
+    ms = None
+    patcher = getattr(inner, "model_patcher", None)
+    if patcher is not None and hasattr(patcher, "get_model_object"):
+        try:
+            ms = patcher.get_model_object("model_sampling")
+        except Exception:  # a host without that object: fall back below
+            ms = None
+    if ms is None:
+        ms = getattr(getattr(inner, "inner_model", None), "model_sampling", None)
+    if ms is not None and any(c.__name__ == "CONST" for c in type(ms).__mro__):
+        return "flow"
+    return "ve"
+
+
+def validate_sigmas(sigmas, model_type: str) -> torch.Tensor:
+    """Check a host's σ plan and return it as float64 on the CPU, trailing repeated zeros removed.
+
+    Raises ValueError for: not 1-D, fewer than two values, NaN/inf, negative values, values not sorted
+    descending (strictly, except a repeated trailing 0 as Forge sends), or flow σ above 1.
+    """
+    if not torch.is_tensor(sigmas):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    s = sigmas.detach().to("cpu", torch.float64)
+    if s.ndim != 1:
+        raise ValueError(f"sigmas must be a 1-D tensor of noise levels, got shape {tuple(s.shape)}")
+    if s.numel() == 0:
+        raise ValueError("sigmas is empty: expected the host's noise levels, descending, usually ending in 0")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"sigmas contains NaN or inf: {s.tolist()}")
+    if (s < 0).any():
+        raise ValueError(f"sigmas contains negative values: {s.tolist()}")
+    while s.numel() >= 2 and s[-1] == 0 and s[-2] == 0:
+        s = s[:-1]
+    if s.numel() < 2:
+        raise ValueError(f"sigmas needs at least a start and an end noise level, got {s.tolist()}")
+    if not (s[1:] < s[:-1]).all():
+        raise ValueError(f"sigmas must be sorted strictly descending (a repeated trailing 0 is allowed): {s.tolist()}")
+    if model_type == "flow" and s[0] > 1.0:
+        raise ValueError(f"flow-model sigmas must lie in [0, 1], got a first value {float(s[0])}")
+    return s
+
+
+def _lam(sigma: torch.Tensor, model_type: str) -> torch.Tensor:
+    return half_log_snr(sigma, model_type)
+
+
+def _sig(lam: torch.Tensor, model_type: str) -> torch.Tensor:
+    return sigma_from_half_log_snr(lam, model_type)
+
+
+def _alpha(sigma: torch.Tensor, model_type: str) -> torch.Tensor:
+    return 1.0 - sigma if model_type == "flow" else torch.ones_like(sigma)
+
+
+def _host_plan(grid: torch.Tensor, n_intervals: int, model_type: str, batch: int) -> torch.Tensor:
+    """The host's own grid as the plan (resampled in λ over a uniform index if the counts differ)."""
+    lam = _lam(grid, model_type)
+    if lam.numel() != n_intervals + 1:
+        start = ctl.planning_start(lam[:1])
+        lam_f = torch.cat([start, lam[1:]])
+        pos = torch.linspace(0, lam.numel() - 1, n_intervals + 1, dtype=torch.float64)
+        i0 = pos.floor().long().clamp(max=lam.numel() - 2)
+        lam_new = lam_f[i0] + (pos - i0) * (lam_f[i0 + 1] - lam_f[i0])
+        lam_new[0], lam_new[-1] = lam[0], lam[-1]
+        lam = lam_new
+    return lam[None, :].expand(batch, -1).clone()
+
+
+def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict | None = None,
+                    callback: Callable | None = None, disable: bool | None = None, *,
+                    nfe_budget: int | None = None, model_type: str | None = None, trace: Trace | None = None,
+                    **options) -> torch.Tensor:
+    """Sample the probability-flow ODE from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` within ``nfe_budget`` calls.
+
+    Args:
+        model: k-diffusion denoiser, ``model(x, sigma_vector, **extra_args)`` → denoised; one call = one NFE.
+        x: the host's initial sample at ``sigmas[0]`` (batch first).
+        sigmas: the host's plan, descending, usually ending in 0 (a repeated trailing 0 is allowed).  ADO
+            uses its endpoints (``schedule="ado"``) or the grid itself (``schedule="host"``).  A plan that
+            ends above 0 returns x at that level, as k-diffusion samplers do.
+        extra_args: passed to the model unchanged.
+        callback: called once per model call with a k-diffusion dict (``x``, ``i``, ``sigma``, ``sigma_hat``,
+            ``denoised``) plus ``nfe``, ``nfe_budget`` and ``error``; ``i`` is monotone and the last call
+            reports ``i = nfe_budget − 1`` so host progress bars end full.
+        disable: accepted for the k-diffusion signature (ADO draws no progress bar itself).
+        nfe_budget: hard cap on model calls, rejected steps included; default ``len(sigmas) − 1``.
+        model_type: "ve" or "flow"; None detects a ComfyUI flow model (CONST), else "ve".
+        trace: a :class:`~adaptive_core.trace.Trace` to fill with what the run did.
+        **options: ``mode`` ("budget": plan the budget's steps; "tolerance": steps sized to ``rtol``/``atol``
+            and stop early when the estimate allows; "fixed": follow the host grid exactly), ``rtol``,
+            ``atol``, ``max_order`` (1–3, predictor order; the corrector adds one), ``corrector`` (bool),
+            ``rho`` (plan shape, see :func:`~adaptive_core.controller.plan_lambdas`), ``schedule``
+            ("ado" or "host"), ``final_correction`` (apply the last corrector to the returned sample).
+
+    Returns:
+        The sample at ``sigmas[-1]``: the denoised sample when the plan ends in 0.
+
+    The integrator is DPM-Solver++(pM) for variable steps (Lu et al. 2022) with a UniC corrector (Zhao et al.
+    2023); the tolerance controller is a PI controller (Gustafsson 1991).
+    """
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    opt = {**DEFAULTS, **options}
+    mode = opt["mode"]
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
+    if opt["schedule"] not in ("ado", "host"):
+        raise ValueError(f"unknown schedule {opt['schedule']!r}: expected 'ado' or 'host'")
+    max_order = int(opt["max_order"])
+    if not 1 <= max_order <= 3:
+        raise ValueError(f"max_order must be 1, 2 or 3, got {opt['max_order']}")
+    if float(opt["rtol"]) <= 0 or float(opt["atol"]) < 0:
+        raise ValueError(f"rtol must be > 0 and atol ≥ 0, got rtol={opt['rtol']} atol={opt['atol']}")
+    model_type = detect_model_type(model) if model_type is None else model_type
+    check_model_type(model_type)
+    if not torch.is_tensor(x) or x.ndim < 2:
+        raise ValueError(f"x must be a batched tensor [B, ...], got {type(x).__name__} "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else ''}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    grid = validate_sigmas(sigmas, model_type)
+    if nfe_budget is None:
+        nfe_budget = grid.numel() - 1
+    if isinstance(nfe_budget, bool) or not isinstance(nfe_budget, int) or nfe_budget < 1:
+        raise ValueError(f"nfe_budget must be an integer ≥ 1, got {nfe_budget!r}")
+    if mode == "fixed" and nfe_budget < grid.numel() - 1:
+        raise ValueError(f"mode='fixed' follows the grid's {grid.numel() - 1} steps, above nfe_budget={nfe_budget}")
+    extra_args = {} if extra_args is None else extra_args
+
+    ends_in_zero = bool(grid[-1] == 0)
+    sigma_lo = float(grid[-2] if ends_in_zero else grid[-1])
+    B = x.shape[0]
+    budget = nfe_budget if mode != "fixed" else grid.numel() - 1
+    lam_start = torch.full((B,), half_log_snr(float(grid[0]), model_type), dtype=torch.float64)
+    lam_lo = torch.full((B,), half_log_snr(sigma_lo, model_type), dtype=torch.float64)
+    # the plan: evaluation points, plus (for a plan ending above 0) the end point reached without a call
+    n_intervals = budget - 1 if ends_in_zero else budget
+    if mode == "fixed" or opt["schedule"] == "host":
+        plan_grid = grid[:-1] if ends_in_zero else grid
+        plan = _host_plan(plan_grid, n_intervals, model_type, B) if n_intervals >= 1 else lam_start[:, None]
+    elif n_intervals >= 1:
+        plan = ctl.plan_lambdas(lam_start, lam_lo, n_intervals, float(opt["rho"]))
+    else:
+        plan = lam_start[:, None]
+    if trace is not None:
+        trace.start(B, model_type, budget, grid.tolist(), {**opt, "nfe_budget": budget})
+
+    rtol, atol = float(opt["rtol"]), float(opt["atol"])
+    tol_ctl = ctl.ToleranceController() if mode == "tolerance" else None
+    out = torch.empty_like(x)
+    done = torch.zeros(B, dtype=torch.bool)
+    hist_lam: list[torch.Tensor] = []   # most recent last; per-sample λ of accepted evaluations
+    hist_d: list[torch.Tensor] = []
+    hist_n = torch.zeros(B, dtype=torch.long)  # valid (finite-λ) history entries per sample
+    x_acc, lam_acc = x, lam_start.clone()       # last accepted state
+    x_eval, lam_eval = x, lam_start.clone()     # point of the next model call
+    order_used = torch.zeros(B, dtype=torch.long)
+    plan_idx = torch.zeros(B, dtype=torch.long)  # accepted evaluations so far (budget/fixed modes)
+    h_next = plan[:, 1] - ctl.planning_start(plan[:, 0]) if plan.shape[1] > 1 else lam_lo - ctl.planning_start(lam_start)
+    nfe = 0
+
+    while True:
+        sigma_eval = _sig(lam_eval, model_type)
+        denoised = model(x_eval, sigma_eval.to(x.device, x.dtype), **extra_args)
+        nfe += 1
+        nan_guard(denoised, f"the model output at call {nfe}")
+        err = torch.full((B,), float("nan"), dtype=torch.float64)
+        accepted = ~done
+        h_taken = lam_eval - lam_acc
+        x_corr = x_eval
+        if nfe > 1 and opt["corrector"]:
+            x_corr = _corrector(x_acc, x_eval, lam_acc, lam_eval, hist_lam, hist_d, hist_n, denoised,
+                                order_used, model_type)
+            err = scaled_error(x_eval, x_corr, x_acc, rtol, atol).cpu()
+            err = torch.where(torch.isfinite(lam_acc), err, torch.full_like(err, float("nan")))
+            if tol_ctl is not None and budget - nfe >= 1:  # a rejection must leave a call for the retry
+                accepted = accepted & (tol_ctl.accept(err) | err.isnan())
+        x_acc = torch.where(_bmask(accepted, x), x_corr, x_acc)
+        lam_acc = torch.where(accepted, lam_eval, lam_acc)
+        _push_history(hist_lam, hist_d, hist_n, lam_eval, denoised, accepted, max_order + 1)
+        plan_idx = plan_idx + accepted.long()
+
+        # which samples end with this call (plans ending in 0 end with the denoised sample)
+        if mode == "tolerance":
+            finishing = accepted & (lam_acc >= lam_lo) if ends_in_zero else torch.zeros_like(done)
+        else:
+            finishing = accepted & (plan_idx > n_intervals) if ends_in_zero else torch.zeros_like(done)
+        if finishing.any():
+            final = denoised
+            if opt["final_correction"] and nfe > 1:  # D(x_corr) ≈ D(x_eval) + (x_corr − x_eval)/α
+                final = denoised + (x_corr - x_eval) / _bcast(_alpha(_sig(lam_acc, model_type), model_type), x)
+            out = torch.where(_bmask(finishing, x), final, out)
+
+        # the next evaluation point
+        if mode == "tolerance":
+            lam_next, h_next = _tolerance_next(tol_ctl, lam_acc, h_taken, h_next, err, accepted, order_used,
+                                               lam_lo, budget - nfe, ends_in_zero)
+        else:
+            lam_next = plan.gather(1, plan_idx.clamp(max=plan.shape[1] - 1)[:, None])[:, 0]
+        if trace is not None:
+            _record(trace, nfe, sigma_eval, lam_next, order_used, err, accepted, done, finishing, mode,
+                    model_type)
+        done = done | finishing
+        if not ends_in_zero:  # a plan ending above 0: the step onto the end point needs no model call
+            last_step = ~done & ((lam_next >= lam_lo) | (nfe >= budget))
+            if last_step.any():
+                x_end = _predict(x_acc, lam_acc, lam_lo, hist_lam, hist_d, hist_n, max_order, model_type,
+                                 opt["predictor"])[0]
+                out = torch.where(_bmask(last_step, x), x_end, out)
+                done = done | last_step
+        if callback is not None:
+            last = bool(done.all())
+            callback({"x": x_acc, "i": budget - 1 if last else nfe - 1, "sigma": sigma_eval,
+                      "sigma_hat": sigma_eval, "denoised": denoised, "nfe": nfe, "nfe_budget": budget,
+                      "error": err})
+        if bool(done.all()):
+            break
+        if nfe >= budget:  # unreachable: plans and the reservation end every sample within the budget
+            raise RuntimeError("internal error: the budget is spent before every sample reached the end")
+        lam_next = torch.where(done, lam_acc, lam_next)
+        x_pred, order = _predict(x_acc, lam_acc, lam_next, hist_lam, hist_d, hist_n, max_order, model_type,
+                                 opt["predictor"])
+        order_used = torch.where(done, order_used, order)
+        x_eval = torch.where(_bmask(done, x), x_acc, x_pred)
+        lam_eval = lam_next
+    if trace is not None:
+        trace.nfe = nfe
+    return out
+
+
+def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam_lo, evals_left, ends_in_zero):
+    """Next λ in tolerance mode: PI step-size proposal, then the budget reservation."""
+    has_err = ~err.isnan()
+    h = torch.where(has_err, tol_ctl.propose(h_taken.clamp_min(1e-12), err.nan_to_num(1.0), order), h_prev)
+    h = torch.where(accepted | has_err, h, h_prev)
+    start = ctl.planning_start(lam_acc)
+    reserve_left = torch.full_like(h, float(evals_left - 1 if ends_in_zero else evals_left))
+    h = ctl.reserve_budget(start, h, lam_lo, reserve_left.clamp_min(0))
+    return start + h, h
+
+
+def _record(trace, nfe, sigma_eval, lam_next, order, err, accepted, done, finishing, mode, model_type):
+    """Append one StepRecord per sample still running."""
+    sigma_next = _sig(lam_next, model_type)
+    for b in range(len(trace.samples)):
+        if bool(done[b]):
+            continue
+        if nfe == 1:
+            decision = "start"
+        elif bool(finishing[b]):
+            decision = "final"
+        elif not bool(accepted[b]):
+            decision = "reject"
+        else:
+            decision = "tolerance" if mode == "tolerance" else "plan"
+        e = float(err[b])
+        trace.record(b, StepRecord(nfe=nfe, sigma=float(sigma_eval[b]),
+                                   sigma_next=0.0 if bool(finishing[b]) else float(sigma_next[b]),
+                                   order=int(order[b]) if nfe > 1 else 0, error=None if math.isnan(e) else e,
+                                   accepted=bool(accepted[b]), decision=decision))
+
+
+def _bmask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _push_history(hist_lam, hist_d, hist_n, lam, d, push, depth):
+    """Append (λ, D) for samples in ``push``; others keep their history (kept as aligned lists)."""
+    finite = push & torch.isfinite(lam)
+    if not hist_lam:
+        hist_lam.append(lam.clone())
+        hist_d.append(d)
+    elif bool(push.all()):
+        hist_lam.append(lam.clone())
+        hist_d.append(d)
+    else:  # shift only the pushing samples: entry i ← entry i+1, newest ← new value
+        n = len(hist_lam)
+        if n < depth:
+            hist_lam.insert(0, hist_lam[0].clone())
+            hist_d.insert(0, hist_d[0])
+            n += 1
+        m = _bmask(push, d)
+        for i in range(n - 1):
+            hist_lam[i] = torch.where(push, hist_lam[i + 1], hist_lam[i])
+            hist_d[i] = torch.where(m, hist_d[i + 1], hist_d[i])
+        hist_lam[-1] = torch.where(push, lam, hist_lam[-1])
+        hist_d[-1] = torch.where(m, d, hist_d[-1])
+    del hist_lam[:-depth], hist_d[:-depth]
+    hist_n.copy_(torch.where(finite, hist_n + 1, torch.where(push, torch.zeros_like(hist_n), hist_n)).clamp(max=depth))
+
+
+def _nodes(hist_lam, hist_n, lam_s, count):
+    """The last ``count`` history λ relative to λ_s, newest first, padded where a sample has fewer."""
+    nodes = []
+    for j in range(count):
+        lam_j = hist_lam[-1 - j] if j < len(hist_lam) else hist_lam[0]
+        valid = hist_n > j
+        # padding for unused slots: distinct dummy values keep the Lagrange algebra finite
+        nodes.append(torch.where(valid, lam_j - lam_s, torch.full_like(lam_s, -1.0 - j)))
+    return nodes
+
+
+def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type, weights="exact"):
+    """Predictor x_s → x_t with per-sample order min(max_order, finite history); returns (x_t, order)."""
+    order = hist_n.clamp(min=1, max=max_order)
+    sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
+    alpha_t = _alpha(sigma_t, model_type)
+    h = lam_t - lam_s
+    out = None
+    for p in sorted(set(order.tolist())):
+        sel = order == p
+        nodes = _nodes(hist_lam, hist_n, lam_s, p)
+        hp = torch.where(sel, h, torch.ones_like(h))
+        if p == 1:
+            nodes = [torch.zeros_like(h)]
+        res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, hp,
+                               nodes, [hist_d[-1 - j] for j in range(p)], weights)
+        out = res if out is None else torch.where(_bmask(sel, x_s), res, out)
+    return out, order
+
+
+def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_used, model_type):
+    """UniC-style corrector: redo the step x_s → x_t with D(x_t) as an extra node (order + 1).
+
+    Samples whose step started from pure noise (λ_s = −∞) have no finite node to add and keep ``x_pred``.
+    """
+    sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
+    alpha_t = _alpha(sigma_t, model_type)
+    finite = torch.isfinite(lam_s)
+    h = torch.where(finite, lam_t - lam_s, torch.ones_like(lam_s))
+    lam_s = torch.where(finite, lam_s, lam_t - 1.0)
+    p_all = order_used.clamp(min=1)
+    out = x_pred
+    for p in sorted(set(p_all[finite].tolist())):
+        sel = finite & (p_all == p)
+        nodes = [h] + _nodes(hist_lam, hist_n, lam_s, p)
+        nodes = [torch.where(sel, n, torch.full_like(n, 2.0 + i)) for i, n in enumerate(nodes)]
+        res = exponential_step(x_s, sigma_s.clamp(max=1.0) if model_type == "flow" else sigma_s, sigma_t, alpha_t,
+                               torch.where(sel, h, torch.ones_like(h)), nodes,
+                               [d_t] + [hist_d[-1 - j] for j in range(p)])
+        out = torch.where(_bmask(sel, x_s), res, out)
+    return out
