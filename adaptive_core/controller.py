@@ -83,4 +83,7 @@ def reserve_budget(lam: torch.Tensor, h: torch.Tensor, lam_end: torch.Tensor, ev
     """
     remaining = lam_end - lam
     needed = remaining / (evals_left.to(torch.float64) + 1.0)
-    return torch.minimum(torch.maximum(h, needed), remaining)
+    h = torch.maximum(h, needed)
+    # land evenly: a last step of under a quarter of h is merged, one under 2h is split in two
+    h = torch.where(remaining <= 2.0 * h, torch.where(remaining <= 1.25 * h, remaining, remaining / 2), h)
+    return torch.minimum(h, remaining)

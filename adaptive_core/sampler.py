@@ -208,8 +208,11 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         if nfe > 1 and opt["corrector"]:
             x_corr = _corrector(x_acc, x_eval, lam_acc, lam_eval, hist_lam, hist_d, hist_n, denoised,
                                 order_used, model_type)
-            err = scaled_error(x_eval, x_corr, x_acc, rtol, atol).cpu()
-            err = torch.where(torch.isfinite(lam_acc), err, torch.full_like(err, float("nan")))
+            # measured on x/α (the ve-equivalent sample), so ve and flow runs decide alike
+            inv_a_t = _bcast(1.0 / _alpha(_sig(lam_eval, model_type), model_type), x)
+            inv_a_s = _bcast(torch.where(torch.isfinite(lam_acc), 1.0 / _alpha(_sig(lam_acc, model_type), model_type),
+                                         torch.zeros_like(lam_acc)), x)
+            err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu()
             if tol_ctl is not None and budget - nfe >= 1:  # a rejection must leave a call for the retry
                 accepted = accepted & (tol_ctl.accept(err) | err.isnan())
         x_acc = torch.where(_bmask(accepted, x), x_corr, x_acc)
@@ -218,10 +221,12 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         plan_idx = plan_idx + accepted.long()
 
         # which samples end with this call (plans ending in 0 end with the denoised sample)
-        if mode == "tolerance":
-            finishing = accepted & (lam_acc >= lam_lo) if ends_in_zero else torch.zeros_like(done)
+        if not ends_in_zero:
+            finishing = torch.zeros_like(done)
+        elif mode == "tolerance":  # at the end, or out of calls (a budget of 1: the first prediction)
+            finishing = ~done & ((accepted & (lam_acc >= lam_lo)) | (nfe >= budget))
         else:
-            finishing = accepted & (plan_idx > n_intervals) if ends_in_zero else torch.zeros_like(done)
+            finishing = accepted & (plan_idx > n_intervals)
         if finishing.any():
             final = denoised
             if opt["final_correction"] and nfe > 1:  # D(x_corr) ≈ D(x_eval) + (x_corr − x_eval)/α
@@ -273,7 +278,7 @@ def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam
     start = ctl.planning_start(lam_acc)
     reserve_left = torch.full_like(h, float(evals_left - 1 if ends_in_zero else evals_left))
     h = ctl.reserve_budget(start, h, lam_lo, reserve_left.clamp_min(0))
-    return start + h, h
+    return torch.where(h >= lam_lo - start, lam_lo, start + h), h
 
 
 def _record(trace, nfe, sigma_eval, lam_next, order, err, accepted, done, finishing, mode, model_type):
@@ -363,7 +368,9 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
 def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_used, model_type):
     """UniC-style corrector: redo the step x_s → x_t with D(x_t) as an extra node (order + 1).
 
-    Samples whose step started from pure noise (λ_s = −∞) have no finite node to add and keep ``x_pred``.
+    A step from pure noise (flow σ = 1, λ_s = −∞) has no finite λ node; there D is interpolated linearly in
+    u = e^λ = α/σ instead, between D(pure noise) at u = 0 and D_t, which integrates exactly to the
+    trapezoid x_t = σ_t·x_s + α_t·(D_s + D_t)/2 (D is linear in u at high noise, so this is second order).
     """
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
@@ -372,6 +379,9 @@ def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_u
     lam_s = torch.where(finite, lam_s, lam_t - 1.0)
     p_all = order_used.clamp(min=1)
     out = x_pred
+    if not bool(finite.all()):
+        trapezoid = _bcast(sigma_t / sigma_s, x_s) * x_s + _bcast(alpha_t, x_s) * (hist_d[-1] + d_t) / 2
+        out = torch.where(_bmask(~finite, x_s), trapezoid, out)
     for p in sorted(set(p_all[finite].tolist())):
         sel = finite & (p_all == p)
         nodes = [h] + _nodes(hist_lam, hist_n, lam_s, p)

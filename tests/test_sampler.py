@@ -1,0 +1,306 @@
+"""Correctness of sample_adaptive: NFE cap, convergence order, ve/flow equivalence, determinism, batch
+invariance, callbacks, trace/replay and bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adaptive_core import Trace, replay_sigmas, sample_adaptive
+from adaptive_core.schedules import (SD15_SIGMA_MAX, SD15_SIGMA_MIN, karras_sigmas, lambda_uniform_sigmas,
+                                     ve_sigma_to_flow)
+from adaptive_core.testbeds import make_testbed
+
+
+class DiagonalGaussian:
+    """Exact denoiser of a zero-mean Gaussian with diagonal variances v (Tweedie): D = v/(v+σ²)·x.
+
+    Elementwise in each sample, so it is batch-invariant bit for bit.  Counts its calls.
+    """
+
+    def __init__(self, model_type="ve", n=48, dtype=torch.float64):
+        self.v = torch.logspace(-3, 0.5, n, dtype=dtype)
+        self.model_type = model_type
+        self.calls = 0
+        self.sigmas_seen = []
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        self.sigmas_seen.append(sigma.clone())
+        s = sigma.to(x.dtype).reshape(-1, 1)
+        if self.model_type == "flow":  # D_ve(x/(1−s), s/(1−s)), written to stay finite at s = 1
+            return self.v * (1 - s) / (self.v * (1 - s) ** 2 + s * s) * x
+        return self.v / (self.v + s * s) * x
+
+    def reference(self, x, sigma_max, sigma_min):
+        """D(x*(σ_min), σ_min) for the exact ODE path x*(σ) = sqrt((v+σ²)/(v+σ_max²))·x (ve)."""
+        x_end = torch.sqrt((self.v + sigma_min ** 2) / (self.v + sigma_max ** 2)) * x
+        return self.v / (self.v + sigma_min ** 2) * x_end
+
+
+def noise(b=8, n=48, seed=0, dtype=torch.float64):
+    return torch.randn(b, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def rmse(a, b):
+    return float((a - b).pow(2).mean().sqrt())
+
+
+# --- the NFE cap --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["budget", "tolerance"])
+def test_nfe_cap_holds_for_budgets_1_to_40(mode):
+    model = DiagonalGaussian()
+    x = noise() * SD15_SIGMA_MAX
+    sigmas = karras_sigmas(10, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    for budget in range(1, 41):
+        model.calls = 0
+        trace = Trace()
+        # a tight tolerance forces rejected steps: they must count against the budget
+        out = sample_adaptive(model, x, sigmas, nfe_budget=budget, model_type="ve", mode=mode, rtol=1e-4,
+                              atol=1e-6, trace=trace)
+        assert model.calls <= budget, (budget, model.calls)
+        assert trace.nfe == model.calls
+        assert torch.isfinite(out).all()
+        if mode == "budget":
+            assert model.calls == budget
+        # every sample reaches the end: the last accepted evaluation is at σ_min
+        for recs in trace.samples:
+            acc = [r for r in recs if r.accepted]
+            assert acc[-1].sigma == pytest.approx(SD15_SIGMA_MIN if budget > 1 else SD15_SIGMA_MAX, rel=1e-9)
+
+
+def test_tolerance_mode_rejects_and_still_respects_budget():
+    model = DiagonalGaussian()
+    x = noise() * SD15_SIGMA_MAX
+    trace = Trace()
+    sample_adaptive(model, x, karras_sigmas(30, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve", mode="tolerance",
+                    rtol=1e-6, atol=1e-8, trace=trace)
+    decisions = [r.decision for recs in trace.samples for r in recs]
+    assert "reject" in decisions
+    assert model.calls <= 30
+
+
+def test_tolerance_mode_stops_early_on_a_loose_tolerance():
+    model = DiagonalGaussian()
+    x = noise() * SD15_SIGMA_MAX
+    sample_adaptive(model, x, karras_sigmas(40, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve", mode="tolerance",
+                    rtol=0.2, atol=0.05)
+    loose = model.calls
+    model.calls = 0
+    sample_adaptive(model, x, karras_sigmas(40, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve", mode="tolerance",
+                    rtol=0.005, atol=0.001)
+    assert loose < model.calls <= 40
+    assert loose < 40
+
+
+# --- convergence order --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, order", [
+    (dict(predictor="exact", max_order=1, corrector=False), 1),
+    (dict(predictor="exact", max_order=2, corrector=False), 2),
+    (dict(predictor="midpoint", max_order=2, corrector=False), 2),
+    (dict(predictor="exact", max_order=1, corrector=True), 2),
+    (dict(predictor="exact", max_order=2, corrector=True), 3),
+])
+def test_error_falls_at_theoretical_order(options, order):
+    """Steps doubled on a λ-uniform grid: error ratio ≈ 2^order (startup steps use lower orders, so order 3
+    predictors without a corrector are held to 2 by their first step and are not listed)."""
+    model = DiagonalGaussian()
+    x = noise(16) * SD15_SIGMA_MAX
+    ref = model.reference(x, SD15_SIGMA_MAX, SD15_SIGMA_MIN)
+    errs = [rmse(sample_adaptive(model, x, lambda_uniform_sigmas(n, SD15_SIGMA_MIN, SD15_SIGMA_MAX, "ve"),
+                                 model_type="ve", mode="fixed", final_correction=False, **options), ref)
+            for n in (32, 64, 128)]
+    observed = math.log2(errs[-2] / errs[-1])
+    assert abs(observed - order) < 0.3, (errs, observed)
+
+
+def test_default_sampler_converges_to_reference_on_gmm_testbed():
+    tb = make_testbed("gmm_digits", "ve")
+    x = tb.noise(range(8))
+    ref = tb.reference(x)
+    errs = [rmse(sample_adaptive(tb, x, karras_sigmas(n, tb.sigma_min, tb.sigma_max), model_type="ve"), ref)
+            for n in (5, 10, 20, 40)]
+    assert errs == sorted(errs, reverse=True)
+    assert errs[-1] < 2e-3
+
+
+# --- ve and flow forms agree --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["budget", "tolerance"])
+def test_ve_and_flow_forms_agree_after_conversion(mode):
+    ve, flow = DiagonalGaussian("ve"), DiagonalGaussian("flow")
+    x_ve = noise() * SD15_SIGMA_MAX
+    sig_ve = karras_sigmas(12, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    sig_flow = ve_sigma_to_flow(sig_ve)
+    x_flow = x_ve / (1 + SD15_SIGMA_MAX)
+    out_ve = sample_adaptive(ve, x_ve, sig_ve, model_type="ve", mode=mode)
+    out_flow = sample_adaptive(flow, x_flow, sig_flow, model_type="flow", mode=mode)
+    # both return the denoised sample (same data prediction): equal up to rounding
+    assert torch.allclose(out_ve, out_flow, rtol=1e-9, atol=1e-10)
+    assert ve.calls == flow.calls
+
+
+def test_flow_from_pure_noise_matches_reference():
+    tb = make_testbed("gaussian", "flow")
+    x = tb.noise(range(4))
+    ref = tb.reference(x)
+    assert tb.sigma_max == 1.0
+    errs = [rmse(sample_adaptive(tb, x, karras_sigmas(n, tb.sigma_min, 1.0), model_type="flow"), ref)
+            for n in (6, 12, 24)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 5e-3
+
+
+# --- determinism, batch invariance, dtype ------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["budget", "tolerance"])
+def test_bit_identical_on_repeat(mode):
+    x = noise(dtype=torch.float32) * SD15_SIGMA_MAX
+    sig = karras_sigmas(9, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    a = sample_adaptive(DiagonalGaussian(dtype=torch.float32), x, sig, model_type="ve", mode=mode)
+    b = sample_adaptive(DiagonalGaussian(dtype=torch.float32), x, sig, model_type="ve", mode=mode)
+    assert torch.equal(a, b)
+    assert a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["budget", "tolerance"])
+def test_sample_alone_equals_sample_in_batch_of_4(mode):
+    x = noise(4, dtype=torch.float32) * SD15_SIGMA_MAX
+    x[2] *= 0.3  # an unusual neighbour: per-sample decisions must not leak
+    sig = karras_sigmas(9, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    batch = sample_adaptive(DiagonalGaussian(dtype=torch.float32), x, sig, model_type="ve", mode=mode, rtol=1e-3)
+    for i in range(4):
+        alone = sample_adaptive(DiagonalGaussian(dtype=torch.float32), x[i:i + 1], sig, model_type="ve", mode=mode,
+                                rtol=1e-3)
+        assert torch.equal(alone[0], batch[i]), i
+
+
+def test_tolerance_decisions_are_per_sample():
+    model = DiagonalGaussian()
+    x = noise(2) * SD15_SIGMA_MAX
+    x[1] *= 0.05  # a very different sample takes different steps
+    trace = Trace()
+    sample_adaptive(model, x, karras_sigmas(30, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve",
+                    mode="tolerance", rtol=1e-3, trace=trace)
+    assert trace.sigmas_taken(0) != trace.sigmas_taken(1)
+    # the model saw one σ per sample
+    assert all(s.shape == (2,) for s in model.sigmas_seen)
+
+
+# --- callback, trace, replay -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["budget", "tolerance"])
+def test_callback_once_per_model_call_with_monotone_progress(mode):
+    model = DiagonalGaussian()
+    seen = []
+    sample_adaptive(model, noise() * SD15_SIGMA_MAX, karras_sigmas(15, SD15_SIGMA_MIN, SD15_SIGMA_MAX),
+                    model_type="ve", mode=mode, callback=seen.append, rtol=1e-3)
+    assert len(seen) == model.calls
+    steps = [d["i"] for d in seen]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert steps[-1] == 14  # the bar ends full
+    assert [d["nfe"] for d in seen] == list(range(1, model.calls + 1))
+    assert all(set(d) >= {"x", "i", "sigma", "sigma_hat", "denoised"} for d in seen)
+
+
+def test_trace_json_round_trip_and_replay_reproduces_the_run():
+    model = DiagonalGaussian()
+    x = noise(1) * SD15_SIGMA_MAX
+    trace = Trace()
+    out = sample_adaptive(model, x, karras_sigmas(20, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve",
+                          mode="tolerance", rtol=2e-3, trace=trace)
+    again = Trace.from_json(trace.to_json())
+    assert again.to_dict() == trace.to_dict()
+    grid = replay_sigmas(again)
+    assert grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+    replayed = sample_adaptive(DiagonalGaussian(), x, grid, model_type="ve", mode="fixed")
+    assert torch.allclose(replayed, out, rtol=1e-9, atol=1e-10)
+    errors = [e for e in trace.errors(0) if e is not None]
+    assert errors and all(e >= 0 for e in errors)
+
+
+def test_budget_run_replays_with_a_fixed_step_peer_grid():
+    model = DiagonalGaussian()
+    trace = Trace()
+    sample_adaptive(model, noise(1) * SD15_SIGMA_MAX, karras_sigmas(8, SD15_SIGMA_MIN, SD15_SIGMA_MAX),
+                    model_type="ve", trace=trace)
+    grid = replay_sigmas(trace)
+    assert len(grid) == 9  # 8 model calls on the grid, then 0: one call per step for a 1-call-per-step sampler
+    assert grid[0] == pytest.approx(SD15_SIGMA_MAX) and grid[-2] == pytest.approx(SD15_SIGMA_MIN)
+
+
+# --- host quirks --------------------------------------------------------------------------------------------
+
+def test_repeated_trailing_zero_and_partial_plan():
+    model = DiagonalGaussian()
+    x = noise() * SD15_SIGMA_MAX
+    sig = karras_sigmas(8, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    a = sample_adaptive(model, x, sig, model_type="ve")
+    b = sample_adaptive(model, x, torch.cat([sig, sig.new_zeros(1)]), model_type="ve")
+    assert torch.equal(a, b)
+    # a plan ending above 0 returns x at that level (as k-diffusion samplers do): for the Gaussian that is
+    # sqrt((v+σ_end²)/(v+σ_max²))·x
+    end = float(sig[4])
+    model.calls = 0
+    part = sample_adaptive(model, x, sig[:5], model_type="ve")
+    assert model.calls == 4
+    exact = torch.sqrt((model.v + end ** 2) / (model.v + SD15_SIGMA_MAX ** 2)) * x
+    assert rmse(part, exact) < 0.05 * float(exact.pow(2).mean().sqrt())
+
+
+def test_flow_sigma_one_start_and_trailing_zero():
+    model = DiagonalGaussian("flow")
+    x = noise()
+    sig = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.05, 0.0, 0.0], dtype=torch.float64)
+    out = sample_adaptive(model, x, sig, model_type="flow")
+    assert model.calls == 5 and torch.isfinite(out).all()
+
+
+def test_budget_of_one_returns_the_first_denoised_prediction():
+    model = DiagonalGaussian()
+    x = noise() * SD15_SIGMA_MAX
+    out = sample_adaptive(model, x, karras_sigmas(10, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve", nfe_budget=1)
+    assert torch.allclose(out, model.v / (model.v + SD15_SIGMA_MAX ** 2) * x)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigmas, message", [
+    (torch.tensor([14.6, float("nan"), 0.0]), "NaN"),
+    (torch.tensor([1.0, 5.0, 0.0]), "descending"),
+    (torch.tensor([]), "empty"),
+    (torch.tensor([3.0]), "at least"),
+    (torch.tensor([3.0, -1.0]), "negative"),
+    (torch.ones(2, 2), "1-D"),
+])
+def test_bad_sigmas_raise_clear_errors(sigmas, message):
+    with pytest.raises(ValueError, match=message):
+        sample_adaptive(DiagonalGaussian(), noise(), sigmas, model_type="ve")
+
+
+def test_bad_arguments_raise_clear_errors():
+    sig = karras_sigmas(5, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    with pytest.raises(ValueError, match="nfe_budget"):
+        sample_adaptive(DiagonalGaussian(), noise(), sig, nfe_budget=0)
+    with pytest.raises(ValueError, match="model_type"):
+        sample_adaptive(DiagonalGaussian(), noise(), sig, model_type="eps")
+    with pytest.raises(ValueError, match="batched"):
+        sample_adaptive(DiagonalGaussian(), torch.tensor(1.0), sig)
+    with pytest.raises(ValueError, match="NaN"):
+        sample_adaptive(DiagonalGaussian(), noise() * float("nan"), sig)
+    with pytest.raises(TypeError, match="unknown option"):
+        sample_adaptive(DiagonalGaussian(), noise(), sig, tolerance=3)
+    with pytest.raises(ValueError, match="flow"):
+        sample_adaptive(DiagonalGaussian("flow"), noise(), sig, model_type="flow")
+    with pytest.raises(ValueError, match="shape"):  # a model that rejects the sample's shape
+        sample_adaptive(make_testbed("gaussian", "ve"), noise(), sig, model_type="ve")
+
+
+def test_non_finite_model_output_is_reported():
+    def broken(x, sigma):
+        return x * float("nan")
+    with pytest.raises(FloatingPointError, match="model output"):
+        sample_adaptive(broken, noise(), karras_sigmas(4, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve")
