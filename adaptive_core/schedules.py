@@ -111,6 +111,8 @@ def loglinear_interp(levels: Sequence[float], n: int) -> torch.Tensor:
     This is how Align Your Steps tables are adapted to other step counts (Sabour et al. 2024, §3.3).
     """
     levels = torch.tensor(levels, dtype=torch.float64)
+    if n == 1:
+        return levels[:1].clone()
     xs = torch.linspace(0, 1, len(levels), dtype=torch.float64)
     ys = levels.log().flip(0)
     new_xs = torch.linspace(0, 1, n, dtype=torch.float64)

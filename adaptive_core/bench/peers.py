@@ -24,7 +24,9 @@ Names are ``"<sampler>+<schedule>"``:
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +55,7 @@ class Peer:
     model_types: tuple[str, ...]
     run: Callable[..., torch.Tensor]
     exact_budget: bool = True
+    requires: str = "k_diffusion"  # the package it needs; peers whose package is missing are not listed
 
 
 _PEERS: dict[str, Peer] = {}
@@ -60,14 +63,18 @@ _PEERS: dict[str, Peer] = {}
 SCHEDULES = {"ve": ("karras", "exponential", "ays"), "flow": ("simple", "karras", "exponential")}
 
 
-def _register(name: str, model_types, run, exact_budget: bool = True) -> None:
-    _PEERS[name] = Peer(name, tuple(model_types), run, exact_budget)
+def _register(name: str, model_types, run, exact_budget: bool = True, requires: str = "k_diffusion") -> None:
+    _PEERS[name] = Peer(name, tuple(model_types), run, exact_budget, requires)
 
 
 def peer_names(model_type: str) -> list[str]:
-    """Names of the peers that run on ``model_type`` ("ve" or "flow"), in registry order."""
+    """Names of the peers that run on ``model_type`` ("ve" or "flow"), in registry order.
+
+    Peers whose package (k-diffusion, diffusers) is not installed are left out.
+    """
     schedules.check_model_type(model_type)
-    return [p.name for p in _PEERS.values() if model_type in p.model_types]
+    installed = {req: importlib.util.find_spec(req) is not None for req in {p.requires for p in _PEERS.values()}}
+    return [p.name for p in _PEERS.values() if model_type in p.model_types and installed[p.requires]]
 
 
 def get_peer(name: str) -> Peer:
@@ -136,7 +143,7 @@ def _zero_noise(*_args):
     return 0.0  # DPM-Solver-fast/-adaptive add su·noise with su = 0 at η = 0; don't draw from the global RNG
 
 
-#: name -> (k-diffusion function name, extra kwargs, model calls per step except the last one to σ = 0)
+#: name -> (k-diffusion function, extra kwargs, model calls per step; Heun-type steps to σ = 0 take one)
 _KDIFF_GRID = {
     "euler": ("sample_euler", {}, 1),       # Karras et al. 2022, Algorithm 2 without churn (Euler)
     "heun": ("sample_heun", {}, 2),         # Karras et al. 2022, Algorithm 2 (Heun, last step Euler)
@@ -148,18 +155,19 @@ _KDIFF_GRID = {
 
 
 def _kdiff_grid_runner(sampler: str, schedule: str):
+    """A k-diffusion sampler on a ``schedule`` grid with the most steps whose model calls fit the budget.
+
+    n levels cost n calls, or 2n − 1 for Heun-type samplers (two per step, one Euler call for the step to 0), so
+    an even budget leaves one call unused there.  Every sampler's step to σ = 0 returns the denoised, except
+    LMS, whose last step is its own 4th-order extrapolation to σ = 0 (k-diffusion's convention, kept).
+    """
     fn_name, kwargs, calls_per_step = _KDIFF_GRID[sampler]
 
     def run(model, x, nfe, setting):
-        # n levels cost n calls (calls_per_step = 1) or 2(n − 1) + 1 (Heun-type: the step to 0 is one Euler call)
         n = nfe if calls_per_step == 1 else (nfe + 1) // 2
         sigmas = peer_sigmas(schedule, n, setting).to(device=x.device, dtype=x.dtype)
-        fn = getattr(load_kdiffusion_sampling(), fn_name)
-        return fn(model, x, sigmas, disable=True, **kwargs)
+        return getattr(load_kdiffusion_sampling(), fn_name)(model, x, sigmas, disable=True, **kwargs)
 
-    run.__doc__ = (f"k-diffusion ``{fn_name}`` on the ``{schedule}`` schedule; the step count is the largest whose "
-                   f"model calls fit the budget.  LMS's last step to 0 is its own 4th-order extrapolation, not "
-                   f"the denoised (k-diffusion's convention).")
     return run
 
 
@@ -192,11 +200,16 @@ DPM_ADAPTIVE_ATOL_RATIO = 0.0078 / 0.05
 _RTOL_CACHE: dict[tuple, float] = {}
 
 
-def _dpm_adaptive_once(model, x, setting, rtol):
-    k = load_kdiffusion_sampling()
+def _dpm_adaptive_once(model, x, setting, rtol, max_calls):
+    def guarded(x, sigma, **extra_args):  # a non-finite error estimate makes the controller loop forever
+        if model.nfe >= max_calls:
+            raise RuntimeError(f"dpm_adaptive passed {max_calls} model calls (rtol {rtol:.3g}): non-finite model?")
+        return model(x, sigma, **extra_args)
+
     model.reset_nfe()
-    x = k.sample_dpm_adaptive(model, x, setting.sigma_min, setting.sigma_max, order=3, rtol=rtol,
-                              atol=rtol * DPM_ADAPTIVE_ATOL_RATIO, eta=0.0, noise_sampler=_zero_noise, disable=True)
+    x = load_kdiffusion_sampling().sample_dpm_adaptive(
+        guarded, x, setting.sigma_min, setting.sigma_max, order=3, rtol=rtol, atol=rtol * DPM_ADAPTIVE_ATOL_RATIO,
+        eta=0.0, noise_sampler=_zero_noise, disable=True)
     return _denoise_at(model, x, setting.sigma_min), model.nfe
 
 
@@ -206,19 +219,21 @@ def _dpm_adaptive(model, x, nfe, setting, max_tries: int = 8):
 
     Its NFE follows from a tolerance, not a budget: rtol is found by bisection in log rtol over [1e-6, 1]
     (≤ ``max_tries`` full runs, atol = rtol·0.156, k-diffusion's default ratio) so that the real NFE lands as
-    close as possible to ``nfe``; the tolerance is cached per (model name, model type, σ range, nfe), so later
-    calls run once.  Step sizes depend on the whole batch (the error norm is over the batch), and with the
-    default h_init = 0.05 the controller cannot finish in fewer than ~19 calls on a σ range like SD1.5's: for
-    smaller budgets the NFE reported is that minimum.  Rejected steps count.
+    close as possible to ``nfe`` (ties: the run within budget); the tolerance is cached per (model name, model
+    type, σ range, nfe), so later calls run once, and the NFE reported is that of the run returned.  Step sizes
+    depend on the whole batch (the error norm is over the batch), and with k-diffusion's h_init = 0.05 the
+    controller cannot finish in fewer than ~19 calls (SD1.5's σ range; ~22 on a flow range): for smaller
+    budgets that minimum is what is reported.  Rejected steps count.
     """
     key = (getattr(model, "name", type(model).__name__), setting, nfe)
+    max_calls = 50 * nfe + 1000
     if key in _RTOL_CACHE:
-        return _dpm_adaptive_once(model, x, setting, _RTOL_CACHE[key])[0]
+        return _dpm_adaptive_once(model, x, setting, _RTOL_CACHE[key], max_calls)[0]
     lo, hi = math.log(1e-6), 0.0  # NFE falls as log rtol grows
     best = None  # (distance to budget, over budget, rtol, sample, nfe)
     for _ in range(max_tries):
         log_rtol = 0.5 * (lo + hi)
-        out, used = _dpm_adaptive_once(model, x, setting, math.exp(log_rtol))
+        out, used = _dpm_adaptive_once(model, x, setting, math.exp(log_rtol), max_calls)
         cand = (abs(used - nfe), used > nfe, math.exp(log_rtol), out, used)
         if best is None or cand[:2] < best[:2]:
             best = cand
@@ -241,13 +256,17 @@ _register("dpm_adaptive", ("ve", "flow"), _dpm_adaptive, exact_budget=False)
 
 #: SD1.5's discrete training schedule: its σ range is the ve testbeds' (14.6146 … 0.0292)
 SD15_BETAS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-#: where a flow grid starts for schedulers that cannot take α = 0 (UniPC's own choice, see below)
+#: flow: UniPC and DEIS take log α, so they start at σ = 1 − 1e-6 (UniPC's own nudge) instead of 1
 FLOW_START_NUDGE = 1e-6
 
 
 def _diffusers_scheduler(kind: str, order: int, setting: Setting, **overrides):
-    """A diffusers multistep scheduler in the form the adapter drives: x0 ("sample") prediction, DPM-Solver++ /
-    UniPC-bh2 / DEIS-logrho, σ → 0 at the end; ve: SD1.5 betas + Karras σ's; flow: flow σ's with the shift."""
+    """A diffusers multistep scheduler configured as the adapter drives it.
+
+    x0 ("sample") prediction; DPM-Solver++ midpoint (Lu et al. 2022b), UniPC bh2 with x0 prediction (Zhao et al.
+    2023), DEIS log-ρ (Zhang & Chen 2022); lower order on the last steps as diffusers does below 15 steps.
+    ve: SD1.5 betas and Karras σ's; flow: flow σ's with the model's shift.  ``overrides`` go to the constructor.
+    """
     import diffusers
 
     cls, kwargs = {
@@ -266,29 +285,53 @@ def _diffusers_scheduler(kind: str, order: int, setting: Setting, **overrides):
 
 def _timesteps_for(scheduler, sigmas: torch.Tensor, model_type: str) -> torch.Tensor:
     """Training timesteps of the nonzero σ's (ve: interpolated in log σ over the training table; flow: 1000·σ).
-    Only the step bookkeeping reads them: the update maths of these schedulers reads ``scheduler.sigmas``."""
+
+    Only the step bookkeeping reads them (their count); the update maths reads ``scheduler.sigmas``.
+    """
     s = sigmas[:-1]
     if model_type == "flow":
         return (s * scheduler.config.num_train_timesteps).round().long()
     table = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt().double().log()
-    t = torch.arange(len(table), dtype=torch.float64)
     idx = torch.searchsorted(table, s.log()).clamp(1, len(table) - 1)
     w = (s.log() - table[idx - 1]) / (table[idx] - table[idx - 1])
-    return (t[idx - 1] + w * (t[idx] - t[idx - 1])).round().long()
+    return (idx - 1 + w).round().long()
 
 
 def _diffusers_runner(kind: str, order: int, schedule: str):
+    """The adapter: a diffusers scheduler driving the k-diffusion denoiser, one model call per scheduler step.
+
+    The scheduler's σ's are replaced by the testbed's grid (:func:`peer_sigmas`, float64), so every peer starts at
+    the testbed's σ_max and its last nonzero σ is the testbed's σ_min.  Why: ve — diffusers' own Karras grid for
+    SD1.5 betas is the same grid up to float32 rounding (14.614647 … 0.0291675; tests check 1e-3), so this only
+    makes it exact; flow — diffusers' own flow grid starts at shift(0.999) = 0.99967 (DPM, DEIS) or 1 − 1e-6
+    (UniPC) and ends at shift(0.999/n) or shift(1/n) (0.25 at n = 10, shift 3), far above a testbed's σ_min, and
+    its Karras option ignores ``use_flow_sigmas`` in DPM/DEIS (σ's up to 157 used as flow σ's) and maps a VP
+    range onto (0.0099, 0.994) in UniPC; so flow karras here is the flow-σ Karras grid the k-diffusion peers use.
+
+    ve: diffusers works on VP latents x_vp = x_ve/√(1 + σ²); each step reads σ = ``sigmas[step_index]``, calls
+    ``model(x_vp·√(1 + σ²), σ)`` and hands the scheduler the denoised as a "sample" prediction.  The last step
+    (σ_min → 0) returns the denoised (DPM, UniPC: ``final_sigmas_type="zero"``).  Exceptions: DEIS's own grid
+    ends σ_min → σ_min (a no-op step, so it returns x(σ_min) and wastes its last call) and its ε-form cannot step
+    to σ = 0, so the adapter returns the denoised of that last call itself.  Flow: DPM starts at σ = 1 exactly
+    (λ = −∞ gives a DDIM first step); UniPC and DEIS divide by α = 1 − σ and start at 1 − 1e-6 from x = ε (a
+    mismatch of order 1e-6).  UniPC's corrector over that first, infinitely long step in λ leaves an error floor
+    of ~1e-4 on the Gaussian testbed at ≥ 80 NFE; it is UniPC's own behaviour on flow models (Wan uses it).
+    """
     def run(model, x, nfe, setting):
+        with warnings.catch_warnings():  # diffusers' numpy calls on torch tensors warn under numpy 2 (harmless)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _drive(model, x, nfe, setting)
+
+    def _drive(model, x, nfe, setting):
         sched = _diffusers_scheduler(kind, order, setting)
         sched.set_timesteps(nfe)
         sigmas = peer_sigmas(schedule, nfe, setting)
         if setting.model_type == "flow" and kind != "dpmpp":
             sigmas[0] = 1.0 - FLOW_START_NUDGE
-        sched.sigmas = sigmas  # float64: the testbed's exact grid (see the module docstring of the adapter)
+        sched.sigmas = sigmas
         sched.timesteps = _timesteps_for(sched, sigmas, setting.model_type)
         sched.set_begin_index(0)
         ve = setting.model_type == "ve"
-        # diffusers works on VP latents x_vp = x_ve / sqrt(1 + σ²) for ve models; flow latents are the model's own
         sample = x / math.sqrt(1.0 + float(sigmas[0]) ** 2) if ve else x
         for i in range(nfe):
             assert sched.step_index in (None, i)  # None before the first step() (begin_index = 0)
@@ -296,16 +339,15 @@ def _diffusers_runner(kind: str, order: int, schedule: str):
             scale = math.sqrt(1.0 + sigma ** 2) if ve else 1.0
             denoised = model(sample * scale, x.new_full([x.shape[0]], sigma))
             if kind == "deis" and i == nfe - 1:
-                return denoised  # DEIS cannot step to σ = 0 (its ε-form divides by σ); the step to 0 is D
+                return denoised
             sample = sched.step(denoised, sched.timesteps[i], sample).prev_sample
         return sample
 
-    run.__doc__ = f"diffusers {kind} order {order} on the {schedule} schedule (one model call per scheduler step)."
     return run
 
 
 _DIFFUSERS = (("diffusers_dpmpp_2m", "dpmpp", 2), ("diffusers_unipc_2", "unipc", 2), ("diffusers_unipc_3", "unipc", 3),
               ("diffusers_deis_2", "deis", 2), ("diffusers_deis_3", "deis", 3))
 for _name, _kind, _order in _DIFFUSERS:
-    _register(f"{_name}+karras", ("ve", "flow"), _diffusers_runner(_kind, _order, "karras"))
-    _register(f"{_name}+simple", ("flow",), _diffusers_runner(_kind, _order, "simple"))
+    _register(f"{_name}+karras", ("ve", "flow"), _diffusers_runner(_kind, _order, "karras"), requires="diffusers")
+    _register(f"{_name}+simple", ("flow",), _diffusers_runner(_kind, _order, "simple"), requires="diffusers")

@@ -16,7 +16,8 @@ This module converts between (x, σ) and (y, λ) and solves that ODE to high acc
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ def solve_pf_ode(posterior_mean: PosteriorMean, y: torch.Tensor, lam_start: floa
     flattened batch.  ``posterior_mean(y, lam)`` takes y of shape [B, ...] and λ of shape [B].
     The step sizes are shared by the batch, so a sample's result depends on its batch only at the level of
     the tolerances (≈1e-10), far below any error this reference is used to measure.
+    Runs single-threaded (see :func:`single_threaded`).
     """
     y = y.detach().to(torch.float64).cpu()
     shape, batch = y.shape, y.shape[0]
@@ -72,10 +74,26 @@ def solve_pf_ode(posterior_mean: PosteriorMean, y: torch.Tensor, lam_start: floa
         lam_vec = torch.full((batch,), lam, dtype=torch.float64)
         return (math.exp(lam) * posterior_mean(yt, lam_vec)).reshape(-1).numpy()
 
-    sol = solve_ivp(rhs, (lam_start, lam_end), y.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
+    with single_threaded():
+        sol = solve_ivp(rhs, (lam_start, lam_end), y.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"reference ODE solve failed: {sol.message}")
     return torch.from_numpy(sol.y[:, -1].copy()).reshape(shape)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block, then restore the previous count.
+
+    The ODE's right-hand side is thousands of small tensor ops: thread hand-offs cost more than they save, and
+    on a machine whose cores are shared they stall for whole scheduler slices (observed: 10x-100x slower).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
