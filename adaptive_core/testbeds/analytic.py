@@ -66,7 +66,8 @@ class AnalyticTestbed(Testbed):
         """Exact D(x, σ) = E[x0 | x_σ = x] (Tweedie; Karras et al. 2022, EDM), computed in float64.
 
         Accepts any floating x of shape [B, *shape] and σ of shape [B] (or one value); returns x's dtype.
-        Each sample is computed on its own, so its result is bit-identical whatever else is in the batch.
+        Vectorised over the batch: a sample's result agrees with its result alone to rounding (~1e-15
+        relative), not bit for bit — ADO's own batch invariance is tested with an elementwise model.
         σ = 0 returns x (clean input).
         """
         self._check_samples(x)
@@ -76,16 +77,11 @@ class AnalyticTestbed(Testbed):
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"{self.name}: expected sigma of shape [{x.shape[0]}] (one per sample), "
                              f"got {tuple(sigma.shape)}")
-        out = torch.empty_like(x)
-        for i in range(x.shape[0]):  # per sample: no batch-size-dependent kernel can change a result
-            out[i] = self._denoise_one(x[i:i + 1].clone(), sigma[i:i + 1].clone())[0]
-        return out
-
-    def _denoise_one(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if float(sigma) == 0.0:
-            return x
-        y, lam = to_snr_coordinates(x.to(torch.float64), sigma.to(torch.float64), self.model_type)
-        return self.posterior_mean(y, lam).to(x.dtype)
+        clean = sigma == 0
+        safe = torch.where(clean, torch.ones_like(sigma), sigma)
+        y, lam = to_snr_coordinates(x.to(torch.float64), safe.to(torch.float64), self.model_type)
+        out = self.posterior_mean(y, lam).to(x.dtype)
+        return torch.where(clean.reshape(-1, *([1] * (x.ndim - 1))), x, out)
 
     # --- reference -------------------------------------------------------------------------------------
     def reference(self, x: torch.Tensor) -> torch.Tensor:
