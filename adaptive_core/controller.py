@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .solver import rms
+
 #: Treat a flow model's pure-noise start (σ = 1, λ = −∞) as this λ when placing steps.  The first step
 #: from pure noise is exact for the constant part of D, so only the spacing after it matters.
 PURE_NOISE_PLANNING_LAMBDA = -3.0
@@ -87,3 +89,80 @@ def reserve_budget(lam: torch.Tensor, h: torch.Tensor, lam_end: torch.Tensor, ev
     # land evenly: a last step of under a quarter of h is merged, one under 2h is split in two
     h = torch.where(remaining <= 2.0 * h, torch.where(remaining <= 1.25 * h, remaining, remaining / 2), h)
     return torch.minimum(h, remaining)
+
+
+def activity(d_new: torch.Tensor, d_old: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """RMS rate of change of the denoised prediction per unit λ between two evaluations, per sample [B].
+
+    The local error of a step of an order-p exponential integrator scales with h^{p+1} times the p-th
+    λ-derivative of D; this finite difference is the cheap proxy for that size (cf. the "change of the
+    denoised prediction" signal of adaptive guidance, Castillo et al. 2023).
+    """
+    return rms(d_new - d_old).cpu() / h.clamp_min(1e-12)
+
+
+#: Where the prior expects the denoised prediction to change fastest: λ = 0 (σ_ve = 1), where structure of
+#: unit-variance data (SD/SDXL/Flux latents as the hosts scale them) emerges from the noise.
+PRIOR_PEAK_LAMBDA = 0.0
+#: Log-slopes of the prior activity in λ below and above the peak.  For a Gaussian component of std s the
+#: activity is s·e^z/(1+e^{2z})^{3/2}, z = λ + log s: slope +1 before and −2 after; a spread of scales
+#: softens the decay, measured near −1 on the testbeds.
+PRIOR_RISE, PRIOR_DECAY = 1.0, -1.0
+#: Limits on a measured log-slope of the activity used for extrapolation.
+SLOPE_RANGE = (-2.5, 0.0)
+_GRID = 256
+
+
+def prior_log_activity(lam: torch.Tensor, peak: float | torch.Tensor = PRIOR_PEAK_LAMBDA) -> torch.Tensor:
+    """Log of the prior activity a(λ): a tent rising with slope PRIOR_RISE to ``peak``, falling after."""
+    d = lam - (peak if not torch.is_tensor(peak) else peak[:, None])
+    return torch.where(d < 0, PRIOR_RISE * d, PRIOR_DECAY * d)
+
+
+def equidistribute(lam_from: torch.Tensor, lam_to: torch.Tensor, n_points: int, log_activity,
+                   exponent: float) -> torch.Tensor:
+    """n points in (λ_from, λ_to], the last at λ_to, each interval holding an equal share of ∫ a(λ)^exponent dλ.
+
+    Error equidistribution (de Boor 1973): with local error ∝ h^{p+1}·a, equal shares of ∫ a^{1/(p+1)}
+    balance the error of the steps.  ``log_activity(λ_grid [B, G])`` returns log a on a per-sample grid.
+    Returns [B, n_points].
+    """
+    u = torch.linspace(0, 1, _GRID, dtype=torch.float64)[None, :]
+    grid = lam_from[:, None] + u * (lam_to - lam_from)[:, None]
+    dens = torch.exp(exponent * log_activity(grid))
+    dens = dens / dens.max(dim=1, keepdim=True).values.clamp_min(1e-300)
+    cum = torch.cat([torch.zeros_like(dens[:, :1]), torch.cumsum((dens[:, 1:] + dens[:, :-1]) / 2, 1)], 1)
+    cum = cum / cum[:, -1:].clamp_min(1e-300)
+    targets = (torch.arange(1, n_points + 1, dtype=torch.float64) / n_points)[None, :].expand(grid.shape[0], -1)
+    idx = torch.searchsorted(cum.contiguous(), targets.contiguous()).clamp(1, _GRID - 1)
+    c0, c1 = cum.gather(1, idx - 1), cum.gather(1, idx)
+    g0, g1 = grid.gather(1, idx - 1), grid.gather(1, idx)
+    pts = g0 + (targets - c0) / (c1 - c0).clamp_min(1e-300) * (g1 - g0)
+    pts[:, -1] = lam_to
+    return pts
+
+
+def prior_plan(lam_start: torch.Tensor, lam_end: torch.Tensor, n_intervals: int, exponent: float) -> torch.Tensor:
+    """The budget planner's first plan, [B, n+1]: λ_start then points equidistributing the prior activity."""
+    start = planning_start(lam_start)
+    pts = equidistribute(start, lam_end, n_intervals, prior_log_activity, exponent)
+    return torch.cat([lam_start[:, None], pts], 1)
+
+
+def replan_lambdas(lam_now: torch.Tensor, lam_end: torch.Tensor, n_points: int, slope: torch.Tensor,
+                   exponent: float) -> torch.Tensor:
+    """Re-place the remaining ``n_points`` evaluation points in (λ_now, λ_end] from what the run has shown.
+
+    The activity ahead is extrapolated from its measured log-slope s: once it decays (s < 0) as
+    e^{s(λ−λ_now)}, so steps grow geometrically where the prediction has stopped changing; while it still
+    rises it is taken as flat (λ-uniform points: a rising trend is not extrapolated past the peak, which
+    the run cannot see yet).  Points equidistribute ∫ a^exponent (:func:`equidistribute`).  [B, n_points].
+    """
+    c = slope.clamp(SLOPE_RANGE[0], 0.0)[:, None] * exponent   # density e^{c(λ−λ_now)}: closed-form inverse
+    span = (lam_end - lam_now)[:, None]
+    frac = torch.arange(1, n_points + 1, dtype=torch.float64)[None, :] / n_points
+    flat = c > -1e-9
+    c_safe = torch.where(flat, torch.full_like(c, -1.0), c)
+    pts = lam_now[:, None] + torch.where(flat, frac * span, torch.log1p(frac * torch.expm1(c_safe * span)) / c_safe)
+    pts[:, -1] = lam_end
+    return pts

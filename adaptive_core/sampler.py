@@ -23,7 +23,8 @@ from .trace import StepRecord, Trace
 MODES = ("budget", "tolerance", "fixed")
 
 DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=True, rho=7.0,
-                schedule="ado", final_correction=True, predictor="midpoint")
+                schedule="ado", final_correction=True, predictor="midpoint",
+                adapt=True, activity_exponent=0.25, high_order_max_step=None)
 
 
 def detect_model_type(model) -> str:
@@ -175,6 +176,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     if mode == "fixed" or opt["schedule"] == "host":
         plan_grid = grid[:-1] if ends_in_zero else grid
         plan = _host_plan(plan_grid, n_intervals, model_type, B) if n_intervals >= 1 else lam_start[:, None]
+    elif n_intervals >= 1 and opt["rho"] == "prior":
+        plan = ctl.prior_plan(lam_start, lam_lo, n_intervals, float(opt["activity_exponent"]))
     elif n_intervals >= 1:
         plan = ctl.plan_lambdas(lam_start, lam_lo, n_intervals, float(opt["rho"]))
     else:
@@ -195,6 +198,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     plan_idx = torch.zeros(B, dtype=torch.long)  # accepted evaluations so far (budget/fixed modes)
     h_next = plan[:, 1] - ctl.planning_start(plan[:, 0]) if plan.shape[1] > 1 else lam_lo - ctl.planning_start(lam_start)
     nfe = 0
+    adapting = mode == "budget" and opt["schedule"] == "ado" and bool(opt["adapt"]) and ends_in_zero
+    act_prev = None
 
     while True:
         sigma_eval = _sig(lam_eval, model_type)
@@ -209,16 +214,31 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             x_corr = _corrector(x_acc, x_eval, lam_acc, lam_eval, hist_lam, hist_d, hist_n, denoised,
                                 order_used, model_type)
             # measured on x/α (the ve-equivalent sample), so ve and flow runs decide alike
-            inv_a_t = _bcast(1.0 / _alpha(_sig(lam_eval, model_type), model_type), x)
-            inv_a_s = _bcast(torch.where(torch.isfinite(lam_acc), 1.0 / _alpha(_sig(lam_acc, model_type), model_type),
-                                         torch.zeros_like(lam_acc)), x)
-            err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu()
+            if model_type == "ve":
+                err = scaled_error(x_eval, x_corr, x_acc, rtol, atol).cpu()
+            else:
+                inv_a_t = _bcast(1.0 / _alpha(_sig(lam_eval, model_type), model_type), x)
+                inv_a_s = _bcast(torch.where(torch.isfinite(lam_acc),
+                                             1.0 / _alpha(_sig(lam_acc, model_type), model_type),
+                                             torch.zeros_like(lam_acc)), x)
+                err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu()
             if tol_ctl is not None and budget - nfe >= 1:  # a rejection must leave a call for the retry
                 accepted = accepted & (tol_ctl.accept(err) | err.isnan())
-        x_acc = torch.where(_bmask(accepted, x), x_corr, x_acc)
+        x_acc = _select(accepted, x_corr, x_acc)
         lam_acc = torch.where(accepted, lam_eval, lam_acc)
         _push_history(hist_lam, hist_d, hist_n, lam_eval, denoised, accepted, max_order + 1)
         plan_idx = plan_idx + accepted.long()
+        if adapting and len(hist_d) >= 2 and bool(accepted.all()):
+            # per-sample activity of D and its log-slope in λ → re-plan the points still to come
+            act = ctl.activity(hist_d[-1], hist_d[-2], hist_lam[-1] - hist_lam[-2])
+            mid = ctl.planning_start(hist_lam[-2]) / 2 + hist_lam[-1] / 2
+            if act_prev is not None:
+                slope = (act.clamp_min(1e-30).log() - act_prev[0].clamp_min(1e-30).log()) / (mid - act_prev[1])
+                remaining = n_intervals + 1 - int(plan_idx[0])
+                if remaining >= 2:
+                    plan[:, int(plan_idx[0]):] = ctl.replan_lambdas(lam_acc, lam_lo, remaining, slope,
+                                                                    float(opt["activity_exponent"]))
+            act_prev = (act, mid)
 
         # which samples end with this call (plans ending in 0 end with the denoised sample)
         if not ends_in_zero:
@@ -231,7 +251,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             final = denoised
             if opt["final_correction"] and nfe > 1:  # D(x_corr) ≈ D(x_eval) + (x_corr − x_eval)/α
                 final = denoised + (x_corr - x_eval) / _bcast(_alpha(_sig(lam_acc, model_type), model_type), x)
-            out = torch.where(_bmask(finishing, x), final, out)
+            out = _select(finishing, final, out)
 
         # the next evaluation point
         if mode == "tolerance":
@@ -248,7 +268,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             if last_step.any():
                 x_end = _predict(x_acc, lam_acc, lam_lo, hist_lam, hist_d, hist_n, max_order, model_type,
                                  opt["predictor"])[0]
-                out = torch.where(_bmask(last_step, x), x_end, out)
+                out = _select(last_step, x_end, out)
                 done = done | last_step
         if callback is not None:
             last = bool(done.all())
@@ -261,9 +281,9 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             raise RuntimeError("internal error: the budget is spent before every sample reached the end")
         lam_next = torch.where(done, lam_acc, lam_next)
         x_pred, order = _predict(x_acc, lam_acc, lam_next, hist_lam, hist_d, hist_n, max_order, model_type,
-                                 opt["predictor"])
+                                 opt["predictor"], opt["high_order_max_step"])
         order_used = torch.where(done, order_used, order)
-        x_eval = torch.where(_bmask(done, x), x_acc, x_pred)
+        x_eval = _select(done, x_acc, x_pred)
         lam_eval = lam_next
     if trace is not None:
         trace.nfe = nfe
@@ -306,6 +326,15 @@ def _bmask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample: a where mask, else b (no copy when the mask is uniform, the usual case)."""
+    if bool(mask.all()):
+        return a
+    if not bool(mask.any()):
+        return b
+    return torch.where(_bmask(mask, a), a, b)
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -346,9 +375,16 @@ def _nodes(hist_lam, hist_n, lam_s, count):
     return nodes
 
 
-def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type, weights="exact"):
-    """Predictor x_s → x_t with per-sample order min(max_order, finite history); returns (x_t, order)."""
+def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type, weights="exact",
+             high_order_max_step=None):
+    """Predictor x_s → x_t with per-sample order min(max_order, finite history); returns (x_t, order).
+
+    With ``high_order_max_step``, orders above 2 are used only for steps of at most that many units of λ
+    (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps).
+    """
     order = hist_n.clamp(min=1, max=max_order)
+    if high_order_max_step is not None:
+        order = torch.where((lam_t - lam_s) > high_order_max_step, order.clamp(max=2), order)
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
     h = lam_t - lam_s
@@ -361,7 +397,7 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
             nodes = [torch.zeros_like(h)]
         res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, hp,
                                nodes, [hist_d[-1 - j] for j in range(p)], weights)
-        out = res if out is None else torch.where(_bmask(sel, x_s), res, out)
+        out = res if out is None else _select(sel, res, out)
     return out, order
 
 
@@ -375,13 +411,14 @@ def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_u
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
     finite = torch.isfinite(lam_s)
-    h = torch.where(finite, lam_t - lam_s, torch.ones_like(lam_s))
+    # samples that did not move (finished ones) get a dummy unit step: their result is not used
+    h = torch.where(finite & (lam_t > lam_s), lam_t - lam_s, torch.ones_like(lam_s))
     lam_s = torch.where(finite, lam_s, lam_t - 1.0)
     p_all = order_used.clamp(min=1)
     out = x_pred
     if not bool(finite.all()):
         trapezoid = _bcast(sigma_t / sigma_s, x_s) * x_s + _bcast(alpha_t, x_s) * (hist_d[-1] + d_t) / 2
-        out = torch.where(_bmask(~finite, x_s), trapezoid, out)
+        out = _select(~finite, trapezoid, out)
     for p in sorted(set(p_all[finite].tolist())):
         sel = finite & (p_all == p)
         nodes = [h] + _nodes(hist_lam, hist_n, lam_s, p)
@@ -389,5 +426,5 @@ def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_u
         res = exponential_step(x_s, sigma_s.clamp(max=1.0) if model_type == "flow" else sigma_s, sigma_t, alpha_t,
                                torch.where(sel, h, torch.ones_like(h)), nodes,
                                [d_t] + [hist_d[-1 - j] for j in range(p)])
-        out = torch.where(_bmask(sel, x_s), res, out)
+        out = _select(sel, res, out)
     return out

@@ -21,88 +21,80 @@ Coefficients are computed in float64 and cast to the sample's dtype at the end.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+
+
+#: Below this step (in λ) the φ-integrals use their power series instead of the recurrence.
+SERIES_BELOW = 0.05
 
 
 def phi_integrals(h: torch.Tensor, max_power: int) -> list[torch.Tensor]:
     """I_k(h) = ∫_0^h e^{τ−h} τ^k dτ for k = 0..max_power (float64, elementwise in h ≥ 0).
 
     I_k(h) = k!·h^{k+1}·φ_{k+1}(−h) with the φ-functions of exponential integrators (Hochbruck & Ostermann
-    2010).  Uses the recurrence I_k = h^k − k·I_{k−1} (integration by parts) for h ≥ 1, and a power series
-    for small h where the recurrence cancels; h = +inf is allowed for k = 0 only (I_0 = 1).
+    2010).  Uses the recurrence I_k = h^k − k·I_{k−1} (integration by parts), and a power series for
+    h < :data:`SERIES_BELOW` where the recurrence cancels; h = +inf is allowed for k = 0 only (I_0 = 1).
     """
     h = h.to(torch.float64)
     i0 = -torch.expm1(-h)
     out = [i0]
     if max_power == 0:
         return out
-    small = h < 1.0
-    hs = torch.where(small, h, torch.zeros_like(h))
+    small = h < SERIES_BELOW
+    any_small = bool(small.any())
+    hs = torch.where(small, h, torch.zeros_like(h)) if any_small else None
     for k in range(1, max_power + 1):
-        # recurrence (stable for h ≥ 1)
-        rec = torch.where(small, torch.zeros_like(h), h ** k - k * out[k - 1])
-        # series: I_k(h) = k!·Σ_{m≥0} (−h)^m h^{k+1} / (k+1+m)!  (alternating, terms shrink for h < 1)
+        rec = h ** k - k * out[k - 1]  # integration by parts; loses ~k·log10(1/h) digits for small h
+        if not any_small:
+            out.append(rec)
+            continue
+        # series: I_k(h) = k!·Σ_{m≥0} (−h)^m h^{k+1} / (k+1+m)!  (alternating, terms shrink fast for h < 0.05)
         term = hs ** (k + 1) / (k + 1)
         series = term.clone()
-        for m in range(1, 24):
+        for m in range(1, 12):
             term = term * (-hs) / (k + 1 + m)
             series = series + term
         out.append(torch.where(small, series, rec))
     return out
 
 
-def lagrange_monomial_coeffs(nodes: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Monomial coefficients a[j][k] of the Lagrange basis polynomials L_j(τ) = Σ_k a[j][k] τ^k.
-
-    ``nodes`` are n tensors (one value per sample) τ_0..τ_{n−1}, pairwise distinct; L_j(τ_m) = δ_jm.
-    """
-    n = len(nodes)
-    coeffs = []
-    for j in range(n):
-        poly = [torch.ones_like(nodes[j])]  # ascending powers
-        denom = torch.ones_like(nodes[j])
-        for m in range(n):
-            if m == j:
-                continue
-            # multiply poly by (τ − τ_m)
-            new = [torch.zeros_like(nodes[j]) for _ in range(len(poly) + 1)]
-            for k, c in enumerate(poly):
-                new[k] = new[k] - c * nodes[m]
-                new[k + 1] = new[k + 1] + c
-            poly = new
-            denom = denom * (nodes[j] - nodes[m])
-        coeffs.append([c / denom for c in poly])
-    return coeffs
+def _moment_weights(nodes: Sequence[torch.Tensor], moments: torch.Tensor) -> torch.Tensor:
+    """Weights w [B, n] with Σ_j w_j·τ_j^k = moments[:, k] for k < n: a quadrature exact on polynomials of
+    degree < n through the nodes τ_j (a transposed Vandermonde solve per sample)."""
+    tau = torch.stack([t.to(torch.float64) for t in nodes], 1)                    # [B, n]
+    powers = torch.arange(len(nodes), dtype=torch.float64)
+    vander_t = tau[:, None, :] ** powers[None, :, None]                             # [B, k, j] = τ_j^k
+    return torch.linalg.solve(vander_t, moments)
 
 
-def multistep_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Weights w_j of the exponential multistep update for D sampled at ``nodes`` (τ_j = λ_j − λ_s).
+def multistep_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Weights w [B, n] of the exponential multistep update for D sampled at ``nodes`` (τ_j = λ_j − λ_s).
 
-    Returns one weight tensor (per sample) per node such that ∫_0^h e^{τ−h} P(τ) dτ = Σ_j w_j D_j, with P
-    the interpolating polynomial through (τ_j, D_j).  One node gives w = 1 − e^{−h} (DDIM / DPM-Solver-1).
+    Σ_j w_j D_j = ∫_0^h e^{τ−h} P(τ) dτ with P the polynomial through (τ_j, D_j): the weights match the
+    moments I_k(h) of :func:`phi_integrals`.  One node gives w = 1 − e^{−h} (DDIM / DPM-Solver-1).
     """
     ints = phi_integrals(h, len(nodes) - 1)
     if len(nodes) == 1:
-        return [ints[0]]
-    coeffs = lagrange_monomial_coeffs(nodes)
-    return [sum(a_jk * ints[k] for k, a_jk in enumerate(a_j)) for a_j in coeffs]
+        return ints[0][:, None]
+    return _moment_weights(nodes, torch.stack(ints, 1))
 
 
-def midpoint_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Damped multistep weights: w_j = (1 − e^{−h})·L_j(h/2), the interpolant taken at the step's midpoint.
+def midpoint_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Damped multistep weights w [B, n]: w_j = (1 − e^{−h})·L_j(h/2), the interpolant taken at mid-step.
 
     For two nodes this is DPM-Solver++(2M) as published (Lu et al. 2022, Alg. 2) and UniPC's order-2
     predictor (Zhao et al. 2023): it extrapolates the interpolant only half a step, which is more robust
     than exact integration when steps are long (few NFE); formally second order.
     """
-    i0 = -torch.expm1(-h.to(torch.float64))
+    h = h.to(torch.float64)
+    i0 = -torch.expm1(-h)
     if len(nodes) == 1:
-        return [i0]
-    mid = h.to(torch.float64) / 2
-    coeffs = lagrange_monomial_coeffs(nodes)
-    return [i0 * sum(a_jk * mid ** k for k, a_jk in enumerate(a_j)) for a_j in coeffs]
+        return i0[:, None]
+    mid_powers = (h / 2)[:, None] ** torch.arange(len(nodes), dtype=torch.float64)[None, :]
+    return _moment_weights(nodes, i0[:, None] * mid_powers)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -119,17 +111,18 @@ def exponential_step(x_s: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Te
     only a single node is allowed (the step is exact for constant D).  ``weights`` is "exact"
     (:func:`multistep_weights`) or "midpoint" (:func:`midpoint_weights`).
     """
-    weights = (midpoint_weights if weights == "midpoint" else multistep_weights)(h, nodes)
-    ratio = sigma_t / sigma_s
-    out = _bcast(ratio, x_s) * x_s
-    for w, d in zip(weights, denoised):
-        out = out + _bcast(alpha_t * w, x_s) * d
+    w = (midpoint_weights if weights == "midpoint" else multistep_weights)(h, nodes)
+    coef = (alpha_t[:, None] * w).to(x_s.dtype)
+    out = x_s * _bcast(sigma_t / sigma_s, x_s)
+    for j, d in enumerate(denoised):
+        out.addcmul_(d, coef[:, j].reshape(-1, *([1] * (x_s.ndim - 1))))
     return out
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root-mean-square per sample (over all but the first dimension), float64 [B]."""
-    return x.to(torch.float64).flatten(1).pow(2).mean(1).sqrt()
+    norm = torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float32 if x.dtype != torch.float64 else None)
+    return norm.to(torch.float64) / math.sqrt(x[0].numel())
 
 
 def scaled_error(x_pred: torch.Tensor, x_corr: torch.Tensor, x_prev: torch.Tensor,
@@ -139,15 +132,15 @@ def scaled_error(x_pred: torch.Tensor, x_corr: torch.Tensor, x_prev: torch.Tenso
     With x measured relative to its own size, an error in a still-noisy sample counts as little as it
     will matter at the end (the ODE shrinks earlier errors by about the ratio of scales).
     """
-    scale = atol + rtol * torch.maximum(x_prev.abs(), x_corr.abs())
-    return rms((x_corr - x_pred) / scale)
+    scale = torch.maximum(x_prev.abs(), x_corr.abs()).mul_(rtol).add_(atol)
+    return rms((x_corr - x_pred).div_(scale))
 
 
 def nan_guard(x: torch.Tensor, what: str) -> None:
     """Raise a FloatingPointError naming ``what`` if x holds NaN or inf."""
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # one reduction in the usual case
         raise FloatingPointError(f"{what} is not finite (NaN or inf): the model returned a non-finite value")
 
 
-__all__ = ["phi_integrals", "lagrange_monomial_coeffs", "multistep_weights", "exponential_step", "rms",
+__all__ = ["phi_integrals", "multistep_weights", "midpoint_weights", "exponential_step", "rms",
            "scaled_error", "nan_guard"]

@@ -51,7 +51,7 @@ def run_oracle(testbed, x: torch.Tensor, ref: torch.Tensor, nfe: int, fit_count:
     def run(sigmas):
         return sample_adaptive(testbed, xs, sigmas, model_type=testbed.model_type, mode="fixed")
     start = sample_adaptive_plan(testbed, nfe)
-    grid, _ = optimize_schedule(run, refs, start, testbed.model_type)
+    grid, _ = optimize_schedule(run, refs, start, testbed.model_type, sweeps=2, iters=8)
     out = sample_adaptive(testbed, x, grid, model_type=testbed.model_type, mode="fixed")
     return out, {"sigmas": grid.tolist()}
 
@@ -112,6 +112,16 @@ def run_config(name: str, model_type: str, nfes, seeds: int, peers, oracle: bool
             put(peer, nfe, out, used)
             progress.update(1)
     return res
+
+
+def _config_job(job) -> dict:
+    """One testbed configuration with its own progress bar (a process-pool task)."""
+    from tqdm.auto import tqdm
+    name, model_type, nfes, seeds, oracle, oracle_fit, match, position = job
+    torch.set_num_threads(1)
+    total = len(set(nfes) | set(match)) + len(nfes) * (1 + len(peer_names(model_type)))
+    with tqdm(total=total, desc=f"{name}-{model_type}", unit="run", position=position) as progress:
+        return run_config(name, model_type, nfes, seeds, peer_names, oracle, oracle_fit, match, progress)
 
 
 def best_peer(cfg: dict, nfe: int) -> tuple[str, float] | None:
@@ -265,11 +275,11 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", nargs="+", type=int, default=None, help=f"budgets (default {FULL_NFE})")
     ap.add_argument("--seeds", type=int, default=None, help="noises per testbed (default 256, quick 64)")
     ap.add_argument("--no-oracle", action="store_true", help="skip the oracle fixed-schedule search")
-    ap.add_argument("--oracle-fit", type=int, default=64, help="seeds used to fit the oracle grid")
+    ap.add_argument("--oracle-fit", type=int, default=32, help="seeds used to fit the oracle grid")
     ap.add_argument("--out", type=Path, default=None, help="where to write results (default docs/bench; "
                                                               "quick: no files unless given)")
+    ap.add_argument("--jobs", type=int, default=2, help="testbed configurations run in parallel processes")
     args = ap.parse_args(argv)
-    from tqdm.auto import tqdm
 
     nfes = tuple(args.nfe) if args.nfe else (QUICK_NFE if args.quick else FULL_NFE)
     if any(n < 2 for n in nfes):
@@ -278,17 +288,23 @@ def main(argv=None) -> int:
     oracle = not (args.no_oracle or args.quick)
     match = () if args.quick else tuple(range(4, 31))
     configs = [(t, m) for t in args.testbed for m in args.model_type]
-    total = sum(len(set(nfes) | set(match)) + len(nfes) * (1 + len(peer_names(m))) for _, m in configs)
     results = {"meta": {"command": "python -m adaptive_core.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                         "seeds": seeds, "nfe": list(nfes), "torch": torch.__version__,
                         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"},
                "configs": {}}
     t0 = time.time()
-    with tqdm(total=total, desc="bench", unit="run") as progress:
-        for name, model_type in configs:
-            cfg = run_config(name, model_type, nfes, seeds, peer_names, oracle, args.oracle_fit, match, progress)
-            cfg["headline"] = headline(cfg, nfes)
-            results["configs"][cfg["testbed"]] = cfg
+    torch.set_num_threads(1)  # small tensors: threads only contend; parallelism comes from --jobs
+    jobs = [(name, model_type, nfes, seeds, oracle, args.oracle_fit, match, i) for i, (name, model_type)
+            in enumerate(configs)]
+    if args.jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            cfgs = list(pool.map(_config_job, jobs))
+    else:
+        cfgs = [_config_job(job) for job in jobs]
+    for cfg in cfgs:
+        cfg["headline"] = headline(cfg, nfes)
+        results["configs"][cfg["testbed"]] = cfg
     results["timing"] = {"ado_ms_per_step": ado_step_overhead_ms(), "bench_seconds": time.time() - t0}
     out = args.out if args.out else (None if args.quick else Path("docs/bench"))
     if out is not None:
