@@ -1,6 +1,7 @@
 """Step-size decisions: the budget planner and the tolerance controller.
 
 Both work in half-log-SNR λ, per sample, so a decision never depends on other images in the batch.
+Per-sample quantities are float64 numpy arrays [B] (cheap to compute; only tensors touch the samples).
 
 * :func:`plan_lambdas` — the prior plan: n intervals between two λ, uniform in σ_ve^{1/ρ} where
   σ_ve = e^{−λ} is the ve-equivalent noise level (Karras et al. 2022, eq. 5; ρ → ∞ is the λ-uniform
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .solver import rms
@@ -22,13 +24,12 @@ from .solver import rms
 PURE_NOISE_PLANNING_LAMBDA = -3.0
 
 
-def planning_start(lam_start: torch.Tensor) -> torch.Tensor:
+def planning_start(lam_start: np.ndarray) -> np.ndarray:
     """λ used for planning: the start itself, or :data:`PURE_NOISE_PLANNING_LAMBDA` where it is −∞."""
-    return torch.where(torch.isfinite(lam_start), lam_start,
-                       torch.full_like(lam_start, PURE_NOISE_PLANNING_LAMBDA))
+    return np.where(np.isfinite(lam_start), lam_start, PURE_NOISE_PLANNING_LAMBDA)
 
 
-def plan_lambdas(lam_start: torch.Tensor, lam_end: torch.Tensor, n_intervals: int, rho: float) -> torch.Tensor:
+def plan_lambdas(lam_start: np.ndarray, lam_end: np.ndarray, n_intervals: int, rho: float) -> np.ndarray:
     """Points λ_0 = lam_start < λ_1 < … < λ_n = lam_end, uniform in σ_ve^{1/ρ} (σ_ve = e^{−λ}).
 
     ``lam_start``/``lam_end`` are per-sample [B] float64; returns [B, n+1].  A start of −∞ (flow, pure
@@ -38,13 +39,13 @@ def plan_lambdas(lam_start: torch.Tensor, lam_end: torch.Tensor, n_intervals: in
     if n_intervals < 1:
         raise ValueError(f"need at least one interval, got {n_intervals}")
     start = planning_start(lam_start)
-    u = torch.linspace(0, 1, n_intervals + 1, dtype=torch.float64)[None, :]
+    u = np.linspace(0, 1, n_intervals + 1)[None, :]
     if math.isinf(rho):
         lam = start[:, None] + u * (lam_end - start)[:, None]
     else:
         # σ^{1/ρ} = exp(−λ/ρ); interpolate linearly there
-        a, b = torch.exp(-start / rho)[:, None], torch.exp(-lam_end / rho)[:, None]
-        lam = -rho * torch.log(a + u * (b - a))
+        a, b = np.exp(-start / rho)[:, None], np.exp(-lam_end / rho)[:, None]
+        lam = -rho * np.log(a + u * (b - a))
     lam[:, 0] = lam_start
     lam[:, -1] = lam_end
     return lam
@@ -61,44 +62,44 @@ class ToleranceController:
     def __init__(self, safety: float = 0.9, min_factor: float = 0.2, max_factor: float = 4.0,
                  accept_limit: float = 1.0) -> None:
         self.safety, self.min_factor, self.max_factor, self.accept_limit = safety, min_factor, max_factor, accept_limit
-        self.prev_err: torch.Tensor | None = None
+        self.prev_err: np.ndarray | None = None
 
-    def accept(self, err: torch.Tensor) -> torch.Tensor:
+    def accept(self, err: np.ndarray) -> np.ndarray:
         """Boolean [B]: the step's error is within tolerance."""
         return err <= self.accept_limit
 
-    def propose(self, h: torch.Tensor, err: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def propose(self, h: np.ndarray, err: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Next step size per sample (float64 [B])."""
-        k = order.to(torch.float64) + 1.0
-        err = err.clamp_min(1e-10)
-        factor = self.safety * err.pow(-0.7 / k)
+        k = order + 1.0
+        err = np.maximum(err, 1e-10)
+        factor = self.safety * err ** (-0.7 / k)
         if self.prev_err is not None:
-            factor = factor * (self.prev_err / err).clamp(max=1e10).pow(0.4 / k)
-        self.prev_err = torch.where(err <= self.accept_limit, err, self.prev_err if self.prev_err is not None else err)
-        return h * factor.clamp(self.min_factor, self.max_factor)
+            factor = factor * np.minimum(self.prev_err / err, 1e10) ** (0.4 / k)
+        self.prev_err = np.where(err <= self.accept_limit, err, self.prev_err if self.prev_err is not None else err)
+        return h * np.clip(factor, self.min_factor, self.max_factor)
 
 
-def reserve_budget(lam: torch.Tensor, h: torch.Tensor, lam_end: torch.Tensor, evals_left: torch.Tensor) -> torch.Tensor:
+def reserve_budget(lam: np.ndarray, h: np.ndarray, lam_end: np.ndarray, evals_left: np.ndarray) -> np.ndarray:
     """Enlarge h where needed so that ``evals_left`` equal steps still reach ``lam_end``, and never overshoot it.
 
     ``evals_left`` counts the model calls still allowed after the next one, per sample.
     """
     remaining = lam_end - lam
-    needed = remaining / (evals_left.to(torch.float64) + 1.0)
-    h = torch.maximum(h, needed)
+    needed = remaining / (evals_left + 1.0)
+    h = np.maximum(h, needed)
     # land evenly: a last step of under a quarter of h is merged, one under 2h is split in two
-    h = torch.where(remaining <= 2.0 * h, torch.where(remaining <= 1.25 * h, remaining, remaining / 2), h)
-    return torch.minimum(h, remaining)
+    h = np.where(remaining <= 2.0 * h, np.where(remaining <= 1.25 * h, remaining, remaining / 2), h)
+    return np.minimum(h, remaining)
 
 
-def activity(d_new: torch.Tensor, d_old: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def activity(d_new: torch.Tensor, d_old: torch.Tensor, h: np.ndarray) -> np.ndarray:
     """RMS rate of change of the denoised prediction per unit λ between two evaluations, per sample [B].
 
     The local error of a step of an order-p exponential integrator scales with h^{p+1} times the p-th
     λ-derivative of D; this finite difference is the cheap proxy for that size (cf. the "change of the
     denoised prediction" signal of adaptive guidance, Castillo et al. 2023).
     """
-    return rms(d_new - d_old).cpu() / h.clamp_min(1e-12)
+    return rms(d_new - d_old).cpu().numpy() / np.maximum(h, 1e-12)
 
 
 #: Where the prior expects the denoised prediction to change fastest: λ = 0 (σ_ve = 1), where structure of
@@ -113,44 +114,40 @@ SLOPE_RANGE = (-2.5, 0.0)
 _GRID = 256
 
 
-def prior_log_activity(lam: torch.Tensor, peak: float | torch.Tensor = PRIOR_PEAK_LAMBDA) -> torch.Tensor:
+def prior_log_activity(lam: np.ndarray, peak: float = PRIOR_PEAK_LAMBDA) -> np.ndarray:
     """Log of the prior activity a(λ): a tent rising with slope PRIOR_RISE to ``peak``, falling after."""
-    d = lam - (peak if not torch.is_tensor(peak) else peak[:, None])
-    return torch.where(d < 0, PRIOR_RISE * d, PRIOR_DECAY * d)
+    d = lam - peak
+    return np.where(d < 0, PRIOR_RISE * d, PRIOR_DECAY * d)
 
 
-def equidistribute(lam_from: torch.Tensor, lam_to: torch.Tensor, n_points: int, log_activity,
-                   exponent: float) -> torch.Tensor:
+def equidistribute(lam_from: np.ndarray, lam_to: np.ndarray, n_points: int, log_activity,
+                   exponent: float) -> np.ndarray:
     """n points in (λ_from, λ_to], the last at λ_to, each interval holding an equal share of ∫ a(λ)^exponent dλ.
 
     Error equidistribution (de Boor 1973): with local error ∝ h^{p+1}·a, equal shares of ∫ a^{1/(p+1)}
     balance the error of the steps.  ``log_activity(λ_grid [B, G])`` returns log a on a per-sample grid.
     Returns [B, n_points].
     """
-    u = torch.linspace(0, 1, _GRID, dtype=torch.float64)[None, :]
+    u = np.linspace(0, 1, _GRID)[None, :]
     grid = lam_from[:, None] + u * (lam_to - lam_from)[:, None]
-    dens = torch.exp(exponent * log_activity(grid))
-    dens = dens / dens.max(dim=1, keepdim=True).values.clamp_min(1e-300)
-    cum = torch.cat([torch.zeros_like(dens[:, :1]), torch.cumsum((dens[:, 1:] + dens[:, :-1]) / 2, 1)], 1)
-    cum = cum / cum[:, -1:].clamp_min(1e-300)
-    targets = (torch.arange(1, n_points + 1, dtype=torch.float64) / n_points)[None, :].expand(grid.shape[0], -1)
-    idx = torch.searchsorted(cum.contiguous(), targets.contiguous()).clamp(1, _GRID - 1)
-    c0, c1 = cum.gather(1, idx - 1), cum.gather(1, idx)
-    g0, g1 = grid.gather(1, idx - 1), grid.gather(1, idx)
-    pts = g0 + (targets - c0) / (c1 - c0).clamp_min(1e-300) * (g1 - g0)
+    dens = np.exp(exponent * log_activity(grid))
+    cum = np.concatenate([np.zeros_like(dens[:, :1]), np.cumsum((dens[:, 1:] + dens[:, :-1]) / 2, 1)], 1)
+    cum = cum / np.maximum(cum[:, -1:], 1e-300)
+    targets = np.arange(1, n_points + 1) / n_points
+    pts = np.stack([np.interp(targets, cum[b], grid[b]) for b in range(grid.shape[0])])
     pts[:, -1] = lam_to
     return pts
 
 
-def prior_plan(lam_start: torch.Tensor, lam_end: torch.Tensor, n_intervals: int, exponent: float) -> torch.Tensor:
+def prior_plan(lam_start: np.ndarray, lam_end: np.ndarray, n_intervals: int, exponent: float) -> np.ndarray:
     """The budget planner's first plan, [B, n+1]: λ_start then points equidistributing the prior activity."""
     start = planning_start(lam_start)
     pts = equidistribute(start, lam_end, n_intervals, prior_log_activity, exponent)
-    return torch.cat([lam_start[:, None], pts], 1)
+    return np.concatenate([lam_start[:, None], pts], 1)
 
 
-def replan_lambdas(lam_now: torch.Tensor, lam_end: torch.Tensor, n_points: int, slope: torch.Tensor,
-                   exponent: float) -> torch.Tensor:
+def replan_lambdas(lam_now: np.ndarray, lam_end: np.ndarray, n_points: int, slope: np.ndarray,
+                   exponent: float) -> np.ndarray:
     """Re-place the remaining ``n_points`` evaluation points in (λ_now, λ_end] from what the run has shown.
 
     The activity ahead is extrapolated from its measured log-slope s: once it decays (s < 0) as
@@ -158,11 +155,11 @@ def replan_lambdas(lam_now: torch.Tensor, lam_end: torch.Tensor, n_points: int, 
     rises it is taken as flat (λ-uniform points: a rising trend is not extrapolated past the peak, which
     the run cannot see yet).  Points equidistribute ∫ a^exponent (:func:`equidistribute`).  [B, n_points].
     """
-    c = slope.clamp(SLOPE_RANGE[0], 0.0)[:, None] * exponent   # density e^{c(λ−λ_now)}: closed-form inverse
+    c = np.clip(slope, *SLOPE_RANGE)[:, None] * exponent   # density e^{c(λ−λ_now)}: closed-form inverse
     span = (lam_end - lam_now)[:, None]
-    frac = torch.arange(1, n_points + 1, dtype=torch.float64)[None, :] / n_points
+    frac = np.arange(1, n_points + 1)[None, :] / n_points
     flat = c > -1e-9
-    c_safe = torch.where(flat, torch.full_like(c, -1.0), c)
-    pts = lam_now[:, None] + torch.where(flat, frac * span, torch.log1p(frac * torch.expm1(c_safe * span)) / c_safe)
+    c_safe = np.where(flat, -1.0, c)
+    pts = lam_now[:, None] + np.where(flat, frac * span, np.log1p(frac * np.expm1(c_safe * span)) / c_safe)
     pts[:, -1] = lam_end
     return pts

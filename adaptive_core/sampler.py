@@ -13,18 +13,19 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import controller as ctl
 from .schedules import MODEL_TYPES, check_model_type, half_log_snr, sigma_from_half_log_snr
-from .solver import exponential_step, nan_guard, scaled_error
+from .solver import exponential_step, nan_guard, per_sample, scaled_error
 from .trace import StepRecord, Trace
 
 MODES = ("budget", "tolerance", "fixed")
 
-DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=True, rho=7.0,
+DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=True, rho=10.0,
                 schedule="ado", final_correction=True, predictor="midpoint",
-                adapt=True, activity_exponent=0.25, high_order_max_step=None)
+                adapt=True, activity_exponent=0.25, high_order_max_step=1.5)
 
 
 def detect_model_type(model) -> str:
@@ -77,30 +78,29 @@ def validate_sigmas(sigmas, model_type: str) -> torch.Tensor:
     return s
 
 
-def _lam(sigma: torch.Tensor, model_type: str) -> torch.Tensor:
-    return half_log_snr(sigma, model_type)
+def _lam(sigma, model_type: str) -> np.ndarray:
+    return np.asarray(half_log_snr(torch.as_tensor(sigma, dtype=torch.float64), model_type).numpy())
 
 
-def _sig(lam: torch.Tensor, model_type: str) -> torch.Tensor:
-    return sigma_from_half_log_snr(lam, model_type)
+def _sig(lam: np.ndarray, model_type: str) -> np.ndarray:
+    """σ(λ) per sample (numpy): e^{−λ} (ve) or 1/(1 + e^{λ}) (flow)."""
+    return 1.0 / (1.0 + np.exp(lam)) if model_type == "flow" else np.exp(-lam)
 
 
-def _alpha(sigma: torch.Tensor, model_type: str) -> torch.Tensor:
-    return 1.0 - sigma if model_type == "flow" else torch.ones_like(sigma)
+def _alpha(sigma: np.ndarray, model_type: str) -> np.ndarray:
+    return 1.0 - sigma if model_type == "flow" else np.ones_like(sigma)
 
 
-def _host_plan(grid: torch.Tensor, n_intervals: int, model_type: str, batch: int) -> torch.Tensor:
+def _host_plan(grid: torch.Tensor, n_intervals: int, model_type: str, batch: int) -> np.ndarray:
     """The host's own grid as the plan (resampled in λ over a uniform index if the counts differ)."""
     lam = _lam(grid, model_type)
-    if lam.numel() != n_intervals + 1:
-        start = ctl.planning_start(lam[:1])
-        lam_f = torch.cat([start, lam[1:]])
-        pos = torch.linspace(0, lam.numel() - 1, n_intervals + 1, dtype=torch.float64)
-        i0 = pos.floor().long().clamp(max=lam.numel() - 2)
-        lam_new = lam_f[i0] + (pos - i0) * (lam_f[i0 + 1] - lam_f[i0])
+    if lam.size != n_intervals + 1:
+        lam_f = np.concatenate([ctl.planning_start(lam[:1]), lam[1:]])
+        pos = np.linspace(0, lam.size - 1, n_intervals + 1)
+        lam_new = np.interp(pos, np.arange(lam.size), lam_f)
         lam_new[0], lam_new[-1] = lam[0], lam[-1]
         lam = lam_new
-    return lam[None, :].expand(batch, -1).clone()
+    return np.repeat(lam[None, :], batch, 0)
 
 
 def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict | None = None,
@@ -169,33 +169,40 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     sigma_lo = float(grid[-2] if ends_in_zero else grid[-1])
     B = x.shape[0]
     budget = nfe_budget if mode != "fixed" else grid.numel() - 1
-    lam_start = torch.full((B,), half_log_snr(float(grid[0]), model_type), dtype=torch.float64)
-    lam_lo = torch.full((B,), half_log_snr(sigma_lo, model_type), dtype=torch.float64)
+    lam_start = np.full(B, half_log_snr(float(grid[0]), model_type))
+    lam_lo = np.full(B, half_log_snr(sigma_lo, model_type))
     # the plan: evaluation points, plus (for a plan ending above 0) the end point reached without a call
     n_intervals = budget - 1 if ends_in_zero else budget
-    if mode == "fixed" or opt["schedule"] == "host":
-        plan_grid = grid[:-1] if ends_in_zero else grid
-        plan = _host_plan(plan_grid, n_intervals, model_type, B) if n_intervals >= 1 else lam_start[:, None]
-    elif n_intervals >= 1 and opt["rho"] == "prior":
+    if n_intervals < 1:
+        plan = lam_start[:, None].copy()
+    elif mode == "fixed" or opt["schedule"] == "host":
+        plan = _host_plan(grid[:-1] if ends_in_zero else grid, n_intervals, model_type, B)
+    elif opt["rho"] == "prior":
         plan = ctl.prior_plan(lam_start, lam_lo, n_intervals, float(opt["activity_exponent"]))
-    elif n_intervals >= 1:
-        plan = ctl.plan_lambdas(lam_start, lam_lo, n_intervals, float(opt["rho"]))
     else:
-        plan = lam_start[:, None]
+        plan = ctl.plan_lambdas(lam_start, lam_lo, n_intervals, float(opt["rho"]))
     if trace is not None:
         trace.start(B, model_type, budget, grid.tolist(), {**opt, "nfe_budget": budget})
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ±inf λ are handled explicitly
+        return _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, ends_in_zero,
+                    n_intervals, lam_start, lam_lo, plan, max_order)
 
+
+def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, ends_in_zero, n_intervals,
+         lam_start, lam_lo, plan, max_order):
+    """The sampling loop of :func:`sample_adaptive` (arguments validated there)."""
+    B = x.shape[0]
     rtol, atol = float(opt["rtol"]), float(opt["atol"])
     tol_ctl = ctl.ToleranceController() if mode == "tolerance" else None
     out = torch.empty_like(x)
-    done = torch.zeros(B, dtype=torch.bool)
-    hist_lam: list[torch.Tensor] = []   # most recent last; per-sample λ of accepted evaluations
+    done = np.zeros(B, dtype=bool)
+    hist_lam: list[np.ndarray] = []   # most recent last; per-sample λ of accepted evaluations
     hist_d: list[torch.Tensor] = []
-    hist_n = torch.zeros(B, dtype=torch.long)  # valid (finite-λ) history entries per sample
-    x_acc, lam_acc = x, lam_start.clone()       # last accepted state
-    x_eval, lam_eval = x, lam_start.clone()     # point of the next model call
-    order_used = torch.zeros(B, dtype=torch.long)
-    plan_idx = torch.zeros(B, dtype=torch.long)  # accepted evaluations so far (budget/fixed modes)
+    hist_n = np.zeros(B, dtype=np.int64)  # valid (finite-λ) history entries per sample
+    x_acc, lam_acc = x, lam_start.copy()       # last accepted state
+    x_eval, lam_eval = x, lam_start.copy()     # point of the next model call
+    order_used = np.zeros(B, dtype=np.int64)
+    plan_idx = np.zeros(B, dtype=np.int64)     # accepted evaluations so far (budget/fixed modes)
     h_next = plan[:, 1] - ctl.planning_start(plan[:, 0]) if plan.shape[1] > 1 else lam_lo - ctl.planning_start(lam_start)
     nfe = 0
     adapting = mode == "budget" and opt["schedule"] == "ado" and bool(opt["adapt"]) and ends_in_zero
@@ -203,10 +210,11 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
 
     while True:
         sigma_eval = _sig(lam_eval, model_type)
-        denoised = model(x_eval, sigma_eval.to(x.device, x.dtype), **extra_args)
+        sigma_vec = torch.from_numpy(sigma_eval).to(x.device, x.dtype)
+        denoised = model(x_eval, sigma_vec, **extra_args)
         nfe += 1
         nan_guard(denoised, f"the model output at call {nfe}")
-        err = torch.full((B,), float("nan"), dtype=torch.float64)
+        err = np.full(B, np.nan)
         accepted = ~done
         h_taken = lam_eval - lam_acc
         x_corr = x_eval
@@ -215,25 +223,24 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
                                 order_used, model_type)
             # measured on x/α (the ve-equivalent sample), so ve and flow runs decide alike
             if model_type == "ve":
-                err = scaled_error(x_eval, x_corr, x_acc, rtol, atol).cpu()
+                err = scaled_error(x_eval, x_corr, x_acc, rtol, atol).cpu().numpy()
             else:
-                inv_a_t = _bcast(1.0 / _alpha(_sig(lam_eval, model_type), model_type), x)
-                inv_a_s = _bcast(torch.where(torch.isfinite(lam_acc),
-                                             1.0 / _alpha(_sig(lam_acc, model_type), model_type),
-                                             torch.zeros_like(lam_acc)), x)
-                err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu()
+                inv_a_t = per_sample(1.0 / _alpha(sigma_eval, model_type), x)
+                inv_a_s = per_sample(np.where(np.isfinite(lam_acc), 1.0 / _alpha(_sig(lam_acc, model_type), model_type),
+                                              0.0), x)
+                err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu().numpy()
             if tol_ctl is not None and budget - nfe >= 1:  # a rejection must leave a call for the retry
-                accepted = accepted & (tol_ctl.accept(err) | err.isnan())
+                accepted = accepted & (tol_ctl.accept(err) | np.isnan(err))
         x_acc = _select(accepted, x_corr, x_acc)
-        lam_acc = torch.where(accepted, lam_eval, lam_acc)
+        lam_acc = np.where(accepted, lam_eval, lam_acc)
         _push_history(hist_lam, hist_d, hist_n, lam_eval, denoised, accepted, max_order + 1)
-        plan_idx = plan_idx + accepted.long()
+        plan_idx = plan_idx + accepted
         if adapting and len(hist_d) >= 2 and bool(accepted.all()):
             # per-sample activity of D and its log-slope in λ → re-plan the points still to come
-            act = ctl.activity(hist_d[-1], hist_d[-2], hist_lam[-1] - hist_lam[-2])
-            mid = ctl.planning_start(hist_lam[-2]) / 2 + hist_lam[-1] / 2
+            act = np.maximum(ctl.activity(hist_d[-1], hist_d[-2], hist_lam[-1] - hist_lam[-2]), 1e-30)
+            mid = (ctl.planning_start(hist_lam[-2]) + hist_lam[-1]) / 2
             if act_prev is not None:
-                slope = (act.clamp_min(1e-30).log() - act_prev[0].clamp_min(1e-30).log()) / (mid - act_prev[1])
+                slope = (np.log(act) - np.log(act_prev[0])) / (mid - act_prev[1])
                 remaining = n_intervals + 1 - int(plan_idx[0])
                 if remaining >= 2:
                     plan[:, int(plan_idx[0]):] = ctl.replan_lambdas(lam_acc, lam_lo, remaining, slope,
@@ -242,7 +249,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
 
         # which samples end with this call (plans ending in 0 end with the denoised sample)
         if not ends_in_zero:
-            finishing = torch.zeros_like(done)
+            finishing = np.zeros(B, dtype=bool)
         elif mode == "tolerance":  # at the end, or out of calls (a budget of 1: the first prediction)
             finishing = ~done & ((accepted & (lam_acc >= lam_lo)) | (nfe >= budget))
         else:
@@ -250,7 +257,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         if finishing.any():
             final = denoised
             if opt["final_correction"] and nfe > 1:  # D(x_corr) ≈ D(x_eval) + (x_corr − x_eval)/α
-                final = denoised + (x_corr - x_eval) / _bcast(_alpha(_sig(lam_acc, model_type), model_type), x)
+                final = denoised + (x_corr - x_eval) / per_sample(_alpha(_sig(lam_acc, model_type), model_type), x)
             out = _select(finishing, final, out)
 
         # the next evaluation point
@@ -258,7 +265,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             lam_next, h_next = _tolerance_next(tol_ctl, lam_acc, h_taken, h_next, err, accepted, order_used,
                                                lam_lo, budget - nfe, ends_in_zero)
         else:
-            lam_next = plan.gather(1, plan_idx.clamp(max=plan.shape[1] - 1)[:, None])[:, 0]
+            lam_next = plan[np.arange(B), np.minimum(plan_idx, plan.shape[1] - 1)]
         if trace is not None:
             _record(trace, nfe, sigma_eval, lam_next, order_used, err, accepted, done, finishing, mode,
                     model_type)
@@ -271,18 +278,17 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
                 out = _select(last_step, x_end, out)
                 done = done | last_step
         if callback is not None:
-            last = bool(done.all())
-            callback({"x": x_acc, "i": budget - 1 if last else nfe - 1, "sigma": sigma_eval,
-                      "sigma_hat": sigma_eval, "denoised": denoised, "nfe": nfe, "nfe_budget": budget,
-                      "error": err})
-        if bool(done.all()):
+            callback({"x": x_acc, "i": budget - 1 if done.all() else nfe - 1, "sigma": sigma_vec,
+                      "sigma_hat": sigma_vec, "denoised": denoised, "nfe": nfe, "nfe_budget": budget,
+                      "error": torch.from_numpy(err)})
+        if done.all():
             break
         if nfe >= budget:  # unreachable: plans and the reservation end every sample within the budget
             raise RuntimeError("internal error: the budget is spent before every sample reached the end")
-        lam_next = torch.where(done, lam_acc, lam_next)
+        lam_next = np.where(done, lam_acc, lam_next)
         x_pred, order = _predict(x_acc, lam_acc, lam_next, hist_lam, hist_d, hist_n, max_order, model_type,
                                  opt["predictor"], opt["high_order_max_step"])
-        order_used = torch.where(done, order_used, order)
+        order_used = np.where(done, order_used, order)
         x_eval = _select(done, x_acc, x_pred)
         lam_eval = lam_next
     if trace is not None:
@@ -292,76 +298,62 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
 
 def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam_lo, evals_left, ends_in_zero):
     """Next λ in tolerance mode: PI step-size proposal, then the budget reservation."""
-    has_err = ~err.isnan()
-    h = torch.where(has_err, tol_ctl.propose(h_taken.clamp_min(1e-12), err.nan_to_num(1.0), order), h_prev)
-    h = torch.where(accepted | has_err, h, h_prev)
+    has_err = ~np.isnan(err)
+    h = np.where(has_err, tol_ctl.propose(np.maximum(h_taken, 1e-12), np.nan_to_num(err, nan=1.0), order), h_prev)
+    h = np.where(accepted | has_err, h, h_prev)
     start = ctl.planning_start(lam_acc)
-    reserve_left = torch.full_like(h, float(evals_left - 1 if ends_in_zero else evals_left))
-    h = ctl.reserve_budget(start, h, lam_lo, reserve_left.clamp_min(0))
-    return torch.where(h >= lam_lo - start, lam_lo, start + h), h
+    reserve_left = np.full_like(h, max(evals_left - 1 if ends_in_zero else evals_left, 0))
+    h = ctl.reserve_budget(start, h, lam_lo, reserve_left)
+    return np.where(h >= lam_lo - start, lam_lo, start + h), h
 
 
 def _record(trace, nfe, sigma_eval, lam_next, order, err, accepted, done, finishing, mode, model_type):
     """Append one StepRecord per sample still running."""
     sigma_next = _sig(lam_next, model_type)
     for b in range(len(trace.samples)):
-        if bool(done[b]):
+        if done[b]:
             continue
         if nfe == 1:
             decision = "start"
-        elif bool(finishing[b]):
+        elif finishing[b]:
             decision = "final"
-        elif not bool(accepted[b]):
+        elif not accepted[b]:
             decision = "reject"
         else:
             decision = "tolerance" if mode == "tolerance" else "plan"
         e = float(err[b])
         trace.record(b, StepRecord(nfe=nfe, sigma=float(sigma_eval[b]),
-                                   sigma_next=0.0 if bool(finishing[b]) else float(sigma_next[b]),
+                                   sigma_next=0.0 if finishing[b] else float(sigma_next[b]),
                                    order=int(order[b]) if nfe > 1 else 0, error=None if math.isnan(e) else e,
                                    accepted=bool(accepted[b]), decision=decision))
 
 
-def _bmask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _select(mask: np.ndarray, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per sample: a where mask, else b (no copy when the mask is uniform, the usual case)."""
-    if bool(mask.all()):
+    if mask.all():
         return a
-    if not bool(mask.any()):
+    if not mask.any():
         return b
-    return torch.where(_bmask(mask, a), a, b)
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    return torch.where(torch.from_numpy(mask).to(a.device).reshape(-1, *([1] * (a.ndim - 1))), a, b)
 
 
 def _push_history(hist_lam, hist_d, hist_n, lam, d, push, depth):
     """Append (λ, D) for samples in ``push``; others keep their history (kept as aligned lists)."""
-    finite = push & torch.isfinite(lam)
-    if not hist_lam:
-        hist_lam.append(lam.clone())
-        hist_d.append(d)
-    elif bool(push.all()):
-        hist_lam.append(lam.clone())
+    finite = push & np.isfinite(lam)
+    if not hist_lam or push.all():
+        hist_lam.append(lam.copy())
         hist_d.append(d)
     else:  # shift only the pushing samples: entry i ← entry i+1, newest ← new value
-        n = len(hist_lam)
-        if n < depth:
-            hist_lam.insert(0, hist_lam[0].clone())
+        if len(hist_lam) < depth:
+            hist_lam.insert(0, hist_lam[0].copy())
             hist_d.insert(0, hist_d[0])
-            n += 1
-        m = _bmask(push, d)
-        for i in range(n - 1):
-            hist_lam[i] = torch.where(push, hist_lam[i + 1], hist_lam[i])
-            hist_d[i] = torch.where(m, hist_d[i + 1], hist_d[i])
-        hist_lam[-1] = torch.where(push, lam, hist_lam[-1])
-        hist_d[-1] = torch.where(m, d, hist_d[-1])
+        for i in range(len(hist_lam) - 1):
+            hist_lam[i] = np.where(push, hist_lam[i + 1], hist_lam[i])
+            hist_d[i] = _select(push, hist_d[i + 1], hist_d[i])
+        hist_lam[-1] = np.where(push, lam, hist_lam[-1])
+        hist_d[-1] = _select(push, d, hist_d[-1])
     del hist_lam[:-depth], hist_d[:-depth]
-    hist_n.copy_(torch.where(finite, hist_n + 1, torch.where(push, torch.zeros_like(hist_n), hist_n)).clamp(max=depth))
+    hist_n[:] = np.minimum(np.where(finite, hist_n + 1, np.where(push, 0, hist_n)), depth)
 
 
 def _nodes(hist_lam, hist_n, lam_s, count):
@@ -369,9 +361,8 @@ def _nodes(hist_lam, hist_n, lam_s, count):
     nodes = []
     for j in range(count):
         lam_j = hist_lam[-1 - j] if j < len(hist_lam) else hist_lam[0]
-        valid = hist_n > j
-        # padding for unused slots: distinct dummy values keep the Lagrange algebra finite
-        nodes.append(torch.where(valid, lam_j - lam_s, torch.full_like(lam_s, -1.0 - j)))
+        # padding for unused slots: distinct dummy values keep the Vandermonde solve regular
+        nodes.append(np.where(hist_n > j, lam_j - lam_s, -1.0 - j))
     return nodes
 
 
@@ -382,20 +373,17 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
     With ``high_order_max_step``, orders above 2 are used only for steps of at most that many units of λ
     (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps).
     """
-    order = hist_n.clamp(min=1, max=max_order)
+    order = np.clip(hist_n, 1, max_order)
+    h = lam_t - lam_s
     if high_order_max_step is not None:
-        order = torch.where((lam_t - lam_s) > high_order_max_step, order.clamp(max=2), order)
+        order = np.where(h > high_order_max_step, np.minimum(order, 2), order)
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
-    h = lam_t - lam_s
     out = None
-    for p in sorted(set(order.tolist())):
+    for p in np.unique(order):
         sel = order == p
-        nodes = _nodes(hist_lam, hist_n, lam_s, p)
-        hp = torch.where(sel, h, torch.ones_like(h))
-        if p == 1:
-            nodes = [torch.zeros_like(h)]
-        res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, hp,
+        nodes = [np.zeros_like(h)] if p == 1 else _nodes(hist_lam, hist_n, lam_s, p)
+        res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0),
                                nodes, [hist_d[-1 - j] for j in range(p)], weights)
         out = res if out is None else _select(sel, res, out)
     return out, order
@@ -410,21 +398,20 @@ def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_u
     """
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
-    finite = torch.isfinite(lam_s)
+    finite = np.isfinite(lam_s)
     # samples that did not move (finished ones) get a dummy unit step: their result is not used
-    h = torch.where(finite & (lam_t > lam_s), lam_t - lam_s, torch.ones_like(lam_s))
-    lam_s = torch.where(finite, lam_s, lam_t - 1.0)
-    p_all = order_used.clamp(min=1)
+    h = np.where(finite & (lam_t > lam_s), lam_t - lam_s, 1.0)
+    lam_s = np.where(finite, lam_s, lam_t - 1.0)
+    p_all = np.maximum(order_used, 1)
     out = x_pred
-    if not bool(finite.all()):
-        trapezoid = _bcast(sigma_t / sigma_s, x_s) * x_s + _bcast(alpha_t, x_s) * (hist_d[-1] + d_t) / 2
+    if not finite.all():
+        trapezoid = x_s * per_sample(sigma_t / sigma_s, x_s) + per_sample(alpha_t, x_s) * (hist_d[-1] + d_t) / 2
         out = _select(~finite, trapezoid, out)
-    for p in sorted(set(p_all[finite].tolist())):
+    for p in np.unique(p_all[finite]):
         sel = finite & (p_all == p)
         nodes = [h] + _nodes(hist_lam, hist_n, lam_s, p)
-        nodes = [torch.where(sel, n, torch.full_like(n, 2.0 + i)) for i, n in enumerate(nodes)]
-        res = exponential_step(x_s, sigma_s.clamp(max=1.0) if model_type == "flow" else sigma_s, sigma_t, alpha_t,
-                               torch.where(sel, h, torch.ones_like(h)), nodes,
+        nodes = [np.where(sel, n, 2.0 + i) for i, n in enumerate(nodes)]
+        res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0), nodes,
                                [d_t] + [hist_d[-1 - j] for j in range(p)])
         out = _select(sel, res, out)
     return out

@@ -17,13 +17,14 @@ corrector one order higher (Zhao et al. 2023, "UniPC", the UniC idea); the gap b
 corrector is an error estimate that costs no model call.
 
 Everything here works per sample: λ has one value per sample, so each image may take its own steps.
-Coefficients are computed in float64 and cast to the sample's dtype at the end.
+Coefficients are computed in float64 numpy arrays [B] and cast to the sample's dtype and device at the end.
 """
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -31,21 +32,18 @@ import torch
 SERIES_BELOW = 0.05
 
 
-def phi_integrals(h: torch.Tensor, max_power: int) -> list[torch.Tensor]:
+def phi_integrals(h: np.ndarray, max_power: int) -> list[np.ndarray]:
     """I_k(h) = ∫_0^h e^{τ−h} τ^k dτ for k = 0..max_power (float64, elementwise in h ≥ 0).
 
     I_k(h) = k!·h^{k+1}·φ_{k+1}(−h) with the φ-functions of exponential integrators (Hochbruck & Ostermann
     2010).  Uses the recurrence I_k = h^k − k·I_{k−1} (integration by parts), and a power series for
     h < :data:`SERIES_BELOW` where the recurrence cancels; h = +inf is allowed for k = 0 only (I_0 = 1).
     """
-    h = h.to(torch.float64)
-    i0 = -torch.expm1(-h)
-    out = [i0]
-    if max_power == 0:
-        return out
+    h = np.asarray(h, dtype=np.float64)
+    out = [-np.expm1(-h)]
     small = h < SERIES_BELOW
     any_small = bool(small.any())
-    hs = torch.where(small, h, torch.zeros_like(h)) if any_small else None
+    hs = np.where(small, h, 0.0)
     for k in range(1, max_power + 1):
         rec = h ** k - k * out[k - 1]  # integration by parts; loses ~k·log10(1/h) digits for small h
         if not any_small:
@@ -53,24 +51,23 @@ def phi_integrals(h: torch.Tensor, max_power: int) -> list[torch.Tensor]:
             continue
         # series: I_k(h) = k!·Σ_{m≥0} (−h)^m h^{k+1} / (k+1+m)!  (alternating, terms shrink fast for h < 0.05)
         term = hs ** (k + 1) / (k + 1)
-        series = term.clone()
+        series = term.copy()
         for m in range(1, 12):
             term = term * (-hs) / (k + 1 + m)
             series = series + term
-        out.append(torch.where(small, series, rec))
+        out.append(np.where(small, series, rec))
     return out
 
 
-def _moment_weights(nodes: Sequence[torch.Tensor], moments: torch.Tensor) -> torch.Tensor:
+def _moment_weights(nodes: Sequence[np.ndarray], moments: np.ndarray) -> np.ndarray:
     """Weights w [B, n] with Σ_j w_j·τ_j^k = moments[:, k] for k < n: a quadrature exact on polynomials of
     degree < n through the nodes τ_j (a transposed Vandermonde solve per sample)."""
-    tau = torch.stack([t.to(torch.float64) for t in nodes], 1)                    # [B, n]
-    powers = torch.arange(len(nodes), dtype=torch.float64)
-    vander_t = tau[:, None, :] ** powers[None, :, None]                             # [B, k, j] = τ_j^k
-    return torch.linalg.solve(vander_t, moments)
+    tau = np.stack(nodes, 1)                                                       # [B, n]
+    vander_t = tau[:, None, :] ** np.arange(len(nodes))[None, :, None]             # [B, k, j] = τ_j^k
+    return np.linalg.solve(vander_t, moments[..., None])[..., 0]
 
 
-def multistep_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> torch.Tensor:
+def multistep_weights(h: np.ndarray, nodes: Sequence[np.ndarray]) -> np.ndarray:
     """Weights w [B, n] of the exponential multistep update for D sampled at ``nodes`` (τ_j = λ_j − λ_s).
 
     Σ_j w_j D_j = ∫_0^h e^{τ−h} P(τ) dτ with P the polynomial through (τ_j, D_j): the weights match the
@@ -79,43 +76,45 @@ def multistep_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> torch.T
     ints = phi_integrals(h, len(nodes) - 1)
     if len(nodes) == 1:
         return ints[0][:, None]
-    return _moment_weights(nodes, torch.stack(ints, 1))
+    return _moment_weights(nodes, np.stack(ints, 1))
 
 
-def midpoint_weights(h: torch.Tensor, nodes: Sequence[torch.Tensor]) -> torch.Tensor:
+def midpoint_weights(h: np.ndarray, nodes: Sequence[np.ndarray]) -> np.ndarray:
     """Damped multistep weights w [B, n]: w_j = (1 − e^{−h})·L_j(h/2), the interpolant taken at mid-step.
 
     For two nodes this is DPM-Solver++(2M) as published (Lu et al. 2022, Alg. 2) and UniPC's order-2
     predictor (Zhao et al. 2023): it extrapolates the interpolant only half a step, which is more robust
     than exact integration when steps are long (few NFE); formally second order.
     """
-    h = h.to(torch.float64)
-    i0 = -torch.expm1(-h)
+    i0 = -np.expm1(-h)
     if len(nodes) == 1:
         return i0[:, None]
-    mid_powers = (h / 2)[:, None] ** torch.arange(len(nodes), dtype=torch.float64)[None, :]
+    mid_powers = (h / 2)[:, None] ** np.arange(len(nodes))[None, :]
     return _moment_weights(nodes, i0[:, None] * mid_powers)
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+def per_sample(v: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample float64 array [B] as a tensor broadcastable against ``like`` (its dtype and device)."""
+    return torch.from_numpy(np.ascontiguousarray(v)).to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def exponential_step(x_s: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor, alpha_t: torch.Tensor,
-                     h: torch.Tensor, nodes: Sequence[torch.Tensor], denoised: Sequence[torch.Tensor],
+def exponential_step(x_s: torch.Tensor, sigma_s: np.ndarray, sigma_t: np.ndarray, alpha_t: np.ndarray,
+                     h: np.ndarray, nodes: Sequence[np.ndarray], denoised: Sequence[torch.Tensor],
                      weights: str = "exact") -> torch.Tensor:
     """One data-prediction exponential-integrator step x_s → x_t (DPM-Solver++ form, variable nodes).
 
-    ``sigma_*``, ``alpha_t``, ``h`` = λ_t − λ_s and each node are per-sample float64 tensors [B];
+    ``sigma_*``, ``alpha_t``, ``h`` = λ_t − λ_s and each node are per-sample float64 arrays [B];
     ``denoised[j]`` is D at node j.  σ_s may be 1 with α_s = 0 (flow at pure noise): then h = inf, and
     only a single node is allowed (the step is exact for constant D).  ``weights`` is "exact"
     (:func:`multistep_weights`) or "midpoint" (:func:`midpoint_weights`).
     """
     w = (midpoint_weights if weights == "midpoint" else multistep_weights)(h, nodes)
-    coef = (alpha_t[:, None] * w).to(x_s.dtype)
-    out = x_s * _bcast(sigma_t / sigma_s, x_s)
+    scales = np.concatenate([(sigma_t / sigma_s)[None, :], (alpha_t[:, None] * w).T], 0)  # [1 + n, B]
+    coef = torch.from_numpy(np.ascontiguousarray(scales)).to(x_s.device, x_s.dtype)
+    coef = coef.reshape(len(denoised) + 1, -1, *([1] * (x_s.ndim - 1)))
+    out = x_s * coef[0]
     for j, d in enumerate(denoised):
-        out.addcmul_(d, coef[:, j].reshape(-1, *([1] * (x_s.ndim - 1))))
+        out.addcmul_(d, coef[j + 1])
     return out
 
 
@@ -142,5 +141,5 @@ def nan_guard(x: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} is not finite (NaN or inf): the model returned a non-finite value")
 
 
-__all__ = ["phi_integrals", "multistep_weights", "midpoint_weights", "exponential_step", "rms",
+__all__ = ["phi_integrals", "multistep_weights", "midpoint_weights", "per_sample", "exponential_step", "rms",
            "scaled_error", "nan_guard"]
