@@ -25,7 +25,7 @@ MODES = ("budget", "tolerance", "fixed")
 
 DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=True, rho=10.0,
                 schedule="ado", final_correction=True, predictor="midpoint",
-                adapt=True, activity_exponent=0.25, high_order_max_step=1.5)
+                adapt=True, activity_exponent=0.25, high_order_max_step=1.5, prediction="data")
 
 
 def detect_model_type(model) -> str:
@@ -144,6 +144,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     if opt["schedule"] not in ("ado", "host"):
         raise ValueError(f"unknown schedule {opt['schedule']!r}: expected 'ado' or 'host'")
+    if opt["prediction"] not in ("data", "noise"):
+        raise ValueError(f"unknown prediction {opt['prediction']!r}: expected 'data' or 'noise'")
     max_order = int(opt["max_order"])
     if not 1 <= max_order <= 3:
         raise ValueError(f"max_order must be 1, 2 or 3, got {opt['max_order']}")
@@ -198,7 +200,9 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
     done = np.zeros(B, dtype=bool)
     hist_lam: list[np.ndarray] = []   # most recent last; per-sample λ of accepted evaluations
     hist_d: list[torch.Tensor] = []
+    hist_e: list[torch.Tensor] = []      # ε̂ = (x − α·D)/σ at the same points (noise prediction only)
     hist_n = np.zeros(B, dtype=np.int64)  # valid (finite-λ) history entries per sample
+    noise_form = opt["prediction"] == "noise"
     x_acc, lam_acc = x, lam_start.copy()       # last accepted state
     x_eval, lam_eval = x, lam_start.copy()     # point of the next model call
     order_used = np.zeros(B, dtype=np.int64)
@@ -214,13 +218,14 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
         denoised = model(x_eval, sigma_vec, **extra_args)
         nfe += 1
         nan_guard(denoised, f"the model output at call {nfe}")
+        eps = _noise_of(x_eval, denoised, sigma_eval, model_type) if noise_form else None
         err = np.full(B, np.nan)
         accepted = ~done
         h_taken = lam_eval - lam_acc
         x_corr = x_eval
         if nfe > 1 and opt["corrector"]:
             x_corr = _corrector(x_acc, x_eval, lam_acc, lam_eval, hist_lam, hist_d, hist_n, denoised,
-                                order_used, model_type)
+                                order_used, model_type, hist_e if noise_form else None, eps)
             # measured on x/α (the ve-equivalent sample), so ve and flow runs decide alike
             if model_type == "ve":
                 err = scaled_error(x_eval, x_corr, x_acc, rtol, atol).cpu().numpy()
@@ -233,7 +238,8 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
                 accepted = accepted & (tol_ctl.accept(err) | np.isnan(err))
         x_acc = _select(accepted, x_corr, x_acc)
         lam_acc = np.where(accepted, lam_eval, lam_acc)
-        _push_history(hist_lam, hist_d, hist_n, lam_eval, denoised, accepted, max_order + 1)
+        _push_history(hist_lam, [(hist_d, denoised)] + ([(hist_e, eps)] if noise_form else []), hist_n,
+                      lam_eval, accepted, max_order + 1)
         plan_idx = plan_idx + accepted
         if adapting and len(hist_d) >= 2 and bool(accepted.all()):
             # per-sample activity of D and its log-slope in λ → re-plan the points still to come
@@ -274,7 +280,7 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
             last_step = ~done & ((lam_next >= lam_lo) | (nfe >= budget))
             if last_step.any():
                 x_end = _predict(x_acc, lam_acc, lam_lo, hist_lam, hist_d, hist_n, max_order, model_type,
-                                 opt["predictor"])[0]
+                                 opt["predictor"], None, hist_e if noise_form else None)[0]
                 out = _select(last_step, x_end, out)
                 done = done | last_step
         if callback is not None:
@@ -287,7 +293,7 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
             raise RuntimeError("internal error: the budget is spent before every sample reached the end")
         lam_next = np.where(done, lam_acc, lam_next)
         x_pred, order = _predict(x_acc, lam_acc, lam_next, hist_lam, hist_d, hist_n, max_order, model_type,
-                                 opt["predictor"], opt["high_order_max_step"])
+                                 opt["predictor"], opt["high_order_max_step"], hist_e if noise_form else None)
         order_used = np.where(done, order_used, order)
         x_eval = _select(done, x_acc, x_pred)
         lam_eval = lam_next
@@ -337,23 +343,31 @@ def _select(mask: np.ndarray, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.from_numpy(mask).to(a.device).reshape(-1, *([1] * (a.ndim - 1))), a, b)
 
 
-def _push_history(hist_lam, hist_d, hist_n, lam, d, push, depth):
-    """Append (λ, D) for samples in ``push``; others keep their history (kept as aligned lists)."""
+def _push_history(hist_lam, series, hist_n, lam, push, depth):
+    """Append λ and each (history list, new value) of ``series`` for samples in ``push``; other samples
+    keep their history (all lists stay aligned, newest last, at most ``depth`` long)."""
     finite = push & np.isfinite(lam)
     if not hist_lam or push.all():
         hist_lam.append(lam.copy())
-        hist_d.append(d)
+        for hist, value in series:
+            hist.append(value)
     else:  # shift only the pushing samples: entry i ← entry i+1, newest ← new value
-        if len(hist_lam) < depth:
-            hist_lam.insert(0, hist_lam[0].copy())
-            hist_d.insert(0, hist_d[0])
-        for i in range(len(hist_lam) - 1):
-            hist_lam[i] = np.where(push, hist_lam[i + 1], hist_lam[i])
-            hist_d[i] = _select(push, hist_d[i + 1], hist_d[i])
-        hist_lam[-1] = np.where(push, lam, hist_lam[-1])
-        hist_d[-1] = _select(push, d, hist_d[-1])
-    del hist_lam[:-depth], hist_d[:-depth]
+        grow = len(hist_lam) < depth
+        for hist, value in [(hist_lam, lam)] + series:
+            if grow:
+                hist.insert(0, hist[0])
+            pick = (lambda a, b: np.where(push, a, b)) if hist is hist_lam else (lambda a, b: _select(push, a, b))
+            for i in range(len(hist) - 1):
+                hist[i] = pick(hist[i + 1], hist[i])
+            hist[-1] = pick(value, hist[-1])
+    for hist in [hist_lam] + [h for h, _ in series]:
+        del hist[:-depth]
     hist_n[:] = np.minimum(np.where(finite, hist_n + 1, np.where(push, 0, hist_n)), depth)
+
+
+def _noise_of(x: torch.Tensor, denoised: torch.Tensor, sigma: np.ndarray, model_type: str) -> torch.Tensor:
+    """ε̂ = (x − α·D)/σ, the noise prediction implied by the denoiser output (σ > 0)."""
+    return (x - denoised * per_sample(_alpha(sigma, model_type), x)) / per_sample(sigma, x)
 
 
 def _nodes(hist_lam, hist_n, lam_s, count):
@@ -367,12 +381,15 @@ def _nodes(hist_lam, hist_n, lam_s, count):
 
 
 def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type, weights="exact",
-             high_order_max_step=None):
+             high_order_max_step=None, hist_e=None):
     """Predictor x_s → x_t with per-sample order min(max_order, finite history); returns (x_t, order).
 
     With ``high_order_max_step``, orders above 2 are used only for steps of at most that many units of λ
     (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps).
+    ``hist_e`` (ε̂ history) selects the noise-prediction form, except for steps from pure noise.
     """
+    noise = hist_e is not None and bool(np.isfinite(lam_s).all())
+    values = hist_e if noise else hist_d
     order = np.clip(hist_n, 1, max_order)
     h = lam_t - lam_s
     if high_order_max_step is not None:
@@ -384,18 +401,21 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
         sel = order == p
         nodes = [np.zeros_like(h)] if p == 1 else _nodes(hist_lam, hist_n, lam_s, p)
         res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0),
-                               nodes, [hist_d[-1 - j] for j in range(p)], weights)
+                               nodes, [values[-1 - j] for j in range(p)], weights, "noise" if noise else "data")
         out = res if out is None else _select(sel, res, out)
     return out, order
 
 
-def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_used, model_type):
+def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_used, model_type,
+               hist_e=None, eps_t=None):
     """UniC-style corrector: redo the step x_s → x_t with D(x_t) as an extra node (order + 1).
 
     A step from pure noise (flow σ = 1, λ_s = −∞) has no finite λ node; there D is interpolated linearly in
     u = e^λ = α/σ instead, between D(pure noise) at u = 0 and D_t, which integrates exactly to the
     trapezoid x_t = σ_t·x_s + α_t·(D_s + D_t)/2 (D is linear in u at high noise, so this is second order).
+    With ``hist_e``/``eps_t`` the other steps use the noise-prediction form.
     """
+    noise = hist_e is not None
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
     finite = np.isfinite(lam_s)
@@ -411,7 +431,8 @@ def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_u
         sel = finite & (p_all == p)
         nodes = [h] + _nodes(hist_lam, hist_n, lam_s, p)
         nodes = [np.where(sel, n, 2.0 + i) for i, n in enumerate(nodes)]
-        res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0), nodes,
-                               [d_t] + [hist_d[-1 - j] for j in range(p)])
+        values = [eps_t] + [hist_e[-1 - j] for j in range(p)] if noise else [d_t] + [hist_d[-1 - j] for j in range(p)]
+        res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0), nodes, values,
+                               prediction="noise" if noise else "data")
         out = _select(sel, res, out)
     return out

@@ -59,6 +59,27 @@ def phi_integrals(h: np.ndarray, max_power: int) -> list[np.ndarray]:
     return out
 
 
+def noise_integrals(h: np.ndarray, max_power: int) -> list[np.ndarray]:
+    """J_k(h) = ∫_0^h e^{−τ} τ^k dτ for k = 0..max_power (the lower incomplete gamma γ(k+1, h)).
+
+    These are the moments of the noise-prediction exponential integrator (Lu et al. 2022, DPM-Solver;
+    Zhang & Chen 2022, DEIS).  Recurrence J_k = k·J_{k−1} − h^k e^{−h}, and a power series for h < 0.5.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    out = [-np.expm1(-h)]
+    small = h < 0.5
+    hs = np.where(small, h, 0.0)
+    for k in range(1, max_power + 1):
+        rec = k * out[k - 1] - h ** k * np.exp(-h)
+        # series: Σ_m (−1)^m h^{k+1+m} / (m!·(k+1+m))
+        term, series = hs ** (k + 1), hs ** (k + 1) / (k + 1)
+        for m in range(1, 20):
+            term = term * (-hs) / m
+            series = series + term / (k + 1 + m)
+        out.append(np.where(small, series, rec))
+    return out
+
+
 def _moment_weights(nodes: Sequence[np.ndarray], moments: np.ndarray) -> np.ndarray:
     """Weights w [B, n] with Σ_j w_j·τ_j^k = moments[:, k] for k < n: a quadrature exact on polynomials of
     degree < n through the nodes τ_j (a transposed Vandermonde solve per sample)."""
@@ -67,24 +88,25 @@ def _moment_weights(nodes: Sequence[np.ndarray], moments: np.ndarray) -> np.ndar
     return np.linalg.solve(vander_t, moments[..., None])[..., 0]
 
 
-def multistep_weights(h: np.ndarray, nodes: Sequence[np.ndarray]) -> np.ndarray:
-    """Weights w [B, n] of the exponential multistep update for D sampled at ``nodes`` (τ_j = λ_j − λ_s).
+def multistep_weights(h: np.ndarray, nodes: Sequence[np.ndarray], prediction: str = "data") -> np.ndarray:
+    """Weights w [B, n] of the exponential multistep update for values sampled at ``nodes`` (τ_j = λ_j − λ_s).
 
-    Σ_j w_j D_j = ∫_0^h e^{τ−h} P(τ) dτ with P the polynomial through (τ_j, D_j): the weights match the
-    moments I_k(h) of :func:`phi_integrals`.  One node gives w = 1 − e^{−h} (DDIM / DPM-Solver-1).
+    Data prediction: Σ_j w_j D_j = ∫_0^h e^{τ−h} P(τ) dτ (moments I_k of :func:`phi_integrals`); noise
+    prediction: Σ_j w_j ε_j = ∫_0^h e^{−τ} P(τ) dτ (moments J_k of :func:`noise_integrals`), with P the
+    polynomial through the nodes.  One node gives w = 1 − e^{−h} (DDIM) in both forms.
     """
-    ints = phi_integrals(h, len(nodes) - 1)
+    ints = (noise_integrals if prediction == "noise" else phi_integrals)(h, len(nodes) - 1)
     if len(nodes) == 1:
         return ints[0][:, None]
     return _moment_weights(nodes, np.stack(ints, 1))
 
 
-def midpoint_weights(h: np.ndarray, nodes: Sequence[np.ndarray]) -> np.ndarray:
+def midpoint_weights(h: np.ndarray, nodes: Sequence[np.ndarray], prediction: str = "data") -> np.ndarray:
     """Damped multistep weights w [B, n]: w_j = (1 − e^{−h})·L_j(h/2), the interpolant taken at mid-step.
 
-    For two nodes this is DPM-Solver++(2M) as published (Lu et al. 2022, Alg. 2) and UniPC's order-2
-    predictor (Zhao et al. 2023): it extrapolates the interpolant only half a step, which is more robust
-    than exact integration when steps are long (few NFE); formally second order.
+    For two nodes this is DPM-Solver++(2M) as published (Lu et al. 2022, Alg. 2), and UniPC's order-2
+    predictor (Zhao et al. 2023); with noise prediction, DPM-Solver-2M's form.  It extrapolates the
+    interpolant only half a step, more robust than exact integration for long steps; formally second order.
     """
     i0 = -np.expm1(-h)
     if len(nodes) == 1:
@@ -99,22 +121,28 @@ def per_sample(v: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 
 def exponential_step(x_s: torch.Tensor, sigma_s: np.ndarray, sigma_t: np.ndarray, alpha_t: np.ndarray,
-                     h: np.ndarray, nodes: Sequence[np.ndarray], denoised: Sequence[torch.Tensor],
-                     weights: str = "exact") -> torch.Tensor:
-    """One data-prediction exponential-integrator step x_s → x_t (DPM-Solver++ form, variable nodes).
+                     h: np.ndarray, nodes: Sequence[np.ndarray], values: Sequence[torch.Tensor],
+                     weights: str = "exact", prediction: str = "data") -> torch.Tensor:
+    """One exponential-integrator step x_s → x_t from model outputs at variable nodes.
 
-    ``sigma_*``, ``alpha_t``, ``h`` = λ_t − λ_s and each node are per-sample float64 arrays [B];
-    ``denoised[j]`` is D at node j.  σ_s may be 1 with α_s = 0 (flow at pure noise): then h = inf, and
-    only a single node is allowed (the step is exact for constant D).  ``weights`` is "exact"
-    (:func:`multistep_weights`) or "midpoint" (:func:`midpoint_weights`).
+    ``prediction="data"`` (DPM-Solver++ form, Lu et al. 2022b): ``values`` are D at the nodes and
+    x_t = (σ_t/σ_s)·x_s + α_t·Σ w_j D_j.  ``prediction="noise"`` (DPM-Solver / DEIS form): ``values`` are
+    ε̂ = (x − α·D)/σ and x_t = (α_t/α_s)·x_s − α_t·(σ_s/α_s)·Σ w_j ε̂_j.  ``sigma_*``, ``alpha_t``,
+    ``h`` = λ_t − λ_s and the nodes are per-sample float64 arrays [B].  With data prediction σ_s may be 1
+    and α_s = 0 (flow at pure noise; h = inf, one node).  ``weights``: "exact" or "midpoint".
     """
-    w = (midpoint_weights if weights == "midpoint" else multistep_weights)(h, nodes)
-    scales = np.concatenate([(sigma_t / sigma_s)[None, :], (alpha_t[:, None] * w).T], 0)  # [1 + n, B]
+    w = (midpoint_weights if weights == "midpoint" else multistep_weights)(h, nodes, prediction)
+    if prediction == "noise":
+        alpha_s = alpha_t * np.exp(-h) * sigma_s / sigma_t  # α_s from λ_s = λ_t − h
+        first, mult = alpha_t / alpha_s, -alpha_t * sigma_s / alpha_s
+    else:
+        first, mult = sigma_t / sigma_s, alpha_t
+    scales = np.concatenate([first[None, :], (mult[:, None] * w).T], 0)  # [1 + n, B]
     coef = torch.from_numpy(np.ascontiguousarray(scales)).to(x_s.device, x_s.dtype)
-    coef = coef.reshape(len(denoised) + 1, -1, *([1] * (x_s.ndim - 1)))
+    coef = coef.reshape(len(values) + 1, -1, *([1] * (x_s.ndim - 1)))
     out = x_s * coef[0]
-    for j, d in enumerate(denoised):
-        out.addcmul_(d, coef[j + 1])
+    for j, v in enumerate(values):
+        out.addcmul_(v, coef[j + 1])
     return out
 
 
@@ -141,5 +169,5 @@ def nan_guard(x: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} is not finite (NaN or inf): the model returned a non-finite value")
 
 
-__all__ = ["phi_integrals", "multistep_weights", "midpoint_weights", "per_sample", "exponential_step", "rms",
+__all__ = ["phi_integrals", "noise_integrals", "multistep_weights", "midpoint_weights", "per_sample", "exponential_step", "rms",
            "scaled_error", "nan_guard"]

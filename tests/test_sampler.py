@@ -304,3 +304,28 @@ def test_non_finite_model_output_is_reported():
         return x * float("nan")
     with pytest.raises(FloatingPointError, match="model output"):
         sample_adaptive(broken, noise(), karras_sigmas(4, SD15_SIGMA_MIN, SD15_SIGMA_MAX), model_type="ve")
+
+
+def test_noise_prediction_form_converges_at_its_order():
+    model = DiagonalGaussian()
+    x = noise(16) * SD15_SIGMA_MAX
+    ref = model.reference(x, SD15_SIGMA_MAX, SD15_SIGMA_MIN)
+    errs = [rmse(sample_adaptive(model, x, lambda_uniform_sigmas(n, SD15_SIGMA_MIN, SD15_SIGMA_MAX, "ve"),
+                                 model_type="ve", mode="fixed", final_correction=False, prediction="noise",
+                                 predictor="exact", max_order=2), ref) for n in (32, 64, 128)]
+    assert abs(math.log2(errs[-2] / errs[-1]) - 3) < 0.3  # order 2 predictor + corrector
+
+
+@pytest.mark.parametrize("options", [dict(rho="prior"), dict(adapt=False), dict(schedule="host"),
+                                     dict(prediction="noise"), dict(rho=float("inf"))])
+def test_plan_variants_run_within_budget_and_converge(options):
+    tb = make_testbed("gaussian", "flow")
+    x = tb.noise(range(4))
+    ref = tb.reference(x)
+    errs = []
+    for n in (6, 24):
+        tb.reset_nfe()
+        errs.append(rmse(sample_adaptive(tb, x, karras_sigmas(n, tb.sigma_min, 1.0), model_type="flow", **options),
+                         ref))
+        assert tb.nfe == n
+    assert errs[1] < errs[0] / 5

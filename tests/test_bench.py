@@ -1,0 +1,64 @@
+"""The benchmark harness: oracle search, best-peer selection, report files, CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from adaptive_core import sample_adaptive
+from adaptive_core.bench import run as bench
+from adaptive_core.bench.metrics import median_sample_rmse, psnr, rmse
+from adaptive_core.bench.oracle import optimize_schedule
+from adaptive_core.schedules import karras_sigmas
+from adaptive_core.testbeds import make_testbed
+
+
+def test_metrics():
+    a, b = torch.zeros(4, 3), torch.ones(4, 3)
+    assert rmse(a, b) == 1.0 and abs(psnr(1.0) - 20 * math.log10(2.0)) < 1e-12
+    b[0] = 10.0
+    assert median_sample_rmse(a, b) == 1.0  # one outlier sample does not move the median
+
+
+def test_oracle_search_does_not_get_worse_than_its_start():
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise(range(8))
+    ref = tb.reference(x)
+
+    def run(sigmas):
+        return sample_adaptive(tb, x, sigmas, model_type="ve", mode="fixed")
+    start = karras_sigmas(6, tb.sigma_min, tb.sigma_max)
+    grid, err = optimize_schedule(run, ref, start, "ve", sweeps=1, iters=4)
+    assert err <= rmse(run(start), ref)
+    assert grid[0] == start[0] and grid[-1] == 0 and len(grid) == len(start)
+    assert (grid[1:] < grid[:-1]).all()
+
+
+def test_best_peer_ignores_peers_over_budget_and_ado():
+    cfg = {"methods": {"ado": {"8": {"rmse": 0.001, "nfe": 8}},
+                       "a": {"8": {"rmse": 0.01, "nfe": 8}},
+                       "b": {"8": {"rmse": 0.005, "nfe": 19}},
+                       "c": {"8": {"rmse": 0.02, "nfe": 7}}}}
+    assert bench.best_peer(cfg, 8) == ("a", 0.01)
+
+
+def test_nfe_to_match():
+    cfg = {"methods": {"ado": {"5": {"rmse": 0.1}, "8": {"rmse": 0.01}, "10": {"rmse": 0.005}}}}
+    assert bench.nfe_to_match(cfg, 0.02) == 8
+    assert bench.nfe_to_match(cfg, 0.001) is None
+
+
+def test_cli_writes_table_plot_and_json(tmp_path, capsys):
+    code = bench.main(["--testbed", "gaussian", "--model-type", "ve", "flow", "--nfe", "5", "8", "--seeds", "4",
+                       "--out", str(tmp_path), "--jobs", "1", "--oracle-fit", "2"])
+    assert code == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    cfg = data["configs"]["gaussian-ve"]
+    assert set(cfg["methods"]["ado"]) >= {"5", "8"}
+    assert "oracle" in cfg["methods"] and "dpmpp_2m+karras" in cfg["methods"]
+    assert cfg["headline"]["5"]["ratio_to_best_peer"] > 0
+    assert (tmp_path / "error_vs_nfe.png").stat().st_size > 10_000
+    text = (tmp_path / "README.md").read_text()
+    assert "## gaussian-flow" in text and "**" in text
+    assert "gaussian-ve" in capsys.readouterr().out
