@@ -26,7 +26,7 @@ from .peers import peer_names, run_peer
 
 FULL_NFE = (4, 5, 6, 8, 10, 12, 15, 20, 30)
 QUICK_NFE = (5, 8, 10, 20)
-HEADLINE_NFE = (5, 8, 10)
+HEADLINE_NFE = (5, 8, 10, 20)
 MATCH_TARGET_PEER = "dpmpp_2m+karras"
 MATCH_TARGET_NFE = (20, 30)
 
@@ -203,9 +203,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
     shown = ("dpmpp_2m+karras", "dpmpp_3m+karras", "diffusers_unipc_3+karras", "euler+karras", "dpm_adaptive")
     for ax, (key, cfg) in zip(axes.flat, cfgs.items()):
-        nfes = sorted(int(n) for n in cfg["methods"]["ado"])
-        def curve(m):
-            pts = sorted((int(n), r["rmse"]) for n, r in cfg["methods"].get(m, {}).items())
+        nfes = sorted(int(n) for n in results["meta"]["nfe"])
+        def curve(m):  # plotted at the NFE really used (dpm_adaptive lands where its tolerance takes it)
+            pts = sorted({r["nfe"]: r["rmse"] for r in cfg["methods"].get(m, {}).values()}.items())
             return [p[0] for p in pts], [p[1] for p in pts]
         for m in shown:
             if m in cfg["methods"]:
@@ -220,6 +220,9 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(*curve("ado"), "r-", marker="o", ms=3, lw=2.2, label="ADO")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(nfes)
+        ax.set_xticklabels([str(n) for n in nfes])
+        ax.minorticks_off()
         ax.set_xlabel("NFE (model calls)")
         ax.set_ylabel("RMSE to reference ODE solution")
         ax.set_title(key)
@@ -288,7 +291,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where to write results (default docs/bench; "
                                                               "quick: no files unless given)")
     ap.add_argument("--jobs", type=int, default=2, help="testbed configurations run in parallel processes")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="re-render README.md and the plot from a results.json without re-running")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        for cfg in results["configs"].values():
+            cfg["headline"] = headline(cfg, results["meta"]["nfe"])
+        print(write_report(results, args.out or args.from_json.parent))
+        return 0
 
     nfes = tuple(args.nfe) if args.nfe else (QUICK_NFE if args.quick else FULL_NFE)
     if any(n < 2 for n in nfes):
@@ -323,6 +334,11 @@ def main(argv=None) -> int:
     else:
         text = "\n\n".join(f"## {k}\n\n" + markdown_table(c, nfes) for k, c in results["configs"].items())
     print(text)
+    print("\nADO / best peer (RMSE ratio, < 1 means ADO is better):")
+    for key, cfg in results["configs"].items():
+        cells = [f"NFE {n}: {h['ratio_to_best_peer']:.2f} (vs {h['best_peer']})" for n, h in cfg["headline"].items()
+                 if not n.startswith("nfe_to_match") and "ratio_to_best_peer" in h]
+        print(f"  {key}: " + "; ".join(cells))
     print(f"\nADO overhead per step (4x128x128, batch 1, model excluded): {results['timing']['ado_ms_per_step']:.3f} ms")
     print(f"bench time: {results['timing']['bench_seconds']:.1f} s")
     return 0
