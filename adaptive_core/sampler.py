@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from . import controller as ctl
-from .schedules import MODEL_TYPES, check_model_type, half_log_snr, sigma_from_half_log_snr
+from .schedules import check_model_type, half_log_snr, sigma_from_half_log_snr, signal_scale
 from .solver import exponential_step, nan_guard, per_sample, scaled_error
 from .trace import StepRecord, Trace
 
 MODES = ("budget", "tolerance", "fixed")
 
+#: Default options of :func:`sample_adaptive` (chosen on the benchmark across all four testbed
+#: configurations together, not per testbed).
 DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=True, rho=10.0,
                 schedule="ado", final_correction=True, predictor="midpoint",
                 adapt=True, activity_exponent=0.25, high_order_max_step=1.5, prediction="data")
@@ -78,17 +80,12 @@ def validate_sigmas(sigmas, model_type: str) -> torch.Tensor:
     return s
 
 
-def _lam(sigma, model_type: str) -> np.ndarray:
-    return np.asarray(half_log_snr(torch.as_tensor(sigma, dtype=torch.float64), model_type).numpy())
+def _lam(sigma: torch.Tensor, model_type: str) -> np.ndarray:
+    return half_log_snr(sigma.numpy(), model_type)
 
 
-def _sig(lam: np.ndarray, model_type: str) -> np.ndarray:
-    """σ(λ) per sample (numpy): e^{−λ} (ve) or 1/(1 + e^{λ}) (flow)."""
-    return 1.0 / (1.0 + np.exp(lam)) if model_type == "flow" else np.exp(-lam)
-
-
-def _alpha(sigma: np.ndarray, model_type: str) -> np.ndarray:
-    return 1.0 - sigma if model_type == "flow" else np.ones_like(sigma)
+_sig = sigma_from_half_log_snr
+_alpha = signal_scale
 
 
 def _host_plan(grid: torch.Tensor, n_intervals: int, model_type: str, batch: int) -> np.ndarray:
@@ -123,11 +120,20 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         nfe_budget: hard cap on model calls, rejected steps included; default ``len(sigmas) − 1``.
         model_type: "ve" or "flow"; None detects a ComfyUI flow model (CONST), else "ve".
         trace: a :class:`~adaptive_core.trace.Trace` to fill with what the run did.
-        **options: ``mode`` ("budget": plan the budget's steps; "tolerance": steps sized to ``rtol``/``atol``
-            and stop early when the estimate allows; "fixed": follow the host grid exactly), ``rtol``,
-            ``atol``, ``max_order`` (1–3, predictor order; the corrector adds one), ``corrector`` (bool),
-            ``rho`` (plan shape, see :func:`~adaptive_core.controller.plan_lambdas`), ``schedule``
-            ("ado" or "host"), ``final_correction`` (apply the last corrector to the returned sample).
+        **options (defaults in :data:`DEFAULTS`; an unknown name raises TypeError):
+            ``mode``: "budget" (plan the budget's steps), "tolerance" (steps sized to ``rtol``/``atol``,
+            stopping early when the estimate allows) or "fixed" (follow the host grid exactly);
+            ``rtol``, ``atol``: tolerances of the scaled error estimate (Hairer et al. 1993);
+            ``max_order`` (1–3): predictor order, the corrector adds one; ``high_order_max_step``: order 3
+            only for steps up to this length in λ (None: always); ``corrector`` (bool): UniC corrector;
+            ``predictor``: "midpoint" (damped, DPM-Solver++(2M)-style) or "exact" integration of the
+            interpolant; ``prediction``: "data" (DPM-Solver++) or "noise" (DPM-Solver/DEIS form);
+            ``schedule``: "ado" (own plan) or "host" (the host grid as plan); ``rho``: shape of the first
+            plan (uniform in σ^{1/ρ}; inf = λ-uniform; "prior" = the activity prior of
+            :func:`~adaptive_core.controller.prior_plan`); ``adapt`` (bool): re-plan the remaining steps
+            from the measured activity, with ``activity_exponent`` (see
+            :func:`~adaptive_core.controller.replan_lambdas`); ``final_correction`` (bool): apply the last
+            corrector to the returned sample.
 
     Returns:
         The sample at ``sigmas[-1]``: the denoised sample when the plan ends in 0.

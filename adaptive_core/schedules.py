@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 MODEL_TYPES = ("ve", "flow")
@@ -35,20 +36,25 @@ def check_model_type(model_type: str) -> str:
 
 
 def signal_scale(sigma, model_type: str):
-    """α(σ): the scale of the clean sample in x (1 for ve, 1 − σ for flow)."""
+    """α(σ): the scale of the clean sample in x (1 for ve, 1 − σ for flow); floats, arrays or tensors."""
     check_model_type(model_type)
-    return 1.0 - sigma if model_type == "flow" else (sigma * 0 + 1.0 if torch.is_tensor(sigma) else 1.0)
+    if model_type == "flow":
+        return 1.0 - sigma
+    return sigma * 0 + 1.0 if isinstance(sigma, (torch.Tensor, np.ndarray)) else 1.0
 
 
 def half_log_snr(sigma, model_type: str):
     """λ(σ) = log(α/σ), the half-log signal-to-noise ratio (Lu et al. 2022, DPM-Solver, eq. 3.2).
 
     ve: λ = −log σ.  flow: λ = log((1 − σ)/σ) = −logit(σ).  σ = 0 gives +inf, flow σ = 1 gives −inf.
-    Accepts floats or tensors.
+    Accepts floats, numpy arrays or tensors.
     """
     check_model_type(model_type)
     if torch.is_tensor(sigma):
         return -torch.logit(sigma) if model_type == "flow" else -torch.log(sigma)
+    if isinstance(sigma, np.ndarray):
+        with np.errstate(divide="ignore"):
+            return np.log1p(-sigma) - np.log(sigma) if model_type == "flow" else -np.log(sigma)
     sigma = float(sigma)
     if sigma <= 0.0:
         return math.inf
@@ -62,6 +68,9 @@ def sigma_from_half_log_snr(lam, model_type: str):
     check_model_type(model_type)
     if torch.is_tensor(lam):
         return torch.sigmoid(-lam) if model_type == "flow" else torch.exp(-lam)
+    if isinstance(lam, np.ndarray):
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(lam)) if model_type == "flow" else np.exp(-lam)
     lam = float(lam)
     if model_type == "flow":
         if lam == math.inf:
