@@ -62,3 +62,15 @@ def test_cli_writes_table_plot_and_json(tmp_path, capsys):
     text = (tmp_path / "README.md").read_text()
     assert "## gaussian-flow" in text and "**" in text
     assert "gaussian-ve" in capsys.readouterr().out
+
+
+def test_generality_check_runs_and_writes_its_table(tmp_path):
+    from adaptive_core.bench import generality
+    out = tmp_path / "generality.md"
+    assert generality.main(["--seeds", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("\n| ") == 1 + 2 * len(generality.VARIANTS)  # header + a row per variant and NFE
+    model = generality.ImperfectDenoiser(make_testbed("gaussian", "ve"))
+    x = torch.zeros(1, 4, 16, 16)
+    assert not torch.equal(model(x + 1, torch.tensor([0.1])), model.testbed(x + 1, torch.tensor([0.1])))
+    assert model.nfe == 1
