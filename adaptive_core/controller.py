@@ -6,6 +6,10 @@ Per-sample quantities are float64 numpy arrays [B] (cheap to compute; only tenso
 * :func:`plan_lambdas` — the prior plan: n intervals between two λ, uniform in σ_ve^{1/ρ} where
   σ_ve = e^{−λ} is the ve-equivalent noise level (Karras et al. 2022, eq. 5; ρ → ∞ is the λ-uniform
   "logSNR" schedule of Lu et al. 2022).  Working in σ_ve makes the plan the same for ve and flow models.
+* :func:`activity` / :func:`replan_lambdas` — the adaptive part of the budget mode: the rate of change of
+  the denoised prediction per unit λ is measured between evaluations, its log-slope extrapolated, and the
+  remaining evaluation points re-placed by error equidistribution (:func:`equidistribute`).
+  :func:`prior_plan` is an alternative first plan from a prior activity profile (``rho="prior"``).
 * :class:`ToleranceController` — classic error-per-step control: the next step is h·(1/err)^{1/(p+1)}
   with a PI term (Gustafsson 1991; Hairer & Wanner, "Solving ODEs II", IV.2), growth/shrink limits, and a
   reservation so that the remaining budget always reaches the end point.
