@@ -74,3 +74,14 @@ def test_generality_check_runs_and_writes_its_table(tmp_path):
     x = torch.zeros(1, 4, 16, 16)
     assert not torch.equal(model(x + 1, torch.tensor([0.1])), model.testbed(x + 1, torch.tensor([0.1])))
     assert model.nfe == 1
+
+
+def test_trained_bench_runs_at_a_tiny_size(tmp_path):
+    from adaptive_core.bench import trained
+    assert trained.main(["--model-type", "flow", "--samples", "10", "--nfe", "5", "--reference-steps", "12",
+                         "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["models"]["flow"]["methods"]
+    assert set(rows) == {"ado", *trained.PEERS["flow"]} and set(rows["ado"]) == {"5", "30"}
+    assert (tmp_path / "fd_vs_nfe.png").exists() and "NFE within 5%" in (tmp_path / "README.md").read_text()
+    assert trained.nfe_within({"5": {"fd": 10.4}, "8": {"fd": 9.0}}, 10.0) == 5
