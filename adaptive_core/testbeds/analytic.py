@@ -10,13 +10,10 @@ from abc import abstractmethod
 
 import torch
 
-from ..schedules import SD15_SIGMA_MAX, SD15_SIGMA_MIN, check_model_type, flow_time_shift, half_log_snr
+from ..schedules import half_log_snr
 from .base import Testbed
 from .reference import (REFERENCE_ATOL, REFERENCE_RTOL, from_snr_coordinates, solve_pf_ode, start_lambda,
                         to_snr_coordinates)
-
-#: ComfyUI's ModelSamplingDiscreteFlow: σ_min is the shifted time of its first table entry, t = 1/1000.
-FLOW_T_MIN = 1e-3
 
 
 class AnalyticTestbed(Testbed):
@@ -29,14 +26,8 @@ class AnalyticTestbed(Testbed):
     family: str = "analytic"
 
     def __init__(self, model_type: str, shape, shift: float = 3.0) -> None:
-        self.model_type = check_model_type(model_type)
         self.shape = tuple(int(d) for d in shape)
-        self.name = f"{self.family}-{model_type}"
-        if model_type == "ve":
-            self.sigma_min, self.sigma_max, self.shift = SD15_SIGMA_MIN, SD15_SIGMA_MAX, None
-        else:
-            self.shift = float(shift)
-            self.sigma_min, self.sigma_max = flow_time_shift(FLOW_T_MIN, self.shift), 1.0
+        self._set_noise_range(model_type, shift)
         self._params: dict[str, torch.Tensor] = {}
         self._params_on: dict[torch.device, dict[str, torch.Tensor]] = {}
         super().__init__()

@@ -16,7 +16,10 @@ from typing import Sequence
 
 import torch
 
-from ..schedules import check_model_type
+from ..schedules import SD15_SIGMA_MAX, SD15_SIGMA_MIN, check_model_type, flow_time_shift
+
+#: The smallest flow time of ComfyUI's ModelSamplingDiscreteFlow table (t = 1/1000): σ_min = shift(FLOW_T_MIN).
+FLOW_T_MIN = 1e-3
 
 
 class Testbed(ABC):
@@ -30,6 +33,7 @@ class Testbed(ABC):
         shift: the flow timestep shift (flow only; None for ve).
     """
 
+    family: str = "testbed"
     name: str
     model_type: str
     shape: tuple
@@ -40,6 +44,17 @@ class Testbed(ABC):
     def __init__(self) -> None:
         check_model_type(self.model_type)
         self.nfe = 0  # model calls counted since the last reset_nfe(), one per __call__
+
+    def _set_noise_range(self, model_type: str, shift: float) -> None:
+        """Set model_type, name and the σ range as hosts present it: ve → SD1.x's [0.0292, 14.61] (no shift);
+        flow → σ_max = 1 and σ_min = flow_time_shift(FLOW_T_MIN, shift) (SD3/Flux timestep shift)."""
+        self.model_type = check_model_type(model_type)
+        self.name = f"{self.family}-{model_type}"
+        if model_type == "ve":
+            self.sigma_min, self.sigma_max, self.shift = SD15_SIGMA_MIN, SD15_SIGMA_MAX, None
+        else:
+            self.shift = float(shift)
+            self.sigma_min, self.sigma_max = flow_time_shift(FLOW_T_MIN, self.shift), 1.0
 
     # --- the k-diffusion model interface -------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..schedules import (SD15_SIGMA_MAX, SD15_SIGMA_MIN, check_model_type, flow_time_shift, karras_sigmas,
+from ..schedules import (karras_sigmas,
                          lambda_uniform_sigmas)
-from .analytic import FLOW_T_MIN
 from .base import Testbed
 from .train import load_denoiser, weights_path
 from .unet import NULL_CLASS
@@ -53,13 +52,7 @@ class TrainedDenoiser(Testbed):
 
     def __init__(self, model_type: str = "ve", shift: float = 3.0, labels=None, cfg_scale: float = 1.0,
                  path: str | Path | None = None) -> None:
-        self.model_type = check_model_type(model_type)
-        self.name = f"{self.family}-{model_type}"
-        if model_type == "ve":
-            self.sigma_min, self.sigma_max, self.shift = SD15_SIGMA_MIN, SD15_SIGMA_MAX, None
-        else:
-            self.shift = float(shift)
-            self.sigma_min, self.sigma_max = flow_time_shift(FLOW_T_MIN, self.shift), 1.0
+        self._set_noise_range(model_type, shift)
         self.path = Path(path) if path is not None else weights_path(model_type)
         self.net, self.meta = load_denoiser(self.path, torch.float32)
         if self.net.model_type != model_type:
