@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..schedules import (karras_sigmas,
-                         lambda_uniform_sigmas)
+from ..schedules import karras_sigmas, lambda_uniform_sigmas
 from .base import Testbed
 from .train import load_denoiser, weights_path
 from .unet import NULL_CLASS
