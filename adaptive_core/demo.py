@@ -14,22 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import sample_adaptive
-from .schedules import karras_sigmas
 
 #: (label, sampler, NFE) rows of the demo: ADO at 8 and 12 NFE, the common default at the same NFE and at 30.
-ROWS = (("ADO", "ado", 8), ("ADO", "ado", 12), ("dpmpp_2m+karras", "dpmpp_2m", 8),
-        ("dpmpp_2m+karras", "dpmpp_2m", 12), ("dpmpp_2m+karras", "dpmpp_2m", 30))
-
-
-def run_sampler(kind: str, testbed, x: torch.Tensor, nfe: int) -> torch.Tensor:
-    """ADO (budget ``nfe``) or k-diffusion's DPM-Solver++(2M) on a Karras grid of ``nfe`` steps."""
-    sigmas = karras_sigmas(nfe, testbed.sigma_min, testbed.sigma_max).to(x.dtype)
-    if kind == "ado":
-        return sample_adaptive(testbed, x, sigmas, model_type=testbed.model_type)
-    from .bench.peers import run_peer
-    return run_peer("dpmpp_2m+karras", testbed, x, nfe, model_type=testbed.model_type, sigma_min=testbed.sigma_min,
-                    sigma_max=testbed.sigma_max, shift=testbed.shift)[0]
+ROWS = (("ADO", "ado", 8), ("ADO", "ado", 12), ("dpmpp_2m+karras", "dpmpp_2m+karras", 8),
+        ("dpmpp_2m+karras", "dpmpp_2m+karras", 12), ("dpmpp_2m+karras", "dpmpp_2m+karras", 30))
 
 
 def draw_grid(images: dict, path: Path, per_row: int = 10) -> None:
@@ -69,6 +57,7 @@ def main(argv=None) -> int:
 
     from .bench.fd import sample_quality
     from .bench.metrics import rmse
+    from .bench.run import run_method
     from .testbeds import make_testbed
 
     t0 = time.time()
@@ -81,7 +70,7 @@ def main(argv=None) -> int:
         ref = testbed.solve(x, args.reference_steps)
         bar.update(1)
         for label, kind, nfe in ROWS:
-            out = run_sampler(kind, testbed, x, nfe)
+            out = run_method(kind, testbed, x, nfe)[0]
             quality = sample_quality(out, labels)
             table.append((label, nfe, rmse(out, ref), quality["fd"], quality["class_agreement"]))
             images[f"{label} @ {nfe} NFE\nRMSE {table[-1][2]:.3f}  FD {quality['fd']:.2f}"] = out

@@ -80,17 +80,13 @@ def validate_sigmas(sigmas, model_type: str) -> torch.Tensor:
     return s
 
 
-def _lam(sigma: torch.Tensor, model_type: str) -> np.ndarray:
-    return half_log_snr(sigma.numpy(), model_type)
-
-
 _sig = sigma_from_half_log_snr
 _alpha = signal_scale
 
 
 def _host_plan(grid: torch.Tensor, n_intervals: int, model_type: str, batch: int) -> np.ndarray:
     """The host's own grid as the plan (resampled in λ over a uniform index if the counts differ)."""
-    lam = _lam(grid, model_type)
+    lam = half_log_snr(grid.numpy(), model_type)
     if lam.size != n_intervals + 1:
         lam_f = np.concatenate([ctl.planning_start(lam[:1]), lam[1:]])
         pos = np.linspace(0, lam.size - 1, n_intervals + 1)

@@ -19,7 +19,7 @@ from .. import sample_adaptive
 from ..schedules import karras_sigmas
 from ..testbeds import make_testbed
 from .metrics import rmse
-from .peers import run_peer
+from .run import run_method
 
 PEERS = {"ve": ["dpmpp_2m+karras", "dpmpp_2m+exponential", "dpmpp_3m+karras", "diffusers_unipc_3+karras",
                 "diffusers_deis_3+karras"],
@@ -62,10 +62,8 @@ def run(seeds: int, nfes=(8, 20)) -> list[dict]:
         else:
             ref = tb.reference(x)
         for nfe in nfes:
-            ado = rmse(sample_adaptive(model, x, karras_sigmas(nfe, tb.sigma_min, tb.sigma_max),
-                                       model_type=model_type), ref)
-            peers = {p: rmse(run_peer(p, model, x, nfe, model_type=model_type, sigma_min=tb.sigma_min,
-                                      sigma_max=tb.sigma_max, shift=tb.shift)[0], ref) for p in PEERS[model_type]}
+            ado = rmse(run_method("ado", tb, x, nfe, model)[0], ref)
+            peers = {p: rmse(run_method(p, tb, x, nfe, model)[0], ref) for p in PEERS[model_type]}
             best = min(peers, key=peers.get)
             rows.append({"variant": label, "nfe": nfe, "ado": ado, "best_peer": best, "best_peer_rmse": peers[best],
                          "ratio": ado / peers[best]})

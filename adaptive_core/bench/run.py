@@ -36,12 +36,20 @@ def host_sigmas(testbed, nfe: int) -> torch.Tensor:
     return karras_sigmas(nfe, testbed.sigma_min, testbed.sigma_max)
 
 
-def run_ado(testbed, x: torch.Tensor, nfe: int, **options) -> tuple[torch.Tensor, int]:
-    """ADO with budget ``nfe`` on the host grid of :func:`host_sigmas`; returns (sample, real NFE)."""
-    testbed.reset_nfe()
-    out = sample_adaptive(testbed, x, host_sigmas(testbed, nfe), nfe_budget=nfe, model_type=testbed.model_type,
-                          **options)
-    return out, testbed.nfe
+def run_method(method: str, testbed, x: torch.Tensor, nfe: int, model=None) -> tuple[torch.Tensor, int]:
+    """Run ``method`` with a budget of ``nfe`` model calls; returns (sample, real NFE).
+
+    ``"ado"`` is ADO on the host grid of :func:`host_sigmas`; any other name is a peer of
+    :func:`~adaptive_core.bench.peers.run_peer`.  ``model`` (default: the testbed) is the denoiser called;
+    the testbed gives the model type and noise range.
+    """
+    model = testbed if model is None else model
+    if method == "ado":
+        model.reset_nfe()
+        out = sample_adaptive(model, x, host_sigmas(testbed, nfe), nfe_budget=nfe, model_type=testbed.model_type)
+        return out, model.nfe
+    return run_peer(method, model, x, nfe, model_type=testbed.model_type, sigma_min=testbed.sigma_min,
+                    sigma_max=testbed.sigma_max, shift=testbed.shift)
 
 
 def run_oracle(testbed, x: torch.Tensor, ref: torch.Tensor, nfe: int, fit_count: int) -> tuple[torch.Tensor, dict]:
@@ -101,7 +109,7 @@ def run_config(name: str, model_type: str, nfes, seeds: int, peers, oracle: bool
 
     for nfe in sorted(set(nfes) | set(match_nfes)):
         progress.set_postfix_str(f"{testbed.name} ado nfe={nfe}")
-        out, used = run_ado(testbed, x, nfe)
+        out, used = run_method("ado", testbed, x, nfe)
         put("ado", nfe, out, used)
         progress.update(1)
     for nfe in nfes:
@@ -112,8 +120,7 @@ def run_config(name: str, model_type: str, nfes, seeds: int, peers, oracle: bool
         progress.update(1)
         for peer in peers(model_type):
             progress.set_postfix_str(f"{testbed.name} {peer} nfe={nfe}")
-            out, used = run_peer(peer, testbed, x, nfe, model_type=model_type, sigma_min=testbed.sigma_min,
-                                 sigma_max=testbed.sigma_max, shift=testbed.shift)
+            out, used = run_method(peer, testbed, x, nfe)
             put(peer, nfe, out, used)
             progress.update(1)
     return res

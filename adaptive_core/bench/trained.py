@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .. import sample_adaptive
-from ..schedules import karras_sigmas
 from ..testbeds import make_testbed
 from .fd import sample_quality
 from .metrics import rmse
-from .peers import run_peer
+from .run import run_method
 
 PEERS = {"ve": ("dpmpp_2m+karras", "dpmpp_3m+karras", "diffusers_deis_3+karras"),
          "flow": ("dpmpp_2m+karras", "dpmpp_2m+simple", "diffusers_deis_3+simple")}
@@ -39,11 +37,7 @@ def run(model_type: str, cfg: float, samples: int, nfes, reference_steps: int, p
     progress.update(1)
     for method in ("ado",) + PEERS[model_type]:
         for nfe in nfes:
-            if method == "ado":
-                out = sample_adaptive(tb, x, karras_sigmas(nfe, tb.sigma_min, tb.sigma_max), model_type=model_type)
-            else:
-                out = run_peer(method, tb, x, nfe, model_type=model_type, sigma_min=tb.sigma_min,
-                               sigma_max=tb.sigma_max, shift=tb.shift)[0]
+            out = run_method(method, tb, x, nfe)[0]
             q = sample_quality(out, labels)
             res["methods"].setdefault(method, {})[str(nfe)] = {"rmse": rmse(out, ref), "fd": q["fd"],
                                                                "class_agreement": q["class_agreement"]}
