@@ -150,6 +150,19 @@ def prior_plan(lam_start: np.ndarray, lam_end: np.ndarray, n_intervals: int, exp
     return np.concatenate([lam_start[:, None], pts], 1)
 
 
+def planned_activity_slope(rho, exponent: float) -> float:
+    """Log-slope in λ of the activity that the first plan is built for (the re-planner's threshold).
+
+    A plan uniform in σ^{1/ρ} has point density ∝ e^{−λ/ρ} in λ (exactly for ve, where σ = e^{−λ}, and
+    towards the end for flow), which equidistributes a^exponent (:func:`equidistribute`) for an activity
+    a ∝ e^{sλ}, s = −1/(ρ·exponent).  ρ = inf (λ-uniform) assumes a flat activity (s = 0) and the
+    ``"prior"`` plan assumes the prior's decay (:data:`PRIOR_DECAY`).
+    """
+    if isinstance(rho, str):
+        return PRIOR_DECAY
+    return 0.0 if math.isinf(float(rho)) else -1.0 / (float(rho) * exponent)
+
+
 def replan_lambdas(lam_now: np.ndarray, lam_end: np.ndarray, n_points: int, slope: np.ndarray,
                    exponent: float) -> np.ndarray:
     """Re-place the remaining ``n_points`` evaluation points in (λ_now, λ_end] from what the run has shown.
@@ -158,6 +171,10 @@ def replan_lambdas(lam_now: np.ndarray, lam_end: np.ndarray, n_points: int, slop
     e^{s(λ−λ_now)}, so steps grow geometrically where the prediction has stopped changing; while it still
     rises it is taken as flat (λ-uniform points: a rising trend is not extrapolated past the peak, which
     the run cannot see yet).  Points equidistribute ∫ a^exponent (:func:`equidistribute`).  [B, n_points].
+    The sampler applies it only to samples whose measured slope is below :func:`planned_activity_slope`
+    (decaying faster than the first plan assumes) and keeps the plan for the others: on the trained
+    MNIST denoisers, whose predictions are not smooth in σ, re-planning on a rising or slowly decaying
+    activity cost 10–30% RMSE at 10–30 NFE against keeping the plan.
     """
     c = np.clip(slope, *SLOPE_RANGE)[:, None] * exponent   # density e^{c(λ−λ_now)}: closed-form inverse
     span = (lam_end - lam_now)[:, None]

@@ -127,8 +127,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             ``schedule``: "ado" (own plan) or "host" (the host grid as plan); ``rho``: shape of the first
             plan (uniform in σ^{1/ρ}; inf = λ-uniform; "prior" = the activity prior of
             :func:`~adaptive_core.controller.prior_plan`); ``adapt`` (bool): re-plan the remaining steps
-            from the measured activity, with ``activity_exponent`` (see
-            :func:`~adaptive_core.controller.replan_lambdas`); ``final_correction`` (bool): apply the last
+            of a sample once its measured activity decays faster than the plan assumes, with
+            ``activity_exponent`` (see :func:`~adaptive_core.controller.replan_lambdas`); ``final_correction`` (bool): apply the last
             corrector to the returned sample.
 
     Returns:
@@ -213,6 +213,8 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
     nfe = 0
     adapting = mode == "budget" and opt["schedule"] == "ado" and bool(opt["adapt"]) and ends_in_zero
     act_prev = None
+    if adapting:
+        planned_slope = ctl.planned_activity_slope(opt["rho"], float(opt["activity_exponent"]))
 
     while True:
         sigma_eval = _sig(lam_eval, model_type)
@@ -251,8 +253,10 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
                 slope = (np.log(act) - np.log(act_prev[0])) / (mid - act_prev[1])
                 remaining = n_intervals + 1 - int(plan_idx[0])
                 if remaining >= 2:
-                    plan[:, int(plan_idx[0]):] = ctl.replan_lambdas(lam_acc, lam_lo, remaining, slope,
-                                                                    float(opt["activity_exponent"]))
+                    # coarsen the rest only where the run shows a faster decay than the plan assumes
+                    faster = slope < planned_slope
+                    new_pts = ctl.replan_lambdas(lam_acc, lam_lo, remaining, slope, float(opt["activity_exponent"]))
+                    plan[:, int(plan_idx[0]):] = np.where(faster[:, None], new_pts, plan[:, int(plan_idx[0]):])
             act_prev = (act, mid)
 
         # which samples end with this call (plans ending in 0 end with the denoised sample)
