@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from adaptive_core import sample_adaptive
@@ -78,10 +79,20 @@ def test_generality_check_runs_and_writes_its_table(tmp_path):
 
 def test_trained_bench_runs_at_a_tiny_size(tmp_path):
     from adaptive_core.bench import trained
-    assert trained.main(["--model-type", "flow", "--samples", "10", "--nfe", "5", "--reference-steps", "12",
-                         "--out", str(tmp_path)]) == 0
+    assert trained.main(["--model-type", "flow", "--cfg", "1.0", "2.5", "--samples", "10", "--nfe", "5",
+                         "--reference-steps", "12", "--peers", "euler+simple", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    rows = data["models"]["flow"]["methods"]
-    assert set(rows) == {"ado", *trained.PEERS["flow"]} and set(rows["ado"]) == {"5", "30"}
-    assert (tmp_path / "fd_vs_nfe.png").exists() and "NFE within 5%" in (tmp_path / "README.md").read_text()
+    assert set(data["runs"]) == {"flow, CFG 1", "flow, CFG 2.5"}
+    rows = data["runs"]["flow, CFG 2.5"]["methods"]
+    assert set(rows) == {"ado", "euler+simple", trained.TARGET[0]} and set(rows["ado"]) == {"5", "30"}
+    assert rows["ado"]["5"]["nfe_used"] <= 5 and rows["euler+simple"]["30"]["nfe_used"] == 30
+    # guidance changes the samples, so the two runs differ
+    assert rows["ado"]["5"]["rmse"] != data["runs"]["flow, CFG 1"]["methods"]["ado"]["5"]["rmse"]
+    text = (tmp_path / "README.md").read_text()
+    assert (tmp_path / "fd_vs_nfe.png").exists() and "FD within 5% of target" in text and "| 5 | " in text
+    assert trained.main(["--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "README.md").read_text() == text
     assert trained.nfe_within({"5": {"fd": 10.4}, "8": {"fd": 9.0}}, 10.0) == 5
+    assert trained.fd_turn({"5": {"fd": 12.0}, "8": {"fd": 10.0}, "10": {"fd": 9.9}, "20": {"fd": 10.5}}) == 8
+    with pytest.raises(ValueError, match="unknown peer"):
+        trained.peers_for("ve", ["no_such_sampler"])
