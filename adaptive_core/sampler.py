@@ -96,6 +96,7 @@ def _host_plan(grid: torch.Tensor, n_intervals: int, model_type: str, batch: int
     return np.repeat(lam[None, :], batch, 0)
 
 
+@torch.no_grad()
 def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict | None = None,
                     callback: Callable | None = None, disable: bool | None = None, *,
                     nfe_budget: int | None = None, model_type: str | None = None, trace: Trace | None = None,
@@ -113,7 +114,9 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             ``denoised``) plus ``nfe``, ``nfe_budget`` and ``error``; ``i`` is monotone and the last call
             reports ``i = nfe_budget − 1`` so host progress bars end full.
         disable: accepted for the k-diffusion signature (ADO draws no progress bar itself).
-        nfe_budget: hard cap on model calls, rejected steps included; default ``len(sigmas) − 1``.
+        nfe_budget: hard cap on model calls, rejected steps included; default ``len(sigmas) − 1`` (the
+            host's step count, counted before a repeated trailing 0 is dropped).  Runs without autograd, as
+            k-diffusion's samplers do.
         model_type: "ve" or "flow"; None detects a ComfyUI flow model (CONST), else "ve".
         trace: a :class:`~adaptive_core.trace.Trace` to fill with what the run did.
         **options (defaults in :data:`DEFAULTS`; an unknown name raises TypeError):
@@ -161,8 +164,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf")
     grid = validate_sigmas(sigmas, model_type)
-    if nfe_budget is None:
-        nfe_budget = grid.numel() - 1
+    if nfe_budget is None:  # the host's step count, a repeated trailing 0 included (Forge's flow grids)
+        nfe_budget = len(sigmas) - 1
     if isinstance(nfe_budget, bool) or not isinstance(nfe_budget, int) or nfe_budget < 1:
         raise ValueError(f"nfe_budget must be an integer ≥ 1, got {nfe_budget!r}")
     if mode == "fixed" and nfe_budget < grid.numel() - 1:

@@ -239,8 +239,12 @@ def test_repeated_trailing_zero_and_partial_plan():
     x = noise() * SD15_SIGMA_MAX
     sig = karras_sigmas(8, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
     a = sample_adaptive(model, x, sig, model_type="ve")
-    b = sample_adaptive(model, x, torch.cat([sig, sig.new_zeros(1)]), model_type="ve")
+    b = sample_adaptive(model, x, torch.cat([sig, sig.new_zeros(1)]), model_type="ve", nfe_budget=8)
     assert torch.equal(a, b)
+    # the default budget is the host's step count, the repeated 0 included (Forge: "steps" = len(sigmas) − 1)
+    model.calls = 0
+    sample_adaptive(model, x, torch.cat([sig, sig.new_zeros(1)]), model_type="ve")
+    assert model.calls == 9
     # a plan ending above 0 returns x at that level (as k-diffusion samplers do): for the Gaussian that is
     # sqrt((v+σ_end²)/(v+σ_max²))·x
     end = float(sig[4])
@@ -256,7 +260,16 @@ def test_flow_sigma_one_start_and_trailing_zero():
     x = noise()
     sig = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.05, 0.0, 0.0], dtype=torch.float64)
     out = sample_adaptive(model, x, sig, model_type="flow")
-    assert model.calls == 5 and torch.isfinite(out).all()
+    assert model.calls == 6 and torch.isfinite(out).all()
+
+
+def test_runs_without_autograd_on_a_model_that_keeps_grad():
+    weight = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    sig = karras_sigmas(6, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    def model(x, s):
+        return weight * x / (1 + s.view(-1, *[1] * (x.ndim - 1)) ** 2)
+    out = sample_adaptive(model, noise() * SD15_SIGMA_MAX, sig, model_type="ve")
+    assert not out.requires_grad and torch.isfinite(out).all()
 
 
 def test_budget_of_one_returns_the_first_denoised_prediction():
