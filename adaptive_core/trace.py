@@ -24,7 +24,15 @@ class StepRecord:
     order: int               # order of the predictor that produced this point (0 for the initial point)
     error: float | None      # scaled predictor–corrector gap at this point (None where no estimate exists)
     accepted: bool           # False if the step that led here was rejected and retried
-    decision: str            # short reason, e.g. "plan", "replan", "reject", "final", "tolerance-stop"
+    decision: str            # short reason, e.g. "plan", "replan", "reject", "final", "quality-stop"
+    #: quality monitor (runs with a monitor or quality target only; None otherwise, and left out of the JSON):
+    #: estimated RMSE from this call's denoised prediction to the run's final sample / to the reference solution
+    estimated_remaining_error: float | None = None
+    estimated_reference_error: float | None = None
+
+
+#: StepRecord fields that are written to JSON only when set (older traces lack them).
+_OPTIONAL_FIELDS = ("estimated_remaining_error", "estimated_reference_error")
 
 
 @dataclass
@@ -64,6 +72,15 @@ class Trace:
         """Per-accepted-step error estimates of sample b."""
         return [r.error for r in self.samples[b] if r.accepted]
 
+    def quality_curve(self, b: int = 0) -> list[tuple[int, float | None, float | None]]:
+        """Sample b's quality curve: (model call, estimated RMSE to the run's final sample, estimated RMSE to
+        the reference) per call, from the quality monitor (None where the run had no monitor)."""
+        return [(r.nfe, r.estimated_remaining_error, r.estimated_reference_error) for r in self.samples[b]]
+
+    def sample_nfe(self, b: int = 0) -> int:
+        """Model calls that sample b needed: its last recorded call (fewer than ``nfe`` if it stopped early)."""
+        return self.samples[b][-1].nfe if self.samples[b] else 0
+
     def to_dict(self) -> dict:
         """A JSON-ready dict (infinite values written as strings)."""
         def clean(v):
@@ -71,7 +88,8 @@ class Trace:
                 return str(v)
             return v
         d = asdict(self)
-        d["samples"] = [[{k: clean(v) for k, v in r.items()} for r in recs] for recs in d["samples"]]
+        d["samples"] = [[{k: clean(v) for k, v in r.items() if v is not None or k not in _OPTIONAL_FIELDS}
+                         for r in recs] for recs in d["samples"]]
         return d
 
     def to_json(self, **kwargs) -> str:

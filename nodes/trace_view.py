@@ -25,8 +25,10 @@ def chart_payload(trace: Trace, sample: int = 0) -> dict:
 
     Keys: ``version``, ``model_type``, ``mode``, ``nfe``, ``nfe_budget``, ``batch``, ``sample``,
     ``planned`` (the host's σ grid), ``taken`` (σ of the accepted evaluations, then the end), ``calls``
-    (one entry per model call of that sample: ``sigma``, ``error``, ``accepted``, ``order``, ``decision``),
-    ``rejected`` (number of rejected steps) and ``sample_nfe`` (model calls per sample).
+    (one entry per model call of that sample: ``sigma``, ``error``, ``accepted``, ``order``, ``decision``,
+    and the quality monitor's ``remaining_error`` / ``reference_error``, None without a monitor),
+    ``rejected`` (number of rejected steps), ``sample_nfe`` (model calls per sample) and ``quality_target``
+    (None unless the run had one).
     Raises ValueError for an empty trace or a sample index outside the batch.
     """
     if not trace.samples:
@@ -45,7 +47,10 @@ def chart_payload(trace: Trace, sample: int = 0) -> dict:
         "planned": [_num(s) for s in trace.planned_sigmas],
         "taken": [_num(s) for s in trace.sigmas_taken(sample)],
         "calls": [{"sigma": _num(r.sigma), "error": _num(r.error), "accepted": bool(r.accepted),
-                   "order": int(r.order), "decision": r.decision} for r in recs],
+                   "order": int(r.order), "decision": r.decision,
+                   "remaining_error": _num(r.estimated_remaining_error),
+                   "reference_error": _num(r.estimated_reference_error)} for r in recs],
         "rejected": sum(1 for r in recs if not r.accepted),
         "sample_nfe": [len(s) for s in trace.samples],
+        "quality_target": _num(trace.options.get("quality_target")),
     }

@@ -372,3 +372,21 @@ def test_example_workflows_are_consistent(path):
         assert link_id in out["links"] and inp["link"] == link_id
         assert out["type"] == inp["type"] == typ or "*" in (out["type"], inp["type"])
     assert any(n["type"] in ADO_WIDGETS or "ado_adaptive" in n["widgets_values"] for n in wf["nodes"])
+
+
+def test_chart_payload_carries_the_quality_curve(host):
+    view = host.pack.nodes.trace_view
+    from adaptive_core.testbeds import make_testbed
+    tb = make_testbed("gaussian", "ve")
+    sigmas = torch.tensor([tb.sigma_max, 3.0, 1.0, 0.3, 0.1, tb.sigma_min, 0.0], dtype=torch.float64)
+    trace = view.Trace()
+    from adaptive_core import sample_adaptive
+    sample_adaptive(tb, tb.noise([0]), sigmas, model_type="ve", monitor=False, quality_target=1e-9, trace=trace)
+    chart = view.chart_payload(trace)
+    json.dumps(chart)
+    assert chart["quality_target"] == 1e-9
+    assert all("remaining_error" in c and "reference_error" in c for c in chart["calls"])
+    assert any(c["remaining_error"] is not None for c in chart["calls"])
+    plain = view.Trace()
+    sample_adaptive(tb, tb.noise([0]), sigmas, model_type="ve", trace=plain)
+    assert view.chart_payload(plain)["quality_target"] is None

@@ -5,7 +5,8 @@
 //  * the "ado_adaptive" sampler (KSampler dropdown, SamplerCustom with "ADO Adaptive Sampler") sends an
 //    "ado.trace" websocket message addressed to the sampling node.
 // The chart: noise level σ of every model call (log scale) against the planned grid, rejected calls,
-// the per-call error estimate (1 = at tolerance) and the NFE used against the budget.
+// the per-call error estimate (1 = at tolerance), the quality monitor's estimated remaining RMSE (the run's
+// quality curve, with the quality target if any) and the NFE used against the budget.
 // The node's right-click menu offers "Copy ADO trace (JSON)" for sharing / replay.
 // Drawn by a display-only canvas widget that is never serialised, so saved workflows never change.
 // Self-contained: no downloads.
@@ -18,7 +19,7 @@ const PAD = 8;
 const COLORS = {
   bg: "rgba(0,0,0,0.25)", grid: "rgba(255,255,255,0.10)", text: "#ddd", dim: "#999",
   planned: "#8a8a8a", taken: "#4fa3ff", rejected: "#ff5a5a", error: "#ffb347", tol: "rgba(255,179,71,0.6)",
-  nfe: "#5fd35f", budget: "rgba(255,255,255,0.18)",
+  nfe: "#5fd35f", budget: "rgba(255,255,255,0.18)", quality: "#c58cff",
 };
 
 function log10(v) {
@@ -161,8 +162,38 @@ function drawChart(node, ctx, y0, width) {
       const top = E(c.error);
       ctx.fillRect(X(i) - bw / 2, top, bw, ey + eh - top);
     });
+    drawQualityCurve(ctx, calls, d.quality_target, X, px, pw, ey, eh);
   }
   ctx.restore();
+}
+
+// Quality monitor: the estimated remaining RMSE per call as a line over the error panel, on its own log
+// scale (labelled on the right), with the quality target dashed.  Nothing is drawn without a monitor.
+function drawQualityCurve(ctx, calls, target, X, px, pw, ey, eh) {
+  const pts = calls.map((c, i) => [i, c.remaining_error]).filter(([, v]) => v != null && v > 0);
+  if (!pts.length) return;
+  const vals = pts.map(([, v]) => v).concat(target > 0 ? [target] : []);
+  const hi = Math.ceil(log10(Math.max(...vals)) + 0.01), lo = Math.floor(log10(Math.min(...vals)));
+  const Q = (v) => ey + eh * (hi - log10(v)) / Math.max(hi - lo, 1e-6);
+  ctx.strokeStyle = COLORS.quality;
+  ctx.lineWidth = 1.5;
+  if (target > 0) {
+    ctx.setLineDash([2, 3]);
+    ctx.beginPath();
+    ctx.moveTo(px, Q(target));
+    ctx.lineTo(px + pw, Q(target));
+    ctx.stroke();
+    ctx.setLineDash([]);
+  }
+  ctx.beginPath();
+  pts.forEach(([i, v], k) => (k ? ctx.lineTo(X(i), Q(v)) : ctx.moveTo(X(i), Q(v))));
+  ctx.stroke();
+  ctx.fillStyle = COLORS.quality;
+  ctx.textAlign = "right";
+  ctx.textBaseline = "top";
+  ctx.fillText(`est. RMSE ${fmt(pts[pts.length - 1][1])}` + (target > 0 ? ` (target ${fmt(target)})` : ""),
+               px + pw, ey - 11);
+  ctx.textAlign = "left";
 }
 
 // The chart is a display-only widget after the node's own widgets (so ComfyUI draws latent previews below
