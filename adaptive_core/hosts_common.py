@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
 from . import __version__
+from .policy import bundled_policies
 from .sampler import DEFAULTS
 from .trace import Trace
 
@@ -83,6 +84,10 @@ HOST_OPTIONS: tuple[HostOption, ...] = (
     HostOption("ado_model_type", "ADO model type", "auto", "ADO: model type",
                "auto: flow for rectified-flow models (SD3, Flux), else ve (SD1.x, SDXL); set it only if "
                "auto picks wrong", choices=("auto", "ve", "flow")),
+    HostOption("ado_controller", "ADO controller", "heuristic", "ADO: step controller",
+               "heuristic: ADO's budget planner (default); policy:NAME: a bundled PPO step policy that adjusts each "
+               "step from what the run shows (budget mode only; falls back to the heuristic where it is unsure)",
+               choices=("heuristic",) + tuple(f"policy:{n}" for n in bundled_policies())),
 )
 _BY_KEY = {o.key: o for o in HOST_OPTIONS}
 
@@ -99,12 +104,14 @@ def read_options(values: Mapping[str, Any]) -> dict[str, Any]:
 def sampler_kwargs(values: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     """The ``sample_adaptive`` keyword options and ``model_type`` (None = detect) for host option values.
 
-    The tolerance is passed only in tolerance mode, where it is used.
+    The tolerance is passed only in tolerance mode, where it is used; a policy controller only in budget mode.
     """
     opt = read_options(values)
     kwargs = {"mode": opt["ado_mode"], "schedule": opt["ado_schedule"]}
     if opt["ado_mode"] == "tolerance":
         kwargs["rtol"] = opt["ado_rtol"]
+    if opt["ado_controller"] != "heuristic" and opt["ado_mode"] == "budget":
+        kwargs["controller"] = opt["ado_controller"]
     model_type = None if opt["ado_model_type"] == "auto" else opt["ado_model_type"]
     return kwargs, model_type
 
@@ -117,12 +124,14 @@ def _text(value: Any) -> str:
 def option_params(values: Mapping[str, Any]) -> dict[str, str]:
     """The infotext entries of the options (infotext key → text), plus the ADO version.
 
-    The tolerance is written only in tolerance mode (it has no effect otherwise).  Pasting these entries
+    The tolerance is written only in tolerance mode (it has no effect otherwise), the controller only when it is
+    not the default heuristic (so images made without a policy keep their parameters).  Pasting these entries
     back through :func:`options_from_params` gives the same :func:`sampler_kwargs`.
     """
     opt = read_options(values)
     out = {o.infotext: _text(opt[o.key]) for o in HOST_OPTIONS
-           if o.key != "ado_rtol" or opt["ado_mode"] == "tolerance"}
+           if (o.key != "ado_rtol" or opt["ado_mode"] == "tolerance")
+           and (o.key != "ado_controller" or opt["ado_controller"] != "heuristic")}
     out[VERSION_KEY] = __version__
     return out
 

@@ -15,9 +15,7 @@ learned step-size/stopping signals in adaptive samplers (e.g. TPDM, "Schedule On
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from .features import FEATURE_NAMES
+from .learned import (check_io_names, import_onnxruntime, open_verified_session, parse_manifest, sha256_of_bytes,
+                      sha256_of_file)
 
 #: Manifest format tag (bumped when the manifest's meaning changes).
 MANIFEST_FORMAT = "ado-quality-monitor/1"
@@ -40,16 +40,6 @@ class MonitorLoadError(RuntimeError):
 
 class MonitorIntegrityError(MonitorLoadError):
     """The ONNX file does not match the sha256 in its manifest (corrupt, truncated or swapped file)."""
-
-
-def sha256_of_bytes(data: bytes) -> str:
-    """Hex sha256 digest of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_of_file(path: str | Path) -> str:
-    """Hex sha256 digest of the file at ``path``."""
-    return sha256_of_bytes(Path(path).read_bytes())
 
 
 @dataclass
@@ -87,28 +77,11 @@ class MonitorManifest:
     @classmethod
     def from_json(cls, text: str) -> "MonitorManifest":
         """Parse a manifest written by :meth:`to_json`; a missing or unknown key raises MonitorLoadError."""
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MonitorLoadError(f"the monitor manifest is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise MonitorLoadError("the monitor manifest must be a JSON object")
-        if d.get("format") != MANIFEST_FORMAT:
-            raise MonitorLoadError(f"unknown monitor manifest format {d.get('format')!r}: expected {MANIFEST_FORMAT!r}")
-        known = set(cls.__dataclass_fields__)
-        unknown, missing = set(d) - known, {"onnx_file", "sha256"} - set(d)
-        if unknown or missing:
-            raise MonitorLoadError(f"monitor manifest: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        return cls(**d)
+        return parse_manifest(text, cls, MANIFEST_FORMAT, {"onnx_file", "sha256"}, "monitor", MonitorLoadError)
 
 
 def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MonitorLoadError("the quality monitor needs ONNX Runtime: pip install onnxruntime "
-                               "(or onnxruntime-gpu for CUDA)") from None
-    return onnxruntime
+    return import_onnxruntime("quality monitor", MonitorLoadError)
 
 
 class QualityMonitor:
@@ -132,40 +105,10 @@ class QualityMonitor:
         if list(self.manifest.feature_names) != list(FEATURE_NAMES):
             raise MonitorLoadError(f"{self.path}: the monitor was trained on features {self.manifest.feature_names}, "
                                    f"this ADO computes {list(FEATURE_NAMES)}")
-        onnx_path = self.path.parent / self.manifest.onnx_file
-        if not onnx_path.is_file():
-            raise MonitorLoadError(f"monitor graph not found: {onnx_path} (named in {self.path})")
-        graph = onnx_path.read_bytes()
-        digest = sha256_of_bytes(graph)
-        if digest != self.manifest.sha256:
-            raise MonitorIntegrityError(f"{onnx_path}: sha256 {digest} does not match the manifest's "
-                                        f"{self.manifest.sha256}; the file is corrupt or not the one the manifest "
-                                        f"describes")
-        ort = _onnxruntime()
-        available = ort.get_available_providers()
-        wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CPUExecutionProvider"]
-        if wants_cuda:
-            if "CUDAExecutionProvider" in available:
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            else:
-                warnings.warn(f"monitor: CUDA asked for, but ONNX Runtime offers only {available}; using the CPU")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1   # a tiny MLP: threads only add latency
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
-        except Exception as e:  # ONNX Runtime raises its own exception types for a bad graph
-            raise MonitorLoadError(f"{onnx_path}: ONNX Runtime could not load the graph: {e}") from None
-        self.providers = list(self._session.get_providers())
-        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
-            warnings.warn(f"monitor: CUDA asked for, but the session runs on {self.providers}")
-        inputs = [i.name for i in self._session.get_inputs()]
-        outputs = [o.name for o in self._session.get_outputs()]
-        if self.manifest.input_name not in inputs or self.manifest.output_name not in outputs:
-            raise MonitorLoadError(f"{onnx_path}: graph inputs {inputs} / outputs {outputs} do not match the "
-                                   f"manifest's {self.manifest.input_name!r} / {self.manifest.output_name!r}")
+        self._session, self.providers = open_verified_session(self.path, self.manifest.onnx_file, self.manifest.sha256,
+                                                              device, "monitor", MonitorLoadError, MonitorIntegrityError)
+        check_io_names(self._session, self.manifest.input_name, self.manifest.output_name,
+                       self.path.parent / self.manifest.onnx_file, MonitorLoadError)
         self._input, self._outputs = self.manifest.input_name, [self.manifest.output_name]
 
     def predict(self, features: np.ndarray) -> np.ndarray:

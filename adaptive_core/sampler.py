@@ -33,6 +33,11 @@ DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order=3, corrector=Tr
 #: trace's options only when used.
 MONITOR_OPTIONS = dict(quality_target=None, monitor=None, monitor_device="cpu")
 
+#: Who decides the step sizes: None / "heuristic" (the budget planner, the default), "policy:NAME" (a PPO policy
+#: of :mod:`adaptive_core.policy`, by bundled name or manifest path) or a policy object with ``decide``.  Recorded in
+#: the trace's options only when given.
+CONTROLLER_OPTIONS = dict(controller=None)
+
 
 def detect_model_type(model) -> str:
     """"flow" if ``model`` wraps a ComfyUI model whose model_sampling is CONST (rectified flow), else "ve".
@@ -150,6 +155,15 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             also written to ``trace.notes``.  ``monitor_device``: "cpu", "cuda" or "auto" (ONNX Runtime's
             execution provider).  With a monitor or target, every trace record holds the estimates and the
             callback dict gets ``remaining_error`` and ``reference_error`` (float64 [B], NaN where none).
+            Controller (default in :data:`CONTROLLER_OPTIONS`): ``controller`` = None or "heuristic" (the budget
+            planner above, bit-identical to not passing it) or "policy:NAME" (a PPO step policy of
+            :mod:`adaptive_core.policy`, by bundled name in policies/ or manifest path; budget mode with a plan
+            ending in 0): after each call the policy scales the plan's next step as a share of the remaining
+            λ-span (TPDM-style), may end an image early, never moves the last call off the end point (the
+            budget holds), and falls back to the plan's step where the observation leaves its training range
+            (``decision="policy-fallback"`` and a note in the trace).  It reads the bundled quality monitor's
+            estimate; a policy or monitor that cannot be loaded falls back to the heuristic with a warning and
+            a trace note.
 
     Returns:
         The sample at ``sigmas[-1]``: the denoised sample when the plan ends in 0.
@@ -157,11 +171,17 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     The integrator is DPM-Solver++(pM) for variable steps (Lu et al. 2022) with a UniC corrector (Zhao et al.
     2023); the tolerance controller is a PI controller (Gustafsson 1991).
     """
-    unknown = set(options) - set(DEFAULTS) - set(MONITOR_OPTIONS)
+    unknown = set(options) - set(DEFAULTS) - set(MONITOR_OPTIONS) - set(CONTROLLER_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted({**DEFAULTS, **MONITOR_OPTIONS})}")
-    watching = any(options.get(k, v) is not v for k, v in MONITOR_OPTIONS.items() if k != "monitor_device")
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; "
+                        f"known: {sorted({**DEFAULTS, **MONITOR_OPTIONS, **CONTROLLER_OPTIONS})}")
+    controller_spec = options.pop("controller", None)
+    using_policy = controller_spec is not None and not (isinstance(controller_spec, str) and controller_spec == "heuristic")
+    watching = using_policy or any(options.get(k, v) is not v for k, v in MONITOR_OPTIONS.items()
+                                   if k != "monitor_device")
     opt = {**DEFAULTS, **(MONITOR_OPTIONS if watching else {}), **options}
+    if controller_spec is not None:
+        opt["controller"] = controller_spec if isinstance(controller_spec, str) else repr(controller_spec)
     mode = opt["mode"]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
@@ -206,12 +226,56 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         plan = ctl.prior_plan(lam_start, lam_lo, n_intervals, float(opt["activity_exponent"]))
     else:
         plan = ctl.plan_lambdas(lam_start, lam_lo, n_intervals, float(opt["rho"]))
+    if using_policy:
+        _check_policy_run(controller_spec, mode, ends_in_zero)
     if trace is not None:
         trace.start(B, model_type, budget, grid.tolist(), {**opt, "nfe_budget": budget})
     watch = _quality_watch(opt, mode, ends_in_zero, lam_start, lam_lo, budget, trace) if watching else None
+    policy = _load_step_policy(controller_spec, watch, opt, trace) if using_policy else None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ±inf λ are handled explicitly
         return _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, ends_in_zero,
-                    n_intervals, lam_start, lam_lo, plan, max_order, watch)
+                    n_intervals, lam_start, lam_lo, plan, max_order, watch, policy)
+
+
+def _check_policy_run(spec, mode, ends_in_zero):
+    """Validate ``controller``: "heuristic", "policy:NAME" or an object with ``decide``; budget mode, plan ending in 0."""
+    if isinstance(spec, str):
+        if not spec.startswith("policy:") or len(spec) <= len("policy:"):
+            raise ValueError(f"controller must be 'heuristic' or 'policy:NAME' (a bundled policy name or a manifest "
+                             f"path), got {spec!r}")
+    elif not callable(getattr(spec, "decide", None)):
+        raise TypeError(f"controller must be 'heuristic', 'policy:NAME' or a policy object with decide(), "
+                        f"got {type(spec).__name__}")
+    if mode != "budget":
+        raise ValueError(f"a policy controller decides the steps of a budget plan: it needs mode='budget', got {mode!r}")
+    if not ends_in_zero:
+        raise ValueError("a policy controller needs a σ plan that ends in 0")
+
+
+def _load_step_policy(spec, watch, opt, trace):
+    """The policy object of a run, or None (heuristic) with a warning and a trace note when it cannot be used:
+    the policy file cannot be loaded, or the quality monitor its observations need is unavailable."""
+    import warnings
+
+    from .policy import PolicyLoadError, load_policy
+    note = None
+    policy = None
+    if isinstance(spec, str):
+        try:
+            policy = load_policy(spec, opt.get("monitor_device", "cpu"))
+        except PolicyLoadError as e:
+            note = f"policy unavailable ({e}); using the heuristic controller instead"
+    else:
+        policy = spec
+    if policy is not None and (watch is None or watch.monitor is None):
+        policy, note = None, "policy needs the quality monitor's estimate, which is unavailable; using the heuristic controller"
+    if note is not None:
+        warnings.warn(note)
+        if trace is not None:
+            trace.notes.append(note)
+    elif trace is not None:
+        trace.notes.append(f"controller: {getattr(policy, 'name', type(policy).__name__)} (PPO policy)")
+    return policy
 
 
 def _quality_watch(opt, mode, ends_in_zero, lam_start, lam_lo, budget, trace):
@@ -249,7 +313,7 @@ def _quality_watch(opt, mode, ends_in_zero, lam_start, lam_lo, budget, trace):
 
 
 def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, ends_in_zero, n_intervals,
-         lam_start, lam_lo, plan, max_order, watch=None):
+         lam_start, lam_lo, plan, max_order, watch=None, policy=None):
     """The sampling loop of :func:`sample_adaptive` (arguments validated there)."""
     B = x.shape[0]
     rtol, atol = float(opt["rtol"]), float(opt["atol"])
@@ -274,6 +338,7 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
     target = opt.get("quality_target")
     estimates = None   # (remaining, reference) per sample, when a quality watch runs
     prev_estimate = None  # (λ, remaining) of the previous call
+    labels = None  # per-sample decision labels of a policy step (trace)
 
     while True:
         sigma_eval = _sig(lam_eval, model_type)
@@ -333,6 +398,8 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
             finishing = ~done & ((accepted & (lam_acc >= lam_lo)) | (nfe >= budget))
         else:
             finishing = accepted & (plan_idx > n_intervals)
+            if policy is not None:  # a policy may jump to the end early
+                finishing = finishing | (accepted & (lam_acc >= lam_lo))
             if quality_stop is not None:
                 quality_stop = quality_stop & ~finishing
                 finishing = finishing | quality_stop
@@ -351,11 +418,15 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
             if quality_stop is not None:  # shorten a step that would overshoot the target (land on it instead)
                 lam_next = _land_on_target(lam_next, lam_eval, estimates[0], prev_estimate, target,
                                            running & ~finishing & ~(plan_idx >= n_intervals))
+            if policy is not None:
+                lam_next, labels = _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_next,
+                                                watch.last_features, estimates, running & ~finishing, opt, trace, nfe)
         if watch is not None:
             prev_estimate = (lam_eval.copy(), np.asarray(estimates[0], dtype=np.float64).copy())
         if trace is not None:
             _record(trace, nfe, sigma_eval, lam_next, order_used, err, accepted, done, finishing, mode,
-                    model_type, estimates, quality_stop)
+                    model_type, estimates, quality_stop, labels)
+            labels = None
         done = done | finishing
         if not ends_in_zero:  # a plan ending above 0: the step onto the end point needs no model call
             last_step = ~done & ((lam_next >= lam_lo) | (nfe >= budget))
@@ -415,6 +486,50 @@ def _land_on_target(lam_next, lam_now, remaining, prev, target, eligible):
     return np.where(ok, lam_aim, lam_next)
 
 
+def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_planned, features, estimates, eligible,
+                 opt, trace, nfe):
+    """Next λ per sample chosen by a step policy (TPDM-style: a learned controller picks the next noise level;
+    Schulman et al. 2017 PPO trains it offline, :mod:`adaptive_core.tune.policy_env`).
+
+    The heuristic plan's next point gives the base share of the remaining λ-span; the policy scales it
+    (:func:`adaptive_core.policy.share_from_action`).  The last call of the budget stays on the end point, so
+    the budget is never exceeded; a share of 1 ends the image early.  Where the policy moved a point, the rest of
+    that image's plan is re-laid from it (uniform in σ^{1/ρ}, as the first plan).  Rows whose observation is out
+    of the training range keep the heuristic step (the policy's ``decide`` says so) and the trace notes it.
+    Returns (λ_next [B], decision labels [B] or None).
+    """
+    from .policy import policy_observation, share_from_action
+    B = lam_acc.shape[0]
+    free = eligible & (plan_idx < n_intervals)   # the last evaluation is forced onto the end point
+    if not free.any():
+        return lam_planned, None
+    start = ctl.planning_start(lam_acc)
+    span = np.maximum(lam_lo - start, 1e-12)
+    base = np.clip((lam_planned - start) / span, 1e-6, 1.0)
+    obs = policy_observation(features, estimates, base)
+    rows = np.flatnonzero(free)
+    actions, reasons = policy.decide(obs[rows])
+    share = share_from_action(base[rows], actions, float(getattr(policy, "action_scale")),
+                              float(getattr(policy, "min_share")))
+    lam_next = lam_planned.copy()
+    labels: list = [None] * B
+    rho = opt["rho"] if not isinstance(opt["rho"], str) else DEFAULTS["rho"]
+    for k, b in enumerate(rows):
+        if reasons[k] is not None:
+            labels[b] = "policy-fallback"
+            if trace is not None:
+                trace.notes.append(f"call {nfe}, sample {b}: policy fallback to the heuristic step ({reasons[k]})")
+            continue
+        labels[b] = "policy"
+        new = float(lam_lo[b]) if share[k] >= 1.0 else float(min(start[b] + share[k] * span[b], lam_lo[b]))
+        if new != lam_next[b]:
+            lam_next[b] = new
+            i = int(plan_idx[b])
+            plan[b, i:] = ctl.plan_lambdas(np.array([new]), lam_lo[b:b + 1], n_intervals - i, float(rho))[0] \
+                if n_intervals - i >= 1 else new
+    return lam_next, labels
+
+
 def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam_lo, evals_left, ends_in_zero):
     """Next λ in tolerance mode: PI step-size proposal, then the budget reservation."""
     has_err = ~np.isnan(err)
@@ -427,7 +542,7 @@ def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam
 
 
 def _record(trace, nfe, sigma_eval, lam_next, order, err, accepted, done, finishing, mode, model_type,
-            estimates=None, quality_stop=None):
+            estimates=None, quality_stop=None, labels=None):
     """Append one StepRecord per sample still running (with the quality estimates when a watch runs)."""
     sigma_next = _sig(lam_next, model_type)
     for b in range(len(trace.samples)):
@@ -441,6 +556,8 @@ def _record(trace, nfe, sigma_eval, lam_next, order, err, accepted, done, finish
             decision = "final"
         elif not accepted[b]:
             decision = "reject"
+        elif labels is not None and labels[b] is not None:
+            decision = labels[b]
         else:
             decision = "tolerance" if mode == "tolerance" else "plan"
         e = float(err[b])

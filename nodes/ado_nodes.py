@@ -7,6 +7,7 @@ ComfyUI modules are imported inside the methods, so this file imports without Co
 from __future__ import annotations
 
 from ..adaptive_core import Trace, replay_sigmas
+from ..adaptive_core.policy import bundled_policies
 from ..adaptive_core.sampler import DEFAULTS, MODES
 from .comfy_sampler import AUTO, core_options, sample_ado
 from .trace_view import chart_payload
@@ -20,6 +21,16 @@ _TIP_BUDGET = "Hard cap on model evaluations (NFE), rejected steps included. 0 =
 _TIP_MODE = ("budget: plan the budget's steps and adapt them to what the run shows; tolerance: size steps to "
              "the error tolerance and stop early when it allows; fixed: follow the sigmas exactly.")
 _TIP_RTOL = "Relative tolerance of the per-step error estimate (tolerance mode; smaller = more accurate, more NFE)."
+
+
+_TIP_CONTROLLER = ("heuristic: ADO's budget planner (default). policy:NAME: a bundled PPO step policy that adjusts "
+                   "each step from what the run shows (budget mode only; it falls back to the heuristic where it is "
+                   "unsure, and says so in the trace).")
+
+
+def controller_choices() -> list[str]:
+    """"heuristic" and "policy:NAME" for each bundled PPO step policy (policies/)."""
+    return ["heuristic"] + [f"policy:{n}" for n in bundled_policies()]
 
 
 def _schedulers() -> list[str]:
@@ -68,6 +79,8 @@ class ADOAdaptiveSampler:
             "model_type": ([AUTO, "ve", "flow"], {"default": AUTO,
                                                    "tooltip": "auto: flow for rectified-flow models (SD3, Flux, "
                                                               "Wan…), ve for eps / v models (SD1.x, SDXL)."}),
+        }, "optional": {
+            "controller": (controller_choices(), {"default": "heuristic", "tooltip": _TIP_CONTROLLER}),
         }}
 
     RETURN_TYPES = ("SAMPLER",)
@@ -78,10 +91,13 @@ class ADOAdaptiveSampler:
                    "evaluations than the budget.")
 
     def get_sampler(self, nfe_budget=0, mode=DEFAULTS["mode"], rtol=DEFAULTS["rtol"], atol=DEFAULTS["atol"],
-                    schedule=DEFAULTS["schedule"], max_order=DEFAULTS["max_order"], model_type=AUTO):
+                    schedule=DEFAULTS["schedule"], max_order=DEFAULTS["max_order"], model_type=AUTO,
+                    controller="heuristic"):
         """Return ``(KSAMPLER(sample_ado, options),)`` for ComfyUI's custom-sampling nodes."""
         import comfy.samplers
         opts = core_options(nfe_budget, mode, rtol, atol, schedule, max_order, model_type)
+        if controller and controller != "heuristic":   # a PPO step policy (adaptive_core.policy), budget mode
+            opts["controller"] = controller
         return (comfy.samplers.KSAMPLER(sample_ado, extra_options=opts),)
 
 

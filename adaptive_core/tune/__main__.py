@@ -1,5 +1,6 @@
-"""``python -m adaptive_core.tune monitor ...`` (train and export the quality monitor) and
-``python -m adaptive_core.tune monitor-eval ...`` (measure it: docs/monitor/README.md)."""
+"""``python -m adaptive_core.tune monitor ...`` (train and export the quality monitor),
+``python -m adaptive_core.tune monitor-eval ...`` (measure it: docs/monitor/README.md) and
+``python -m adaptive_core.tune policy ...`` (train and export the PPO step policy: docs/policy/README.md)."""
 from __future__ import annotations
 
 import argparse
@@ -81,13 +82,20 @@ def monitor_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    """Dispatch ``monitor`` and ``monitor-eval``."""
+    """Dispatch ``monitor``, ``monitor-eval``, ``policy`` and ``policy-eval``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("monitor", "monitor-eval"):
-        print("usage: python -m adaptive_core.tune {monitor,monitor-eval} [options]   (-h after the command)")
+    if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval"):
+        print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval} [options]   "
+              "(-h after the command)")
         return 2
     if argv[0] == "monitor":
         return monitor_main(argv[1:])
+    if argv[0] == "policy":
+        from .policy_train import main as policy_main
+        return policy_main(argv[1:])
+    if argv[0] == "policy-eval":
+        from .policy_eval import main as policy_eval_main
+        return policy_eval_main(argv[1:])
     from .monitor_eval import main as eval_main
     return eval_main(argv[1:])
 

@@ -1,0 +1,104 @@
+"""Shared run-time loading of ADO's learned parts (quality monitor, PPO policy): an ONNX graph named by a JSON
+manifest, verified by sha256 before ONNX Runtime sees it.
+
+Only numpy, hashlib and (lazily) onnxruntime are imported here: no training library and no pickle, so a shipped
+file can only be a graph and a JSON document.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+
+def sha256_of_bytes(data: bytes) -> str:
+    """Hex sha256 digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of_file(path: str | Path) -> str:
+    """Hex sha256 digest of the file at ``path``."""
+    return sha256_of_bytes(Path(path).read_bytes())
+
+
+def import_onnxruntime(what: str, error: type[Exception]):
+    """The onnxruntime module, or ``error`` saying that ``what`` needs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise error(f"the {what} needs ONNX Runtime: pip install onnxruntime (or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+def open_verified_session(manifest_path: Path, onnx_file: str, sha256: str, device: str, what: str,
+                          load_error: type[Exception], integrity_error: type[Exception]):
+    """An ONNX Runtime session over ``manifest_path.parent / onnx_file`` after checking its sha256.
+
+    Returns (session, providers in use).  ``device``: "cpu", "cuda" (CUDA provider, CPU as fallback, with a
+    warning when CUDA is not there) or "auto".  A missing file or a graph ONNX Runtime rejects raises
+    ``load_error``; a sha256 mismatch raises ``integrity_error`` (a corrupt or swapped file).
+    """
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"unknown {what} device {device!r}: expected 'cpu', 'cuda' or 'auto'")
+    onnx_path = Path(manifest_path).parent / onnx_file
+    if not onnx_path.is_file():
+        raise load_error(f"{what} graph not found: {onnx_path} (named in {manifest_path})")
+    graph = onnx_path.read_bytes()
+    digest = sha256_of_bytes(graph)
+    if digest != sha256:
+        raise integrity_error(f"{onnx_path}: sha256 {digest} does not match the manifest's {sha256}; the file is "
+                              f"corrupt or not the one the manifest describes")
+    ort = import_onnxruntime(what, load_error)
+    available = ort.get_available_providers()
+    wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+    providers = ["CPUExecutionProvider"]
+    if wants_cuda:
+        if "CUDAExecutionProvider" in available:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            warnings.warn(f"{what}: CUDA asked for, but ONNX Runtime offers only {available}; using the CPU")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1   # tiny MLPs: threads only add latency
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+    except Exception as e:  # ONNX Runtime raises its own exception types for a bad graph
+        raise load_error(f"{onnx_path}: ONNX Runtime could not load the graph: {e}") from None
+    used = list(session.get_providers())
+    if device == "cuda" and "CUDAExecutionProvider" not in used:
+        warnings.warn(f"{what}: CUDA asked for, but the session runs on {used}")
+    return session, used
+
+
+def check_io_names(session, input_name: str, output_name: str, where, load_error: type[Exception]) -> None:
+    """Raise ``load_error`` unless the graph has the manifest's input and output tensor names."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if input_name not in inputs or output_name not in outputs:
+        raise load_error(f"{where}: graph inputs {inputs} / outputs {outputs} do not match the manifest's "
+                         f"{input_name!r} / {output_name!r}")
+
+
+__all__ = ["check_io_names", "import_onnxruntime", "open_verified_session", "sha256_of_bytes", "sha256_of_file"]
+
+
+def parse_manifest(text: str, cls, fmt: str, required: set[str], what: str, load_error: type[Exception]):
+    """Build the manifest dataclass ``cls`` from its JSON ``text``, checking format, unknown and missing keys.
+
+    A manifest shipped next to an ONNX file is data a user may receive from someone else, so it is parsed as
+    plain JSON (never unpickled) and rejected with ``load_error`` naming ``what`` when anything is off.
+    """
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise load_error(f"the {what} manifest is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise load_error(f"the {what} manifest must be a JSON object")
+    if d.get("format") != fmt:
+        raise load_error(f"unknown {what} manifest format {d.get('format')!r}: expected {fmt!r}")
+    unknown, missing = set(d) - set(cls.__dataclass_fields__), set(required) - set(d)
+    if unknown or missing:
+        raise load_error(f"{what} manifest: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    return cls(**d)

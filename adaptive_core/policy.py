@@ -1,0 +1,259 @@
+"""The PPO step-size policy at run time: a small ONNX actor that turns the per-step features and the quality
+monitor's estimate into the next step size.
+
+Idea: a learned controller chooses the next noise level during sampling (TPDM, "Schedule On the Fly", 2024, with
+PPO; AdaDiff, 2023, for RL-chosen step budgets); trained offline with PPO (Schulman et al. 2017) by
+``python -m adaptive_core.tune policy`` and shipped as ONNX + JSON manifest (no pickle, no training library
+here: numpy and, lazily, onnxruntime only).
+
+**Observation** (:data:`OBSERVATION_NAMES`, one row per image and decision): the features of
+:mod:`adaptive_core.features`, the monitor's two log10 error estimates (clipped to [−8, 2]) and log of the
+*base share* — the share of the remaining λ-span that the heuristic budget plan takes with its next step.
+
+**Action** a ∈ [−1, 1] (one number per image): the next step, as a share of the remaining half-log-SNR span
+(from the current λ to the run's last evaluation λ), is ``clip(base_share · exp(action_scale · a), min_share,
+1)``.  a = 0 is the heuristic's step; a share of 1 jumps to the end (the image stops early: fewer NFE).  The
+sampler keeps the last call on the end point, so the budget is never exceeded; after a moved point the rest of
+the plan is re-laid from it (uniform in σ^{1/ρ}).
+
+**Fallback rule** (:meth:`Policy.decide`): an observation row falls back to the heuristic step (a = 0) when any
+entry is non-finite or lies more than ``ood_z`` standard deviations (std floored at ``std_floor``) from the
+mean of the observations seen in training (the manifest's normalisation statistics).  The sampler writes each
+fallback in the trace (``decision="policy-fallback"`` and a note).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .features import FEATURE_NAMES
+from .learned import check_io_names, open_verified_session, parse_manifest
+
+#: Manifest format tag.
+MANIFEST_FORMAT = "ado-ppo-policy/1"
+#: Folder of the bundled policies (``policy:NAME`` → ``POLICY_DIR / NAME.json``).
+POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+#: The observation columns, in order.
+OBSERVATION_NAMES = tuple(FEATURE_NAMES) + ("monitor_log10_rmse_to_final", "monitor_log10_rmse_to_reference",
+                                            "log_base_share")
+N_OBSERVATIONS = len(OBSERVATION_NAMES)
+#: Action mapping (see the module docstring): factor range exp(±ACTION_SCALE) around the heuristic's share.
+ACTION_SCALE = float(np.log(4.0))
+MIN_SHARE = 0.02
+#: Fallback rule defaults: |z| > OOD_Z with std floored at STD_FLOOR.
+OOD_Z = 6.0
+STD_FLOOR = 0.05
+_MONITOR_CLIP = (-8.0, 2.0)
+
+
+class PolicyLoadError(RuntimeError):
+    """The policy could not be loaded (missing file, bad manifest, no ONNX Runtime)."""
+
+
+class PolicyIntegrityError(PolicyLoadError):
+    """The ONNX file does not match the sha256 in its manifest."""
+
+
+def share_from_action(base_share, action, action_scale: float = ACTION_SCALE, min_share: float = MIN_SHARE) -> np.ndarray:
+    """Share of the remaining λ-span for the next step: ``clip(base · exp(scale · clip(a, −1, 1)), min_share, 1)``
+    (a multiplicative correction of the heuristic's step, as TPDM's policy picks the next noise level)."""
+    a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+    return np.clip(np.asarray(base_share, dtype=np.float64) * np.exp(action_scale * a), min_share, 1.0)
+
+
+def policy_observation(features, estimates, base_share) -> np.ndarray:
+    """The policy's observation rows [B, N_OBSERVATIONS] (float32) from the features [B, 14], the monitor's
+    (remaining, reference) RMSE estimates ([B] each) and the heuristic's base share [B]."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[1] != len(FEATURE_NAMES):
+        raise ValueError(f"features must be [B, {len(FEATURE_NAMES)}], got shape {f.shape}")
+    cols = [f]
+    for est in estimates:
+        e = np.asarray(est, dtype=np.float64).reshape(-1, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cols.append(np.clip(np.nan_to_num(np.log10(e), nan=_MONITOR_CLIP[1], posinf=_MONITOR_CLIP[1],
+                                              neginf=_MONITOR_CLIP[0]), *_MONITOR_CLIP))
+    cols.append(np.log(np.clip(np.asarray(base_share, dtype=np.float64), 1e-6, 1.0)).reshape(-1, 1))
+    return np.concatenate(cols, 1).astype(np.float32)
+
+
+@dataclass
+class PolicyManifest:
+    """What a policy file is: the JSON written next to the ONNX actor.
+
+    Attributes:
+        onnx_file, sha256: the graph (relative to the manifest's folder) and its hex sha256, checked at load.
+        input_name, output_name: tensor names (raw observations in, actions in [−1, 1] out).
+        observation_names: the input columns (must equal :data:`OBSERVATION_NAMES`).
+        normalisation: ``{"applied_in_graph": true, "mean", "var", "epsilon", "clip_obs"}`` (SB3 VecNormalize).
+        action: the mapping ``{"kind": "share_of_remaining_lambda", "action_scale", "min_share", "formula"}``.
+        fallback: ``{"ood_z", "std_floor", "rule"}``.
+        trained_on: ``{"testbeds": [...], "model_types": [...], "budgets": [...]}``.
+        training, metrics: configuration and evaluation numbers (provenance).
+        format: :data:`MANIFEST_FORMAT`.
+    """
+
+    onnx_file: str
+    sha256: str
+    input_name: str = "observation"
+    output_name: str = "action"
+    observation_names: list[str] = field(default_factory=lambda: list(OBSERVATION_NAMES))
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    action: dict[str, Any] = field(default_factory=dict)
+    fallback: dict[str, Any] = field(default_factory=dict)
+    trained_on: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        """The manifest as indented JSON text."""
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PolicyManifest":
+        """Parse a manifest written by :meth:`to_json`; a wrong format, missing or unknown key raises PolicyLoadError."""
+        return parse_manifest(text, cls, MANIFEST_FORMAT, {"onnx_file", "sha256", "normalisation", "action"}, "policy", PolicyLoadError)
+
+
+class Policy:
+    """A verified ONNX actor plus its manifest's action mapping and fallback rule.
+
+    :meth:`act` gives the deterministic actions; :meth:`decide` adds the out-of-range fallback (what the
+    sampler calls).  Attributes: ``manifest``, ``path``, ``name``, ``action_scale``, ``min_share``.
+    """
+
+    def __init__(self, manifest_path: str | Path, device: str = "cpu") -> None:
+        self.path = Path(manifest_path)
+        if not self.path.is_file():
+            raise PolicyLoadError(f"policy manifest not found: {self.path}")
+        self.manifest = PolicyManifest.from_json(self.path.read_text())
+        self.name = self.path.stem
+        m = self.manifest
+        if list(m.observation_names) != list(OBSERVATION_NAMES):
+            raise PolicyLoadError(f"{self.path}: the policy was trained on observations {m.observation_names}, "
+                                  f"this ADO computes {list(OBSERVATION_NAMES)}")
+        if m.action.get("kind") != "share_of_remaining_lambda":
+            raise PolicyLoadError(f"{self.path}: unknown action kind {m.action.get('kind')!r}")
+        try:
+            self.action_scale = float(m.action["action_scale"])
+            self.min_share = float(m.action["min_share"])
+            self._mean = np.asarray(m.normalisation["mean"], dtype=np.float64)
+            self._std = np.maximum(np.sqrt(np.asarray(m.normalisation["var"], dtype=np.float64)),
+                                   float(m.fallback.get("std_floor", STD_FLOOR)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PolicyLoadError(f"{self.path}: incomplete action mapping or normalisation ({e!r})") from None
+        if self._mean.shape != (N_OBSERVATIONS,) or self._std.shape != (N_OBSERVATIONS,):
+            raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
+        self.ood_z = float(m.fallback.get("ood_z", OOD_Z))
+        self._lo, self._hi = self._mean - self.ood_z * self._std, self._mean + self.ood_z * self._std
+        self._session, self.providers = open_verified_session(self.path, m.onnx_file, m.sha256, device, "policy",
+                                                              PolicyLoadError, PolicyIntegrityError)
+        check_io_names(self._session, m.input_name, m.output_name, self.path.parent / m.onnx_file, PolicyLoadError)
+        self._input_name, self._output_names = m.input_name, [m.output_name]
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        """Deterministic actions [B] in [−1, 1] for raw observations [B, N_OBSERVATIONS] (normalisation is in the
+        graph)."""
+        o = np.ascontiguousarray(observation, dtype=np.float32)
+        if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
+            raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
+        out = self._session.run(self._output_names, {self._input_name: o})[0]
+        a = out.reshape(o.shape[0], -1)[:, 0].astype(np.float64)
+        return np.minimum(np.maximum(a, -1.0), 1.0)   # (the graph clips already; cheap guard for other graphs)
+
+    def out_of_range(self, observation: np.ndarray) -> list[str | None]:
+        """Per row: None if inside the training range, else the reason (first offending column and its z)."""
+        o = np.asarray(observation, dtype=np.float64)
+        reasons: list[str | None] = [None] * o.shape[0]
+        inside = ((o >= self._lo) & (o <= self._hi)).all(1)   # NaN compares False: caught here too
+        if inside.all():
+            return reasons
+        with np.errstate(invalid="ignore"):
+            z = np.abs(o - self._mean) / self._std
+        finite = np.isfinite(o).all(1)
+        for i in np.flatnonzero(~inside):
+            row, zr = o[i], z[i]
+            if not finite[i]:
+                reasons[i] = f"{OBSERVATION_NAMES[int(np.argmin(np.isfinite(row)))]} is not finite"
+            else:
+                j = int(np.argmax(zr))
+                reasons[i] = (f"{OBSERVATION_NAMES[j]}={row[j]:.3g} is {zr[j]:.1f} std from the training mean "
+                              f"(limit {self.ood_z:g})")
+        return reasons
+
+    def decide(self, observation: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        """(actions [B], per-row fallback reason or None): rows out of the training range get action 0, the
+        heuristic's own step."""
+        reasons = self.out_of_range(observation)
+        if not any(reasons):
+            return self.act(observation), reasons
+        ok = np.array([r is None for r in reasons])
+        actions = np.zeros(len(reasons))
+        if ok.any():
+            actions[ok] = self.act(np.asarray(observation)[ok])
+        return actions, reasons
+
+    def __repr__(self) -> str:
+        return f"Policy({str(self.path)!r})"
+
+
+def bundled_policies() -> list[str]:
+    """Names of the policies in :data:`POLICY_DIR` (manifests with the policy format), sorted."""
+    names = []
+    for p in sorted(POLICY_DIR.glob("*.json")):
+        try:
+            if json.loads(p.read_text()).get("format") == MANIFEST_FORMAT:
+                names.append(p.stem)
+        except (OSError, ValueError):
+            continue
+    return names
+
+
+def resolve_policy_path(spec: str | Path) -> Path:
+    """The manifest path for ``spec``: a bundled name (``"ppo_ve"`` → policies/ppo_ve.json), a manifest path,
+    or an ONNX path (its manifest has the same stem)."""
+    text = str(spec)
+    if text.startswith("policy:"):
+        text = text[len("policy:"):]
+    if not text:
+        raise ValueError("empty policy name: expected 'policy:NAME' with a bundled name or a manifest path")
+    path = Path(text)
+    if path.suffix == ".onnx":
+        path = path.with_suffix(".json")
+    if path.suffix != ".json" and path.parent == Path("."):
+        path = POLICY_DIR / f"{text}.json"
+    return path
+
+
+_CACHE: dict[tuple, Policy] = {}
+
+
+def load_policy(spec: Any, device: str = "cpu") -> Policy:
+    """The policy named by ``spec`` (see :func:`resolve_policy_path`), or a :class:`Policy` as is; sessions are
+    reused while the manifest and graph files are unchanged.  Raises PolicyLoadError / PolicyIntegrityError."""
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"policy must be a name, a manifest path or a Policy, got {type(spec).__name__}")
+    path = resolve_policy_path(spec)
+    try:
+        st = path.stat()
+        m = PolicyManifest.from_json(path.read_text())
+        g = (path.parent / m.onnx_file).stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, g.st_mtime_ns, g.st_size, device)
+    except (OSError, PolicyLoadError):
+        return Policy(path, device)   # raises the error naming the problem
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = Policy(path, device)
+    return _CACHE[key]
+
+
+__all__ = ["ACTION_SCALE", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS", "OBSERVATION_NAMES", "OOD_Z", "POLICY_DIR",
+           "Policy", "PolicyIntegrityError", "PolicyLoadError", "PolicyManifest", "bundled_policies", "load_policy",
+           "policy_observation", "resolve_policy_path", "share_from_action"]

@@ -1,0 +1,354 @@
+"""PPO training (Schulman et al. 2017, stable-baselines3) of ADO's step policy and its export to ONNX + manifest.
+
+``python -m adaptive_core.tune policy`` (see :func:`main`).  Training: SB3 PPO on vectorised
+:class:`~.policy_env.SamplingEnv` copies (DummyVecEnv, or SubprocVecEnv with ``--vec subproc`` to use several
+cores) under VecNormalize (running observation mean/variance; rewards are left raw, they are already log-ratios),
+with SB3's TensorBoard logs, a progress bar, and a periodic evaluation of the deterministic policy on held-out
+seeds against the heuristic controller (logged and plotted).  Export: the deterministic actor (VecNormalize's
+normalisation and clipping, the MLP, the action mean, the clip to [−1, 1]) as one ONNX file, checked against
+SB3's ``predict(deterministic=True)`` to 1e-5, then a :class:`~adaptive_core.policy.PolicyManifest` with sha256.
+The SB3 zip checkpoint goes to an ignored ``build/`` folder only; nothing pickled is shipped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..learned import sha256_of_file
+from ..policy import (ACTION_SCALE, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, STD_FLOOR,
+                      PolicyManifest)
+from .policy_env import EVAL_SEEDS, SamplingEnv, evaluate_controller
+
+
+class SB3Decider:
+    """A live SB3 model + VecNormalize as a sampler ``controller`` (deterministic actions, no fallback)."""
+
+    action_scale, min_share, name = ACTION_SCALE, MIN_SHARE, "sb3-ppo"
+
+    def __init__(self, model, vecnorm) -> None:
+        self.model, self.vecnorm = model, vecnorm
+
+    def decide(self, observation: np.ndarray):
+        """Deterministic PPO actions for raw observation rows."""
+        obs = self.vecnorm.normalize_obs(np.asarray(observation, dtype=np.float32))
+        act, _ = self.model.predict(obs, deterministic=True)
+        return np.asarray(act, dtype=np.float64).reshape(-1), [None] * len(act)
+
+
+def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
+    """Per testbed and budget, RMSE_policy / RMSE_heuristic, and their geometric mean ``"geomean"``."""
+    ratios = {tb: {b: policy_res[tb][b]["rmse"] / heur_res[tb][b]["rmse"] for b in policy_res[tb]} for tb in policy_res}
+    flat = [r for tb in ratios.values() for r in tb.values()]
+    return {"per_testbed": ratios, "geomean": float(np.exp(np.mean(np.log(flat))))}
+
+
+def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int):
+    """``n_envs`` monitored SamplingEnv copies in a DummyVecEnv or SubprocVecEnv."""
+    from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    cls = SubprocVecEnv if vec == "subproc" else DummyVecEnv
+    return sb3_make_vec_env(SamplingEnv, n_envs=n_envs, seed=seed, vec_env_cls=cls,
+                            env_kwargs=dict(testbeds=specs, budgets=budgets, seeds=seeds, nfe_weight=nfe_weight))
+
+
+def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy", seed: int = 0,
+          train_seeds=range(256), eval_seeds=EVAL_SEEDS, eval_every: int = 4096, nfe_weight: float = 0.1,
+          lr: float = 3e-4, n_steps: int = 128, batch_size: int = 128, n_epochs: int = 10, ent_coef: float = 0.0,
+          log_std_init: float = -1.0, hidden: int = 64, logdir: Path | None = None, progress: bool = True,
+          init: Path | None = None):
+    """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
+    evaluations (timestep, episodes, mean log-ratio reward on held-out seeds, RMSE ratio vs heuristic).
+    ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import VecNormalize
+    torch.manual_seed(seed)
+    venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed)
+    vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
+    if init is not None:
+        load_vecnorm_stats(vecnorm, Path(init).with_suffix(".vecnorm.npz"))
+        model = PPO.load(str(init), env=vecnorm, tensorboard_log=str(logdir) if logdir else None, device="cpu",
+                         custom_objects={"n_steps": n_steps, "batch_size": batch_size, "n_epochs": n_epochs,
+                                         "learning_rate": lr, "ent_coef": ent_coef})
+    else:
+        model = PPO("MlpPolicy", vecnorm, learning_rate=lr, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+                    gamma=1.0, gae_lambda=0.95, ent_coef=ent_coef, seed=seed, device="cpu", verbose=0,
+                    tensorboard_log=str(logdir) if logdir else None,
+                    policy_kwargs=dict(net_arch=dict(pi=[hidden, hidden], vf=[hidden, hidden]),
+                                       log_std_init=log_std_init))
+    references: dict = {}
+    heur = evaluate_controller(None, specs, budgets, eval_seeds, references)
+    history = {"episodes": [], "evals": []}
+
+    def evaluate(step: int, episodes: int) -> dict:
+        vecnorm.training = False
+        res = evaluate_controller(SB3Decider(model, vecnorm), specs, budgets, eval_seeds, references)
+        vecnorm.training = True
+        summ = ratio_summary(res, heur)
+        history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
+                                 "eval_reward": float(-np.log(summ["geomean"]))})
+        return summ
+
+    class Callback(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.episodes, self.last_eval = 0, -1
+
+        def _on_step(self) -> bool:
+            for info in self.locals.get("infos", []):
+                if "episode" in info:
+                    self.episodes += 1
+                    history["episodes"].append((int(self.num_timesteps), float(info["episode"]["r"])))
+            if self.last_eval < 0 or self.num_timesteps - self.last_eval >= eval_every:
+                self.last_eval = self.num_timesteps
+                summ = evaluate(self.num_timesteps, self.episodes)
+                self.logger.record("eval/rmse_ratio_vs_heuristic", summ["geomean"])
+                self.logger.record("eval/reward_log_ratio", -float(np.log(summ["geomean"])))
+            return True
+
+    cb = Callback()
+    if progress:
+        try:
+            import rich  # noqa: F401  (SB3's progress bar needs tqdm and rich)
+        except ImportError:
+            print("no progress bar: SB3's needs `pip install rich`")
+            progress = False
+    t0 = time.time()
+    model.learn(total_timesteps=timesteps, callback=cb, progress_bar=progress, reset_num_timesteps=init is None,
+                tb_log_name="ppo")
+    history["train_seconds"] = time.time() - t0
+    summ = evaluate(model.num_timesteps, cb.episodes)
+    history["final"] = {"heuristic": heur, "ratio": summ}
+    venv.close()
+    return model, vecnorm, history
+
+
+def save_vecnorm_stats(vecnorm, path: Path) -> None:
+    """VecNormalize's observation statistics as .npz (numbers only; SB3's own save pickles)."""
+    rms = vecnorm.obs_rms
+    np.savez(path, mean=rms.mean, var=rms.var, count=np.array(rms.count), epsilon=np.array(vecnorm.epsilon),
+             clip_obs=np.array(vecnorm.clip_obs))
+
+
+def load_vecnorm_stats(vecnorm, path: Path) -> None:
+    """Restore statistics written by :func:`save_vecnorm_stats`."""
+    d = np.load(path)
+    vecnorm.obs_rms.mean, vecnorm.obs_rms.var, vecnorm.obs_rms.count = d["mean"], d["var"], float(d["count"])
+
+
+class DeterministicActor(nn.Module):
+    """raw observation → VecNormalize (clip((o − μ)/√(σ² + ε), ±c)) → SB3 actor MLP → action mean → clip [−1, 1]."""
+
+    def __init__(self, model, vecnorm) -> None:
+        super().__init__()
+        import copy
+        rms = vecnorm.obs_rms
+        self.register_buffer("mean", torch.as_tensor(rms.mean, dtype=torch.float32).reshape(1, -1))
+        self.register_buffer("inv_std", 1.0 / torch.sqrt(torch.as_tensor(rms.var, dtype=torch.float32).reshape(1, -1)
+                                                         + float(vecnorm.epsilon)))
+        self.clip_obs = float(vecnorm.clip_obs)
+        self.policy_net = copy.deepcopy(model.policy.mlp_extractor.policy_net).cpu().float()
+        self.action_net = copy.deepcopy(model.policy.action_net).cpu().float()
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        z = torch.clamp((observation - self.mean) * self.inv_std, -self.clip_obs, self.clip_obs)
+        return torch.clamp(self.action_net(self.policy_net(z)), -1.0, 1.0)
+
+
+def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
+    """SB3's deterministic actions for raw observations (VecNormalize applied as in training), [R, 1]."""
+    act, _ = model.predict(vecnorm.normalize_obs(np.asarray(obs, dtype=np.float32)), deterministic=True)
+    return np.asarray(act, dtype=np.float64).reshape(len(obs), -1)
+
+
+def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict) -> Path:
+    """Write the deterministic actor as one ONNX file and its manifest (``<stem>.json``); the ONNX output must
+    equal SB3's deterministic actions on random observations to 1e-5.  Returns the manifest path."""
+    onnx_path = Path(onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    actor = DeterministicActor(model, vecnorm).eval()
+    example = torch.randn(4, N_OBSERVATIONS)
+    torch.onnx.export(actor, (example,), str(onnx_path), input_names=["observation"], output_names=["action"],
+                      dynamo=True, external_data=False, optimize=True,
+                      dynamic_shapes={"observation": {0: torch.export.Dim("batch", min=1, max=1 << 20)}})
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    probe = (vecnorm.obs_rms.mean + np.sqrt(vecnorm.obs_rms.var) * rng.normal(size=(64, N_OBSERVATIONS)) * 2).astype(np.float32)
+    got = session.run(["action"], {"observation": probe})[0]
+    want = sb3_actions(model, vecnorm, probe)
+    if not np.allclose(got, want, atol=1e-5, rtol=0):
+        raise RuntimeError(f"ONNX export of the policy differs from SB3 by {np.abs(got - want).max():.3g}")
+    rms = vecnorm.obs_rms
+    manifest = PolicyManifest(
+        onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path), observation_names=list(OBSERVATION_NAMES),
+        normalisation={"applied_in_graph": True, "formula": "clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)",
+                       "mean": [float(v) for v in rms.mean], "var": [float(v) for v in rms.var],
+                       "epsilon": float(vecnorm.epsilon), "clip_obs": float(vecnorm.clip_obs)},
+        action={"kind": "share_of_remaining_lambda", "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
+                "formula": "share = clip(base_share * exp(action_scale * clip(a, -1, 1)), min_share, 1); "
+                           "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"},
+        fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
+                  "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
+                          "ood_z * max(sqrt(var), std_floor) from the training mean"},
+        trained_on=trained_on, training=training, metrics=metrics, format=MANIFEST_FORMAT)
+    out = onnx_path.with_suffix(".json")
+    out.write_text(manifest.to_json() + "\n")
+    return out
+
+
+def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy") -> None:
+    """Training episode reward (rolling mean) and held-out evaluation reward vs environment steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if history["episodes"]:
+        steps, rew = np.array(history["episodes"]).T
+        w = max(1, min(200, len(rew) // 10))
+        roll = np.convolve(rew, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], roll, lw=1, label=f"training episodes (rolling mean of {w})")
+    if history["evals"]:
+        ax.plot([e["timesteps"] for e in history["evals"]], [e["eval_reward"] for e in history["evals"]], "o-",
+                label="held-out seeds: −log(RMSE policy / heuristic)")
+    ax.axhline(0.0, color="k", lw=0.8, ls="--", label="heuristic controller")
+    ax.set_xlabel("environment steps (decisions)")
+    ax.set_ylabel("reward (log RMSE ratio; > 0 beats the heuristic)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_specs(text: str) -> list[tuple[str, str]]:
+    """"gaussian:ve,gmm_digits:flow" → [("gaussian", "ve"), ("gmm_digits", "flow")]."""
+    specs = []
+    for item in text.split(","):
+        name, _, mt = item.strip().partition(":")
+        if mt not in ("ve", "flow"):
+            raise ValueError(f"testbed {item!r}: expected NAME:ve or NAME:flow")
+        specs.append((name, mt))
+    return specs
+
+
+def main(argv) -> int:
+    """``python -m adaptive_core.tune policy``: train, evaluate, export, plot."""
+    import argparse
+    repo = Path(__file__).resolve().parents[2]
+    ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy",
+                                 description="Train ADO's PPO step policy on the testbeds and export ONNX + manifest.")
+    ap.add_argument("--testbeds", default="gaussian:ve,gaussian:flow,gmm_digits:ve,gmm_digits:flow")
+    ap.add_argument("--budgets", default="5,6,8,10", help="NFE budgets drawn per episode (each ≥ 4)")
+    ap.add_argument("--timesteps", type=int, default=50_000, help="environment steps (decisions) to train")
+    ap.add_argument("--n-envs", type=int, default=4)
+    ap.add_argument("--vec", choices=("dummy", "subproc"), default="dummy",
+                    help="subproc: one process per environment (several cores)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seeds", type=int, default=256, help="noise seeds 0..N-1 form the training pool")
+    ap.add_argument("--eval-seeds", type=int, default=32, help="held-out noise seeds 20000.. for evaluation")
+    ap.add_argument("--eval-every", type=int, default=4096, help="evaluate every this many environment steps")
+    ap.add_argument("--nfe-weight", type=float, default=0.1, help="reward weight of the NFE saved (policy_env)")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per environment")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--ent-coef", type=float, default=0.0)
+    ap.add_argument("--log-std-init", type=float, default=-1.0)
+    ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
+    ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
+    ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
+                    help="where the ONNX + manifest go (policies/ to bundle)")
+    ap.add_argument("--logdir", type=Path, default=repo / "build" / "policy_tb", help="SB3 TensorBoard logs")
+    ap.add_argument("--curve", type=Path, default=None, help="learning-curve PNG (default: <out-dir>/<name>_curve.png)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--trials", type=int, default=0,
+                    help="Optuna: run this many trials of a search over PPO and reward hyper-parameters (each trains "
+                         "--timesteps) instead of one training run; prints the best parameters")
+    ap.add_argument("--storage", default=None,
+                    help="Optuna storage: default sqlite:///build/policy_optuna.db; an RDB URL (postgresql://...) lets "
+                         "workers on several machines share one study")
+    ap.add_argument("--study", default="ado_policy", help="Optuna study name (workers with the same name share it)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    specs = parse_specs(args.testbeds)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
+    if args.trials > 0:
+        return search(args, specs, budgets, eval_seeds, repo)
+    model, vecnorm, history = train(
+        specs, budgets, timesteps=args.timesteps, n_envs=args.n_envs, vec=args.vec, seed=args.seed,
+        train_seeds=range(args.train_seeds), eval_seeds=eval_seeds, eval_every=args.eval_every,
+        nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
+        ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
+        init=args.init)
+    build = repo / "build" / "policy_checkpoints"
+    build.mkdir(parents=True, exist_ok=True)
+    ckpt = build / f"{args.name}.zip"
+    model.save(str(ckpt))                                   # SB3's zip (pickle inside): build/ only, never shipped
+    save_vecnorm_stats(vecnorm, ckpt.with_suffix(".vecnorm.npz"))
+    final = history["final"]
+    metrics = {"eval_seeds": [eval_seeds.start, eval_seeds.stop], "heuristic": final["heuristic"],
+               "rmse_ratio_vs_heuristic": final["ratio"], "evals": history["evals"],
+               "training_episodes": len(history["episodes"]), "train_seconds": round(history["train_seconds"], 1)}
+    training = {"command": "python -m adaptive_core.tune policy " + " ".join(argv), "algorithm": "PPO (stable-baselines3)",
+                "timesteps": int(model.num_timesteps), "n_envs": args.n_envs, "vec": args.vec, "seed": args.seed,
+                "train_seeds": [0, args.train_seeds], "nfe_weight": args.nfe_weight,
+                "ppo": {"learning_rate": args.lr, "n_steps": args.n_steps, "batch_size": args.batch_size,
+                        "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
+                        "net_arch": [64, 64], "activation": "tanh"},
+                "reward": "log(RMSE_heuristic / RMSE_policy) + nfe_weight * (budget - NFE) / budget, at the end",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
+    trained_on = {"testbeds": [f"{n}-{m}" for n, m in specs], "model_types": sorted({m for _, m in specs}),
+                  "budgets": budgets}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = export_policy(model, vecnorm, args.out_dir / f"{args.name}.onnx", trained_on=trained_on,
+                             training=training, metrics=metrics)
+    curve = args.curve or args.out_dir / f"{args.name}_curve.png"
+    plot_learning_curve(history, curve, f"PPO step policy {args.name}: {', '.join(trained_on['testbeds'])}")
+    (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1, default=float) + "\n")
+    print(json.dumps({"rmse_ratio_vs_heuristic": final["ratio"], "train_seconds": round(history["train_seconds"], 1)},
+                     indent=1, default=float))
+    print(f"wrote {manifest}, {curve}, checkpoint {ckpt}")
+    return 0
+
+
+def search(args, specs, budgets, eval_seeds, repo: Path) -> int:
+    """Optuna search (TPE sampler; Akiba et al. 2019) over PPO's learning rate, entropy coefficient, initial
+    log-std, rollout length and the reward's NFE weight.  The objective is the geometric-mean RMSE ratio of the
+    deterministic policy to the heuristic on the held-out evaluation seeds (lower is better; independent of the
+    reward weights, so trials are comparable).  Several processes given the same ``--storage`` and ``--study``
+    share one study (``load_if_exists``)."""
+    import optuna
+    storage = args.storage or f"sqlite:///{repo / 'build' / 'policy_optuna.db'}"
+    if storage.startswith("sqlite:///"):
+        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=args.study, storage=storage, direction="minimize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=None))
+
+    def objective(trial):
+        params = dict(lr=trial.suggest_float("lr", 1e-4, 1e-3, log=True),
+                      ent_coef=trial.suggest_float("ent_coef", 1e-5, 1e-2, log=True),
+                      log_std_init=trial.suggest_float("log_std_init", -2.0, 0.0),
+                      n_steps=trial.suggest_categorical("n_steps", [64, 128, 256]),
+                      nfe_weight=trial.suggest_float("nfe_weight", 0.0, 0.3))
+        _, _, history = train(specs, budgets, timesteps=args.timesteps, n_envs=args.n_envs, vec=args.vec,
+                              seed=args.seed + trial.number, train_seeds=range(args.train_seeds),
+                              eval_seeds=eval_seeds, eval_every=args.eval_every, batch_size=args.batch_size,
+                              logdir=None, progress=False, **params)
+        return history["final"]["ratio"]["geomean"]
+
+    study.optimize(objective, n_trials=args.trials)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    print(json.dumps({"study": args.study, "storage": storage, "trials_complete": len(done),
+                      "best_value_rmse_ratio": study.best_value, "best_params": study.best_params}, indent=1))
+    return 0
+
+
+__all__ = ["DeterministicActor", "SB3Decider", "export_policy", "main", "plot_learning_curve", "ratio_summary",
+           "sb3_actions", "search", "train"]

@@ -1,0 +1,283 @@
+"""The PPO step policy: gymnasium env, tiny SB3 training + ONNX export, manifest checks, and the sampler's
+``controller="policy:..."`` (budget cap, fallback, default unchanged).  Training tests skip without
+stable-baselines3/gymnasium; the run-time tests need only onnxruntime (+ torch's ONNX exporter for a hand-made
+policy)."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_core import sample_adaptive
+from adaptive_core.bench.run import host_sigmas
+from adaptive_core.policy import (MANIFEST_FORMAT, N_OBSERVATIONS, OBSERVATION_NAMES, Policy, PolicyIntegrityError,
+                                  PolicyLoadError, PolicyManifest, load_policy, share_from_action)
+from adaptive_core.testbeds import make_testbed
+from adaptive_core.trace import Trace
+
+pytest.importorskip("onnxruntime")
+
+
+def _write_policy(folder, module, name="hand", ood_z=6.0):
+    """Export ``module`` (raw observation [B, N] → action [B, 1]) with a unit normalisation and write its manifest."""
+    pytest.importorskip("onnxscript")
+    from adaptive_core.learned import sha256_of_file
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / f"{name}.onnx"
+    torch.onnx.export(module.eval(), (torch.zeros(2, N_OBSERVATIONS),), str(onnx_path), input_names=["observation"],
+                      output_names=["action"], dynamo=True, external_data=False,
+                      dynamic_shapes={"observation": {0: torch.export.Dim("batch", min=1, max=1 << 20)}})
+    m = PolicyManifest(onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path),
+                       normalisation={"applied_in_graph": True, "mean": [0.0] * N_OBSERVATIONS,
+                                      "var": [4.0] * N_OBSERVATIONS, "epsilon": 1e-8, "clip_obs": 10.0},
+                       action={"kind": "share_of_remaining_lambda", "action_scale": float(np.log(4.0)), "min_share": 0.02},
+                       fallback={"ood_z": ood_z, "std_floor": 0.05})
+    path = folder / f"{name}.json"
+    path.write_text(m.to_json())
+    return path
+
+
+class _Tanh(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(N_OBSERVATIONS, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def forward(self, observation):
+        return torch.clamp(self.net(observation), -1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def hand_policy(tmp_path_factory):
+    return _write_policy(tmp_path_factory.mktemp("policy"), _Tanh())
+
+
+class _Constant:
+    """A controller object that always answers ``value`` (to drive the sampler to its limits)."""
+
+    action_scale, min_share = float(np.log(4.0)), 0.02
+
+    def __init__(self, value):
+        self.value = value
+
+    def decide(self, obs):
+        return np.full(obs.shape[0], self.value), [None] * obs.shape[0]
+
+
+class _Counting:
+    def __init__(self, tb):
+        self.tb, self.calls = tb, 0
+
+    def __call__(self, x, sigma, **kw):
+        self.calls += 1
+        return self.tb(x, sigma, **kw)
+
+
+# --- run time -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["ve", "flow"])
+@pytest.mark.parametrize("value", [-1.0, 0.3, 1.0])
+def test_budget_cap_holds_under_the_policy(model_type, value, hand_policy):
+    tb = make_testbed("gaussian", model_type)
+    x = tb.noise(range(3))
+    for budget in (1, 2, 4, 5, 8, 12):
+        for controller in (_Constant(value), f"policy:{hand_policy}"):
+            model, trace = _Counting(tb), Trace()
+            out = sample_adaptive(model, x, host_sigmas(tb, budget), nfe_budget=budget, model_type=model_type,
+                                  controller=controller, trace=trace)
+            assert model.calls <= budget and torch.isfinite(out).all()
+            assert all(trace.sample_nfe(b) <= budget for b in range(3))
+            if isinstance(controller, _Constant) and value == -1.0:
+                assert model.calls == budget            # the shortest steps still reach the end on the last call
+            if isinstance(controller, _Constant) and value == 1.0 and budget >= 5:
+                assert model.calls < budget             # a share of 1 jumps to the end: the images stop early
+
+
+def test_default_and_heuristic_controller_unchanged():
+    tb = make_testbed("gmm_digits", "ve")
+    x = tb.noise(range(4))
+    a = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="ve")
+    b = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="ve", controller="heuristic")
+    assert torch.equal(a, b)
+    trace = Trace()
+    sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="ve", trace=trace)
+    assert "controller" not in trace.options
+
+
+def test_policy_changes_steps_and_is_batch_invariant(hand_policy):
+    tb = make_testbed("gaussian", "flow")
+    x = tb.noise(range(5))
+    trace = Trace()
+    out = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="flow", controller=f"policy:{hand_policy}", trace=trace)
+    assert "policy" in [r.decision for r in trace.samples[0]]
+    assert any("PPO policy" in n for n in trace.notes)
+    one = sample_adaptive(tb, x[3:4], host_sigmas(tb, 8), model_type="flow", controller=f"policy:{hand_policy}")
+    assert torch.equal(one, out[3:4])
+    heuristic = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="flow")
+    assert not torch.equal(out, heuristic)
+
+
+def test_out_of_range_falls_back_to_the_heuristic_and_says_so(tmp_path):
+    path = _write_policy(tmp_path, _Tanh(), "strict", ood_z=1e-3)    # every observation is "out of range"
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise(range(3))
+    trace = Trace()
+    out = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="ve", controller=f"policy:{path}", trace=trace)
+    assert "policy-fallback" in [r.decision for r in trace.samples[0]]
+    assert any("policy fallback to the heuristic step" in n for n in trace.notes)
+    assert torch.equal(out, sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="ve"))   # exactly the heuristic
+    p = Policy(path)
+    obs = np.zeros((2, N_OBSERVATIONS), np.float32)
+    obs[1, 0] = np.nan
+    assert "not finite" in p.out_of_range(obs)[1]
+
+
+def test_manifest_mismatch_is_rejected(hand_policy, tmp_path):
+    folder = tmp_path / "p"
+    shutil.copytree(hand_policy.parent, folder)
+    path = folder / hand_policy.name
+    good = json.loads(path.read_text())
+    assert load_policy(path).name == "hand"
+    for change, error in [({"sha256": "0" * 64}, PolicyIntegrityError),
+                          ({"observation_names": list(OBSERVATION_NAMES)[::-1]}, PolicyLoadError),
+                          ({"format": "ado-ppo-policy/0"}, PolicyLoadError),
+                          ({"action": {"kind": "solver_order"}}, PolicyLoadError),
+                          ({"input_name": "obs"}, PolicyLoadError),
+                          ({"surprise": 1}, PolicyLoadError)]:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(error):
+            Policy(path)
+    path.write_text(json.dumps(good))
+    (folder / good["onnx_file"]).write_bytes(b"not a graph")
+    with pytest.raises(PolicyIntegrityError):
+        Policy(path)
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise([0])
+    trace = Trace()
+    with pytest.warns(UserWarning, match="policy unavailable"):
+        out = sample_adaptive(tb, x, host_sigmas(tb, 6), model_type="ve", controller=f"policy:{path}", trace=trace)
+    assert any("policy unavailable" in n for n in trace.notes)
+    assert torch.equal(out, sample_adaptive(tb, x, host_sigmas(tb, 6), model_type="ve"))
+
+
+def test_bad_controller_input_is_refused(hand_policy):
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise([0])
+    with pytest.raises(ValueError, match="policy:NAME"):
+        sample_adaptive(tb, x, host_sigmas(tb, 6), model_type="ve", controller="ppo")
+    with pytest.raises(TypeError, match="decide"):
+        sample_adaptive(tb, x, host_sigmas(tb, 6), model_type="ve", controller=3)
+    with pytest.raises(ValueError, match="mode='budget'"):
+        sample_adaptive(tb, x, host_sigmas(tb, 6), model_type="ve", controller=f"policy:{hand_policy}", mode="tolerance")
+    with pytest.raises(PolicyLoadError):
+        load_policy("policy:no_such_policy_here")
+
+
+def test_share_from_action_mapping():
+    base = np.array([0.2, 0.2, 0.2, 0.9])
+    s = share_from_action(base, np.array([0.0, 1.0, -1.0, 1.0]))
+    assert np.allclose(s, [0.2, 0.8, 0.05, 1.0])
+
+
+# --- training (stable-baselines3 + gymnasium) ------------------------------------------------------------------------
+
+def test_env_passes_check_env():
+    pytest.importorskip("gymnasium")
+    from gymnasium.utils.env_checker import check_env
+
+    from adaptive_core.tune.policy_env import SamplingEnv
+    env = SamplingEnv(testbeds=[("gaussian", "ve"), ("gmm_digits", "flow")], budgets=[4, 6], seeds=range(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=1)
+    done, steps = False, 0
+    while not done:
+        obs, reward, done, _, info = env.step(np.array([0.5], np.float32))
+        steps += 1
+    assert steps == info["budget"] - 2 or info["nfe"] < info["budget"]
+    assert np.isfinite(reward) and info["nfe"] <= info["budget"]
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_training(tmp_path_factory):
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("stable_baselines3")
+    pytest.importorskip("onnxscript")
+    from adaptive_core.tune.policy_train import export_policy, train
+    torch.set_num_threads(1)
+    specs = [("gaussian", "ve"), ("gaussian", "flow")]
+    model, vecnorm, history = train(specs, [5, 6], timesteps=256, n_envs=2, n_steps=64, batch_size=64, n_epochs=2,
+                                    train_seeds=range(8), eval_seeds=range(20000, 20004), eval_every=10 ** 9,
+                                    progress=False)
+    path = export_policy(model, vecnorm, tmp_path_factory.mktemp("trained") / "tiny.onnx",
+                         trained_on={"testbeds": ["gaussian-ve", "gaussian-flow"]}, training={"timesteps": 256},
+                         metrics={"rmse_ratio_vs_heuristic": history["final"]["ratio"]})
+    return model, vecnorm, history, path
+
+
+def test_tiny_training_run_exports_a_loadable_policy(tiny_training):
+    model, vecnorm, history, path = tiny_training
+    assert model.num_timesteps >= 256 and history["evals"]
+    policy = load_policy(path)
+    assert policy.manifest.format == MANIFEST_FORMAT and policy.manifest.trained_on["testbeds"]
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise(range(2))
+    model_calls = _Counting(tb)
+    out = sample_adaptive(model_calls, x, host_sigmas(tb, 6), nfe_budget=6, model_type="ve", controller=f"policy:{path}")
+    assert torch.isfinite(out).all() and model_calls.calls <= 6
+
+
+def test_onnx_actions_equal_the_ppo_deterministic_actions(tiny_training):
+    from adaptive_core.tune.policy_train import sb3_actions
+    model, vecnorm, _, path = tiny_training
+    policy = Policy(path)
+    rng = np.random.default_rng(1)
+    obs = (vecnorm.obs_rms.mean + np.sqrt(vecnorm.obs_rms.var) * rng.normal(size=(256, N_OBSERVATIONS)) * 3)
+    obs = obs.astype(np.float32)
+    assert np.abs(policy.act(obs) - sb3_actions(model, vecnorm, obs)[:, 0]).max() <= 1e-5
+
+
+def test_bundled_policies_load_and_respect_the_budget():
+    from adaptive_core.policy import bundled_policies
+    tb = make_testbed("gaussian", "flow")
+    x = tb.noise(range(2))
+    for name in bundled_policies():
+        policy = load_policy(f"policy:{name}")
+        assert policy.manifest.trained_on["model_types"] and policy.manifest.metrics
+        model = _Counting(tb)
+        out = sample_adaptive(model, x, host_sigmas(tb, 8), model_type="flow", controller=f"policy:{name}")
+        assert torch.isfinite(out).all() and model.calls <= 8
+
+
+def test_runtime_imports_no_training_library(hand_policy):
+    import subprocess
+    import sys
+    code = ("import sys, torch; from adaptive_core import sample_adaptive; from adaptive_core.policy import load_policy; "
+            "from adaptive_core.testbeds import make_testbed; from adaptive_core.bench.run import host_sigmas; "
+            "tb = make_testbed('gaussian', 've'); "
+            f"sample_adaptive(tb, tb.noise([0]), host_sigmas(tb, 6), model_type='ve', controller='policy:{hand_policy}'); "
+            "bad = [m for m in ('stable_baselines3', 'gymnasium', 'optuna', 'onnx') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_host_option_selects_a_bundled_policy():
+    from adaptive_core import hosts_common as hc
+    from adaptive_core.policy import bundled_policies
+    assert "ADO controller" not in hc.option_params({})                  # default images keep their parameters
+    assert "controller" not in hc.sampler_kwargs({})[0]
+    for name in bundled_policies():
+        values = {"ado_controller": f"policy:{name}"}
+        assert hc.sampler_kwargs(values)[0]["controller"] == f"policy:{name}"
+        params = hc.option_params(values)
+        assert params["ADO controller"] == f"policy:{name}"
+        assert hc.sampler_kwargs(hc.options_from_params(params)) == hc.sampler_kwargs(values)
+        assert "controller" not in hc.sampler_kwargs({**values, "ado_mode": "tolerance"})[0]
+    with pytest.raises(ValueError, match="ado_controller"):
+        hc.sampler_kwargs({"ado_controller": "policy:nope"})
