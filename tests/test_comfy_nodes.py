@@ -353,7 +353,24 @@ def test_web_extension_is_self_contained():
 CORE_WIDGETS = {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "EmptyLatentImage": 3, "VAEDecode": 0,
                 "SaveImage": 1, "PreviewImage": 0, "KSampler": 7, "SamplerCustomAdvanced": 0, "RandomNoise": 2,
                 "CFGGuider": 1, "BasicScheduler": 3, "SamplerCustom": 4, "KSamplerSelect": 1}
-ADO_WIDGETS = {"ADOAdaptiveSampler": 7, "ADOAdaptiveKSampler": 8, "ADOTraceToSigmas": 2}
+ADO_WIDGETS = {"ADOAdaptiveSampler": 8, "ADOAdaptiveKSampler": 8, "ADOTraceToSigmas": 2}
+_WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def saved_widget_count(node_cls) -> int:
+    """Values a saved workflow holds for a node: one per widget input, required and optional (combos are lists),
+    plus one per ``control_after_generate`` (the frontend's rule, web ``widgetInputs``)."""
+    types = node_cls.INPUT_TYPES()
+    count = 0
+    for spec in (*types.get("required", {}).values(), *types.get("optional", {}).values()):
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list) or kind in _WIDGET_TYPES:
+            count += 1 + bool(opts.get("control_after_generate"))
+    return count
+
+
+def test_ado_widget_counts_follow_the_node_declarations(host):
+    assert {name: saved_widget_count(cls) for name, cls in host.pack.NODE_CLASS_MAPPINGS.items()} == ADO_WIDGETS
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "example_workflows").glob("*.json")), ids=lambda p: p.name)
