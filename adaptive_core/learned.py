@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -102,3 +103,25 @@ def parse_manifest(text: str, cls, fmt: str, required: set[str], what: str, load
     if unknown or missing:
         raise load_error(f"{what} manifest: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     return cls(**d)
+
+
+class JsonManifest:
+    """Mixin for the manifest dataclasses of the shipped ONNX parts (monitor, policy): JSON text both ways.
+
+    A subclass sets ``FORMAT`` (the manifest's format tag), ``REQUIRED`` (keys that must be present),
+    ``WHAT`` (the part's name in error messages) and ``LOAD_ERROR`` (the exception raised on a bad manifest).
+    """
+
+    FORMAT: str
+    REQUIRED: frozenset[str]
+    WHAT: str
+    LOAD_ERROR: type[Exception]
+
+    def to_json(self) -> str:
+        """The manifest as indented JSON text."""
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str):
+        """Parse a manifest written by :meth:`to_json`; a wrong format, missing or unknown key raises ``LOAD_ERROR``."""
+        return parse_manifest(text, cls, cls.FORMAT, cls.REQUIRED, cls.WHAT, cls.LOAD_ERROR)

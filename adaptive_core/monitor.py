@@ -15,15 +15,14 @@ learned step-size/stopping signals in adaptive samplers (e.g. TPDM, "Schedule On
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .learned import (check_io_names, import_onnxruntime, open_verified_session, parse_manifest, sha256_of_bytes,
+from .learned import (JsonManifest, check_io_names, import_onnxruntime, open_verified_session, sha256_of_bytes,
                       sha256_of_file)
 
 #: Manifest format tag (bumped when the manifest's meaning changes).
@@ -43,7 +42,7 @@ class MonitorIntegrityError(MonitorLoadError):
 
 
 @dataclass
-class MonitorManifest:
+class MonitorManifest(JsonManifest):
     """What a monitor file is: the JSON written next to the ONNX graph.
 
     Attributes:
@@ -70,14 +69,11 @@ class MonitorManifest:
     training: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
-    def to_json(self) -> str:
-        """The manifest as indented JSON text."""
-        return json.dumps(asdict(self), indent=1)
+    FORMAT = MANIFEST_FORMAT
+    REQUIRED = frozenset({"onnx_file", "sha256"})
+    WHAT = "monitor"
+    LOAD_ERROR = MonitorLoadError
 
-    @classmethod
-    def from_json(cls, text: str) -> "MonitorManifest":
-        """Parse a manifest written by :meth:`to_json`; a missing or unknown key raises MonitorLoadError."""
-        return parse_manifest(text, cls, MANIFEST_FORMAT, {"onnx_file", "sha256"}, "monitor", MonitorLoadError)
 
 
 def _onnxruntime():

@@ -24,14 +24,14 @@ fallback in the trace (``decision="policy-fallback"`` and a note).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .learned import check_io_names, open_verified_session, parse_manifest
+from .learned import JsonManifest, check_io_names, open_verified_session
 
 #: Manifest format tag.
 MANIFEST_FORMAT = "ado-ppo-policy/1"
@@ -82,7 +82,7 @@ def policy_observation(features, estimates, base_share) -> np.ndarray:
 
 
 @dataclass
-class PolicyManifest:
+class PolicyManifest(JsonManifest):
     """What a policy file is: the JSON written next to the ONNX actor.
 
     Attributes:
@@ -110,14 +110,11 @@ class PolicyManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
-    def to_json(self) -> str:
-        """The manifest as indented JSON text."""
-        return json.dumps(asdict(self), indent=1)
+    FORMAT = MANIFEST_FORMAT
+    REQUIRED = frozenset({"onnx_file", "sha256", "normalisation", "action"})
+    WHAT = "policy"
+    LOAD_ERROR = PolicyLoadError
 
-    @classmethod
-    def from_json(cls, text: str) -> "PolicyManifest":
-        """Parse a manifest written by :meth:`to_json`; a wrong format, missing or unknown key raises PolicyLoadError."""
-        return parse_manifest(text, cls, MANIFEST_FORMAT, {"onnx_file", "sha256", "normalisation", "action"}, "policy", PolicyLoadError)
 
 
 class Policy:
