@@ -10,11 +10,19 @@ here: numpy and, lazily, onnxruntime only).
 :mod:`adaptive_core.features`, the monitor's two log10 error estimates (clipped to [−8, 2]) and log of the
 *base share* — the share of the remaining λ-span that the heuristic budget plan takes with its next step.
 
-**Action** a ∈ [−1, 1] (one number per image): the next step, as a share of the remaining half-log-SNR span
-(from the current λ to the run's last evaluation λ), is ``clip(base_share · exp(action_scale · a), min_share,
-1)``.  a = 0 is the heuristic's step; a share of 1 jumps to the end (the image stops early: fewer NFE).  The
-sampler keeps the last call on the end point, so the budget is never exceeded; after a moved point the rest of
-the plan is re-laid from it (uniform in σ^{1/ρ}).
+**Action** (per image and decision; action kind ``share_and_order``, two numbers in [−1, 1]; the older kind
+``share_of_remaining_lambda`` has the first only):
+
+* a₀, the step: the next step, as a share of the remaining half-log-SNR span (from the current λ to the run's
+  last evaluation λ), is ``clip(base_share · exp(action_scale · a₀), min_share, 1)``.  a₀ = 0 is the
+  heuristic's step; a share of 1 jumps to the end (the image stops early: fewer NFE).  The sampler keeps the last
+  call on the end point, so the budget is never exceeded; after a moved point the rest of the plan is re-laid
+  from it (uniform in σ^{1/ρ}).
+* a₁, the solver order of that step, relative to the heuristic's (:func:`order_delta_from_action`): a₁ ≤ −½
+  lowers the predictor's order by one (at least 1); a₁ ≥ ½ lifts the heuristic's long-step limit (order 3 on
+  steps longer than ``high_order_max_step`` where the history allows it); in between, the heuristic's order.
+  The dead zone makes a₁ = 0 — where PPO starts — the heuristic.  Where the order helps is learnt per step, as
+  DPM-Solver (Lu et al. 2022) and UniPC (Zhao et al. 2023) pick lower orders for the few-step regime by rule.
 
 **Fallback rule** (:meth:`Policy.decide`): an observation row falls back to the heuristic step (a = 0) when any
 entry is non-finite or lies more than ``ood_z`` standard deviations (std floored at ``std_floor``) from the
@@ -44,6 +52,10 @@ N_OBSERVATIONS = len(OBSERVATION_NAMES)
 #: Action mapping (see the module docstring): factor range exp(±ACTION_SCALE) around the heuristic's share.
 ACTION_SCALE = float(np.log(4.0))
 MIN_SHARE = 0.02
+#: Action kinds and their number of outputs.
+ACTION_KINDS = {"share_of_remaining_lambda": 1, "share_and_order": 2}
+#: |a₁| below this keeps the heuristic's solver order (see :func:`order_delta_from_action`).
+ORDER_DEAD_ZONE = 0.5
 #: Fallback rule defaults: |z| > OOD_Z with std floored at STD_FLOOR.
 OOD_Z = 6.0
 STD_FLOOR = 0.05
@@ -63,6 +75,14 @@ def share_from_action(base_share, action, action_scale: float = ACTION_SCALE, mi
     (a multiplicative correction of the heuristic's step, as TPDM's policy picks the next noise level)."""
     a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
     return np.clip(np.asarray(base_share, dtype=np.float64) * np.exp(action_scale * a), min_share, 1.0)
+
+
+def order_delta_from_action(action, dead_zone: float = ORDER_DEAD_ZONE) -> np.ndarray:
+    """The solver-order change of the step per image (int64, −1 / 0 / +1) from the order action a₁: −1 where
+    a₁ ≤ −dead_zone, +1 where a₁ ≥ dead_zone, else 0 (the heuristic's order).  A dead zone rather than a
+    rounding keeps PPO's initial mean action (0) on the heuristic, whose order rule follows Lu et al. 2022."""
+    a = np.asarray(action, dtype=np.float64)
+    return np.where(a <= -dead_zone, -1, np.where(a >= dead_zone, 1, 0)).astype(np.int64)
 
 
 def policy_observation(features, estimates, base_share) -> np.ndarray:
@@ -90,7 +110,8 @@ class PolicyManifest(JsonManifest):
         input_name, output_name: tensor names (raw observations in, actions in [−1, 1] out).
         observation_names: the input columns (must equal :data:`OBSERVATION_NAMES`).
         normalisation: ``{"applied_in_graph": true, "mean", "var", "epsilon", "clip_obs"}`` (SB3 VecNormalize).
-        action: the mapping ``{"kind": "share_of_remaining_lambda", "action_scale", "min_share", "formula"}``.
+        action: the mapping ``{"kind": "share_and_order" | "share_of_remaining_lambda", "action_scale",
+            "min_share", "order_dead_zone", "formula"}`` (see the module docstring).
         fallback: ``{"ood_z", "std_floor", "rule"}``.
         trained_on: ``{"testbeds": [...], "model_types": [...], "budgets": [...]}``.
         training, metrics: configuration and evaluation numbers (provenance).
@@ -134,11 +155,14 @@ class Policy:
         if list(m.observation_names) != list(OBSERVATION_NAMES):
             raise PolicyLoadError(f"{self.path}: the policy was trained on observations {m.observation_names}, "
                                   f"this ADO computes {list(OBSERVATION_NAMES)}")
-        if m.action.get("kind") != "share_of_remaining_lambda":
-            raise PolicyLoadError(f"{self.path}: unknown action kind {m.action.get('kind')!r}")
+        if m.action.get("kind") not in ACTION_KINDS:
+            raise PolicyLoadError(f"{self.path}: unknown action kind {m.action.get('kind')!r}; this ADO knows "
+                                  f"{sorted(ACTION_KINDS)}")
+        self.n_actions = ACTION_KINDS[m.action["kind"]]
         try:
             self.action_scale = float(m.action["action_scale"])
             self.min_share = float(m.action["min_share"])
+            self.order_dead_zone = float(m.action.get("order_dead_zone", ORDER_DEAD_ZONE))
             self._mean = np.asarray(m.normalisation["mean"], dtype=np.float64)
             self._std = np.maximum(np.sqrt(np.asarray(m.normalisation["var"], dtype=np.float64)),
                                    float(m.fallback.get("std_floor", STD_FLOOR)))
@@ -154,13 +178,16 @@ class Policy:
         self._input_name, self._output_names = m.input_name, [m.output_name]
 
     def act(self, observation: np.ndarray) -> np.ndarray:
-        """Deterministic actions [B] in [−1, 1] for raw observations [B, N_OBSERVATIONS] (normalisation is in the
-        graph)."""
+        """Deterministic actions [B, n_actions] in [−1, 1] for raw observations [B, N_OBSERVATIONS]
+        (normalisation is in the graph)."""
         o = np.ascontiguousarray(observation, dtype=np.float32)
         if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
             raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
         out = self._session.run(self._output_names, {self._input_name: o})[0]
-        a = out.reshape(o.shape[0], -1)[:, 0].astype(np.float64)
+        a = out.reshape(o.shape[0], -1).astype(np.float64)
+        if a.shape[1] != self.n_actions:
+            raise PolicyLoadError(f"{self.path}: the graph gives {a.shape[1]} action(s) per row, its action kind "
+                                  f"{self.manifest.action['kind']!r} needs {self.n_actions}")
         return np.minimum(np.maximum(a, -1.0), 1.0)   # (the graph clips already; cheap guard for other graphs)
 
     def out_of_range(self, observation: np.ndarray) -> list[str | None]:
@@ -184,13 +211,13 @@ class Policy:
         return reasons
 
     def decide(self, observation: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
-        """(actions [B], per-row fallback reason or None): rows out of the training range get action 0, the
-        heuristic's own step."""
+        """(actions [B, n_actions], per-row fallback reason or None): rows out of the training range get action 0,
+        the heuristic's own step and order."""
         reasons = self.out_of_range(observation)
         if not any(reasons):
             return self.act(observation), reasons
         ok = np.array([r is None for r in reasons])
-        actions = np.zeros(len(reasons))
+        actions = np.zeros((len(reasons), self.n_actions))
         if ok.any():
             actions[ok] = self.act(np.asarray(observation)[ok])
         return actions, reasons
@@ -251,6 +278,7 @@ def load_policy(spec: Any, device: str = "cpu") -> Policy:
     return _CACHE[key]
 
 
-__all__ = ["ACTION_SCALE", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS", "OBSERVATION_NAMES", "OOD_Z", "POLICY_DIR",
-           "Policy", "PolicyIntegrityError", "PolicyLoadError", "PolicyManifest", "bundled_policies", "load_policy",
-           "policy_observation", "resolve_policy_path", "share_from_action"]
+__all__ = ["ACTION_KINDS", "ACTION_SCALE", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS", "OBSERVATION_NAMES",
+           "OOD_Z", "ORDER_DEAD_ZONE", "POLICY_DIR", "Policy", "PolicyIntegrityError", "PolicyLoadError",
+           "PolicyManifest", "bundled_policies", "load_policy", "order_delta_from_action", "policy_observation",
+           "resolve_policy_path", "share_from_action"]

@@ -17,7 +17,12 @@ import numpy as np
 import torch
 
 from . import controller as ctl
-from .schedules import check_model_type, half_log_snr, sigma_from_half_log_snr, signal_scale
+from .schedules import (
+    check_model_type,
+    half_log_snr,
+    sigma_from_half_log_snr,
+    signal_scale,
+)
 from .solver import exponential_step, nan_guard, per_sample, scaled_error
 from .trace import StepRecord, Trace
 
@@ -282,7 +287,12 @@ def _quality_watch(opt, mode, ends_in_zero, lam_start, lam_lo, budget, trace):
     """Validate the monitor options and build the :class:`~adaptive_core.monitor.QualityWatch` of a run."""
     import warnings
 
-    from .monitor import MonitorLoadError, QualityMonitor, QualityWatch, load_monitor_cached
+    from .monitor import (
+        MonitorLoadError,
+        QualityMonitor,
+        QualityWatch,
+        load_monitor_cached,
+    )
     target, spec = opt["quality_target"], opt["monitor"]
     if target is not None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
@@ -339,6 +349,7 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
     estimates = None   # (remaining, reference) per sample, when a quality watch runs
     prev_estimate = None  # (λ, remaining) of the previous call
     labels = None  # per-sample decision labels of a policy step (trace)
+    order_delta = None  # per-sample solver-order change a policy chose for the next step (None: the heuristic's)
 
     while True:
         sigma_eval = _sig(lam_eval, model_type)
@@ -419,8 +430,9 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
                 lam_next = _land_on_target(lam_next, lam_eval, estimates[0], prev_estimate, target,
                                            running & ~finishing & ~(plan_idx >= n_intervals))
             if policy is not None:
-                lam_next, labels = _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_next,
-                                                watch.last_features, estimates, running & ~finishing, opt, trace, nfe)
+                lam_next, labels, order_delta = _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo,
+                                                             lam_next, watch.last_features, estimates,
+                                                             running & ~finishing, opt, trace, nfe)
         if watch is not None:
             prev_estimate = (lam_eval.copy(), np.asarray(estimates[0], dtype=np.float64).copy())
         if trace is not None:
@@ -449,7 +461,8 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
             raise RuntimeError("internal error: the budget is spent before every sample reached the end")
         lam_next = np.where(done, lam_acc, lam_next)
         x_pred, order = _predict(x_acc, lam_acc, lam_next, hist_lam, hist_d, hist_n, max_order, model_type,
-                                 opt["predictor"], opt["high_order_max_step"], hist_e if noise_form else None)
+                                 opt["predictor"], opt["high_order_max_step"], hist_e if noise_form else None,
+                                 order_delta)
         order_used = np.where(done, order_used, order)
         x_eval = _select(done, x_acc, x_pred)
         lam_eval = lam_next
@@ -496,21 +509,35 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     the budget is never exceeded; a share of 1 ends the image early.  Where the policy moved a point, the rest of
     that image's plan is re-laid from it (uniform in σ^{1/ρ}, as the first plan).  Rows whose observation is out
     of the training range keep the heuristic step (the policy's ``decide`` says so) and the trace notes it.
-    Returns (λ_next [B], decision labels [B] or None).
+    A policy with a second action also picks the solver order of the step
+    (:func:`adaptive_core.policy.order_delta_from_action`).
+    Returns (λ_next [B], decision labels [B] or None, order change [B] or None).
     """
-    from .policy import policy_observation, share_from_action
+    from .policy import (
+        ORDER_DEAD_ZONE,
+        order_delta_from_action,
+        policy_observation,
+        share_from_action,
+    )
     B = lam_acc.shape[0]
     free = eligible & (plan_idx < n_intervals)   # the last evaluation is forced onto the end point
     if not free.any():
-        return lam_planned, None
+        return lam_planned, None, None
     start = ctl.planning_start(lam_acc)
     span = np.maximum(lam_lo - start, 1e-12)
     base = np.clip((lam_planned - start) / span, 1e-6, 1.0)
     obs = policy_observation(features, estimates, base)
     rows = np.flatnonzero(free)
     actions, reasons = policy.decide(obs[rows])
-    share = share_from_action(base[rows], actions, float(getattr(policy, "action_scale")),
+    actions = np.asarray(actions, dtype=np.float64)
+    actions = actions.reshape(len(rows), -1)
+    share = share_from_action(base[rows], actions[:, 0], float(getattr(policy, "action_scale")),
                               float(getattr(policy, "min_share")))
+    order_delta = None
+    if actions.shape[1] > 1:   # fallback rows act 0: the heuristic's order
+        order_delta = np.zeros(B, dtype=np.int64)
+        order_delta[rows] = order_delta_from_action(actions[:, 1], float(getattr(policy, "order_dead_zone",
+                                                                                  ORDER_DEAD_ZONE)))
     lam_next = lam_planned.copy()
     labels: list = [None] * B
     rho = opt["rho"] if not isinstance(opt["rho"], str) else DEFAULTS["rho"]
@@ -522,12 +549,12 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
             continue
         labels[b] = "policy"
         new = float(lam_lo[b]) if share[k] >= 1.0 else float(min(start[b] + share[k] * span[b], lam_lo[b]))
-        if new != lam_next[b]:
+        if abs(new - lam_next[b]) > 1e-9 * max(1.0, abs(new)):   # (a = 0 is the planned point, up to rounding)
             lam_next[b] = new
             i = int(plan_idx[b])
             plan[b, i:] = ctl.plan_lambdas(np.array([new]), lam_lo[b:b + 1], n_intervals - i, float(rho))[0] \
                 if n_intervals - i >= 1 else new
-    return lam_next, labels
+    return lam_next, labels, order_delta
 
 
 def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam_lo, evals_left, ends_in_zero):
@@ -618,19 +645,24 @@ def _nodes(hist_lam, hist_n, lam_s, count):
 
 
 def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type, weights="exact",
-             high_order_max_step=None, hist_e=None):
+             high_order_max_step=None, hist_e=None, order_delta=None):
     """Predictor x_s → x_t with per-sample order min(max_order, finite history); returns (x_t, order).
 
     With ``high_order_max_step``, orders above 2 are used only for steps of at most that many units of λ
     (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps).
     ``hist_e`` (ε̂ history) selects the noise-prediction form, except for steps from pure noise.
+    ``order_delta`` (per sample, a policy's choice, :func:`adaptive_core.policy.order_delta_from_action`):
+    −1 lowers that order by one (at least 1), +1 drops the long-step limit, 0 keeps it.
     """
     noise = hist_e is not None and bool(np.isfinite(lam_s).all())
     values = hist_e if noise else hist_d
-    order = np.clip(hist_n, 1, max_order)
+    history_order = np.clip(hist_n, 1, max_order)
+    order = history_order
     h = lam_t - lam_s
     if high_order_max_step is not None:
         order = np.where(h > high_order_max_step, np.minimum(order, 2), order)
+    if order_delta is not None:
+        order = np.where(order_delta > 0, history_order, np.where(order_delta < 0, np.maximum(order - 1, 1), order))
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)
     alpha_t = _alpha(sigma_t, model_type)
     out = None

@@ -15,15 +15,17 @@ import torch
 from adaptive_core import sample_adaptive
 from adaptive_core.bench.run import host_sigmas
 from adaptive_core.policy import (MANIFEST_FORMAT, N_OBSERVATIONS, OBSERVATION_NAMES, Policy, PolicyIntegrityError,
-                                  PolicyLoadError, PolicyManifest, load_policy, share_from_action)
+                                  PolicyLoadError, PolicyManifest, load_policy, order_delta_from_action,
+                                  share_from_action)
 from adaptive_core.testbeds import make_testbed
 from adaptive_core.trace import Trace
 
 pytest.importorskip("onnxruntime")
 
 
-def _write_policy(folder, module, name="hand", ood_z=6.0):
-    """Export ``module`` (raw observation [B, N] → action [B, 1]) with a unit normalisation and write its manifest."""
+def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaining_lambda"):
+    """Export ``module`` (raw observation [B, N] → action [B, 1] or [B, 2] for ``kind="share_and_order"``) with a
+    unit normalisation and write its manifest."""
     pytest.importorskip("onnxscript")
     from adaptive_core.learned import sha256_of_file
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def _write_policy(folder, module, name="hand", ood_z=6.0):
     m = PolicyManifest(onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path),
                        normalisation={"applied_in_graph": True, "mean": [0.0] * N_OBSERVATIONS,
                                       "var": [4.0] * N_OBSERVATIONS, "epsilon": 1e-8, "clip_obs": 10.0},
-                       action={"kind": "share_of_remaining_lambda", "action_scale": float(np.log(4.0)), "min_share": 0.02},
+                       action={"kind": kind, "action_scale": float(np.log(4.0)), "min_share": 0.02},
                        fallback={"ood_z": ood_z, "std_floor": 0.05})
     path = folder / f"{name}.json"
     path.write_text(m.to_json())
@@ -42,10 +44,10 @@ def _write_policy(folder, module, name="hand", ood_z=6.0):
 
 
 class _Tanh(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, n_out=1):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(N_OBSERVATIONS, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.net = torch.nn.Sequential(torch.nn.Linear(N_OBSERVATIONS, 8), torch.nn.Tanh(), torch.nn.Linear(8, n_out))
 
     def forward(self, observation):
         return torch.clamp(self.net(observation), -1.0, 1.0)
@@ -57,15 +59,16 @@ def hand_policy(tmp_path_factory):
 
 
 class _Constant:
-    """A controller object that always answers ``value`` (to drive the sampler to its limits)."""
+    """A controller object that always answers ``value`` (a step action, or a (step, order) pair) to drive the
+    sampler to its limits."""
 
     action_scale, min_share = float(np.log(4.0)), 0.02
 
     def __init__(self, value):
-        self.value = value
+        self.value = np.atleast_1d(np.asarray(value, dtype=np.float64))
 
     def decide(self, obs):
-        return np.full(obs.shape[0], self.value), [None] * obs.shape[0]
+        return np.tile(self.value, (obs.shape[0], 1)), [None] * obs.shape[0]
 
 
 class _Counting:
@@ -80,7 +83,7 @@ class _Counting:
 # --- run time -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_type", ["ve", "flow"])
-@pytest.mark.parametrize("value", [-1.0, 0.3, 1.0])
+@pytest.mark.parametrize("value", [-1.0, 0.3, 1.0, (-1.0, -1.0), (1.0, 1.0)])
 def test_budget_cap_holds_under_the_policy(model_type, value, hand_policy):
     tb = make_testbed("gaussian", model_type)
     x = tb.noise(range(3))
@@ -91,9 +94,10 @@ def test_budget_cap_holds_under_the_policy(model_type, value, hand_policy):
                                   controller=controller, trace=trace)
             assert model.calls <= budget and torch.isfinite(out).all()
             assert all(trace.sample_nfe(b) <= budget for b in range(3))
-            if isinstance(controller, _Constant) and value == -1.0:
+            step = np.atleast_1d(value)[0]
+            if isinstance(controller, _Constant) and step == -1.0:
                 assert model.calls == budget            # the shortest steps still reach the end on the last call
-            if isinstance(controller, _Constant) and value == 1.0 and budget >= 5:
+            if isinstance(controller, _Constant) and step == 1.0 and budget >= 5:
                 assert model.calls < budget             # a share of 1 jumps to the end: the images stop early
 
 
@@ -181,6 +185,31 @@ def test_share_from_action_mapping():
     base = np.array([0.2, 0.2, 0.2, 0.9])
     s = share_from_action(base, np.array([0.0, 1.0, -1.0, 1.0]))
     assert np.allclose(s, [0.2, 0.8, 0.05, 1.0])
+    assert order_delta_from_action([-1.0, -0.5, -0.49, 0.0, 0.49, 0.5, 1.0]).tolist() == [-1, -1, 0, 0, 0, 1, 1]
+
+
+def _orders(trace, b=0):
+    return [r.order for r in trace.samples[b]]
+
+
+@pytest.mark.parametrize("model_type", ["ve", "flow"])
+def test_order_action_sets_the_solver_order(model_type):
+    tb = make_testbed("gmm_digits", model_type)
+    x = tb.noise(range(2))
+    runs = {}
+    for label, value in [("heuristic", None), ("same", (0.0, 0.0)), ("lower", (0.0, -1.0)), ("higher", (0.0, 1.0))]:
+        trace = Trace()
+        opts = {} if value is None else {"controller": _Constant(value)}
+        out = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type=model_type, trace=trace, **opts)
+        runs[label] = (out, _orders(trace))
+    assert torch.equal(runs["same"][0], runs["heuristic"][0])            # a₁ in the dead zone: the heuristic
+    assert runs["same"][1] == runs["heuristic"][1]
+    heur, lower, higher = runs["heuristic"][1], runs["lower"][1], runs["higher"][1]
+    assert len(lower) == len(heur)
+    # every policy-decided step is one order lower (at least 1); the last step's order is the heuristic's again
+    assert all(lo == max(h - 1, 1) for lo, h in zip(lower[1:-1], heur[1:-1]))
+    assert sum(lower) < sum(heur) and not torch.equal(runs["lower"][0], runs["heuristic"][0])
+    assert all(hi >= h for hi, h in zip(higher, heur)) and max(higher) <= 3
 
 
 # --- training (stable-baselines3 + gymnasium) ------------------------------------------------------------------------
@@ -191,16 +220,53 @@ def test_env_passes_check_env():
 
     from adaptive_core.tune.policy_env import SamplingEnv
     env = SamplingEnv(testbeds=[("gaussian", "ve"), ("gmm_digits", "flow")], budgets=[4, 6], seeds=range(6))
+    assert env.action_space.shape == (2,)   # step and solver order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=1)
     done, steps = False, 0
     while not done:
-        obs, reward, done, _, info = env.step(np.array([0.5], np.float32))
+        obs, reward, done, _, info = env.step(np.array([0.5, -1.0], np.float32))
         steps += 1
     assert steps == info["budget"] - 2 or info["nfe"] < info["budget"]
     assert np.isfinite(reward) and info["nfe"] <= info["budget"]
+    with pytest.raises(ValueError, match="shape"):
+        env.reset(seed=2)
+        env.step(np.array([0.5], np.float32))
+    env.close()
+    one = SamplingEnv(testbeds=[("gaussian", "flow")], budgets=[5], seeds=range(2), order_action=False)
+    assert one.action_space.shape == (1,)
+    one.close()
+
+
+def test_env_trained_testbed_draws_class_and_cfg(tmp_path, monkeypatch):
+    """mnist_unet episodes: a CFG scale drawn per episode, the class of the seed, a cached reference solve."""
+    pytest.importorskip("gymnasium")
+    from gymnasium.utils.env_checker import check_env
+
+    from adaptive_core.tune import policy_env
+    monkeypatch.setattr(policy_env, "CACHE_DIR", tmp_path / "cache")
+    env = policy_env.SamplingEnv(testbeds=[("mnist_unet", "flow")], budgets=[4], seeds=range(3), cfg_scales=(1.0, 2.0),
+                                 trained_seed_pool=2, reference_steps=16)
+    assert [c.key for c in env.configs] == ["mnist_unet-flow-cfg1", "mnist_unet-flow-cfg2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_env(env, skip_render_check=True)
+    seen = set()
+    for episode in range(12):
+        obs, info = env.reset(seed=100 + episode)
+        assert info["noise_seed"] in (0, 1)                      # the trained pool: the first 2 seeds
+        seen.add(info["config"])
+        done = False
+        while not done:
+            obs, reward, done, _, info = env.step(np.zeros(2, np.float32))
+        assert abs(reward) < 1e-6          # action 0 = the heuristic: the same image as the heuristic's run
+        assert env.testbeds[info["config"]].labels.tolist() == [info["noise_seed"] % 10]
+    assert seen == {0, 1}
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2    # one reference solve per CFG scale
+    x, ref = policy_env.noise_and_reference(env.configs[1], env.testbeds[1], [0, 1], 16)   # from the cache
+    assert torch.equal(ref, env._data[1][1])
     env.close()
 
 
@@ -240,7 +306,9 @@ def test_onnx_actions_equal_the_ppo_deterministic_actions(tiny_training):
     rng = np.random.default_rng(1)
     obs = (vecnorm.obs_rms.mean + np.sqrt(vecnorm.obs_rms.var) * rng.normal(size=(256, N_OBSERVATIONS)) * 3)
     obs = obs.astype(np.float32)
-    assert np.abs(policy.act(obs) - sb3_actions(model, vecnorm, obs)[:, 0]).max() <= 1e-5
+    got, want = policy.act(obs), sb3_actions(model, vecnorm, obs)
+    assert got.shape == want.shape == (256, 2)
+    assert np.abs(got - want).max() <= 1e-5
 
 
 def test_bundled_policies_load_and_respect_the_budget():

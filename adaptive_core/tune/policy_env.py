@@ -3,12 +3,15 @@ the Fly": PPO picks the next noise level during sampling) and AdaDiff (RL over s
 
 One episode is one run of :func:`adaptive_core.sample_adaptive` with ``controller=<this env's decider>`` on one
 testbed image: a random testbed/model type from the list, a random noise seed from the training pool and a random
-NFE budget.  The sampler itself runs the episode (in a worker thread that pauses at every decision), so training
-sees exactly the observations, action mapping, plan re-laying and budget rule of the run-time sampler.
+NFE budget; on the trained MNIST UNet (``mnist_unet``) also a class (the seed's, ``seed mod 10``, so a random
+seed is a random class) and a random classifier-free guidance scale from ``cfg_scales``.  The sampler itself runs
+the episode (in a worker thread that pauses at every decision), so training sees exactly the observations,
+action mapping, plan re-laying and budget rule of the run-time sampler.
 
 * observation: :data:`adaptive_core.policy.OBSERVATION_NAMES` (features, monitor estimates, heuristic share);
-* action: a ∈ [−1, 1], the next step as a share of the remaining λ-span around the heuristic's share
-  (:func:`adaptive_core.policy.share_from_action`); the last call is always on the end point;
+* action: (a₀, a₁) ∈ [−1, 1]²: the next step as a share of the remaining λ-span around the heuristic's share
+  (:func:`adaptive_core.policy.share_from_action`; the last call is always on the end point) and the solver
+  order of that step relative to the heuristic's (:func:`adaptive_core.policy.order_delta_from_action`);
 * reward (terminal only; 0 on intermediate steps)::
 
       r = log(RMSE_heuristic / RMSE_policy) + nfe_weight · (budget − NFE_used) / budget
@@ -18,21 +21,30 @@ sees exactly the observations, action mapping, plan re-laying and budget rule of
   magnitude weigh alike and is 0 for "as good as the heuristic" (so the return reads directly as the gain); the
   NFE term pays for stopping early (a share of 1), which is only worth it when it costs less than
   ``nfe_weight`` in log-error.
+
+References: exact for the analytic testbeds; for the trained UNet a fine solve of its ODE
+(:meth:`~adaptive_core.testbeds.trained.TrainedDenoiser.solve`, ``reference_steps`` λ-uniform steps, 128 by
+default: at NFE 5–10 ADO is 10–100× farther from it than it is from the 512-step solve), computed once per
+(model type, CFG, seed set) and cached under ``build/policy_env_cache`` (safetensors, keyed by the weights'
+sha256).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import queue
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from ..policy import ACTION_SCALE, MIN_SHARE, N_OBSERVATIONS
+from ..policy import ACTION_KINDS, ACTION_SCALE, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE
 from ..sampler import sample_adaptive
-from ..testbeds import make_testbed
+from ..testbeds import TRAINED_TESTBED_NAMES, make_testbed
 
 #: Default training testbeds (name, model type); gmm_digits-flow can be left out for the transfer measurement.
 TRAIN_TESTBEDS = (("gaussian", "ve"), ("gaussian", "flow"), ("gmm_digits", "ve"), ("gmm_digits", "flow"))
@@ -41,9 +53,90 @@ TRAIN_SEEDS = range(0, 512)
 #: Held-out noise seeds for evaluation (never in the training pool).
 EVAL_SEEDS = range(20000, 20032)
 OBS_BOUND = 20.0
-
+#: Classifier-free guidance scales drawn per episode on a trained testbed (Ho & Salimans 2022).
+TRAINED_CFG_SCALES = (1.0, 2.0)
+#: Training seeds of a trained testbed: the first this many of the pool (each needs a reference solve).
+TRAINED_SEED_POOL = 64
+#: Steps of a trained testbed's reference solve in training and evaluation (see the module docstring).
+TRAINED_REFERENCE_STEPS = 128
+#: Where the trained testbeds' references are cached (ignored by git).
+CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "policy_env_cache"
 
 _SHARED: dict[tuple, tuple] = {}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One sampling configuration of the env: a testbed, its model type and, for a trained testbed, the CFG
+    scale (None for an analytic one).  ``key`` names it in results (``gmm_digits-flow``, ``mnist_unet-ve-cfg2``)."""
+
+    name: str
+    model_type: str
+    cfg: float | None = None
+
+    @property
+    def key(self) -> str:
+        """Its name in results."""
+        base = f"{self.name}-{self.model_type}"
+        return base if self.cfg is None else f"{base}-cfg{self.cfg:g}"
+
+    @property
+    def trained(self) -> bool:
+        """Whether the testbed is a trained network (class labels, CFG, a solved reference)."""
+        return self.name in TRAINED_TESTBED_NAMES
+
+
+def configs_of(specs: Sequence[tuple[str, str]], cfg_scales: Sequence[float] = TRAINED_CFG_SCALES) -> list[Config]:
+    """The configurations of (name, model type) pairs: one per analytic pair, one per CFG scale for a trained one."""
+    out = []
+    for name, mt in specs:
+        if name in TRAINED_TESTBED_NAMES:
+            if not cfg_scales:
+                raise ValueError(f"{name}: a trained testbed needs at least one CFG scale")
+            out += [Config(name, mt, float(c)) for c in cfg_scales]
+        else:
+            out.append(Config(name, mt))
+    return out
+
+
+def class_labels(seeds: Sequence[int]) -> torch.Tensor:
+    """The class of each noise seed on a trained testbed: ``seed mod 10``."""
+    return torch.as_tensor([int(s) % 10 for s in seeds], dtype=torch.long)
+
+
+def make_config_testbed(config: Config):
+    """The testbed object of a configuration (the CFG scale set on a trained one)."""
+    if config.trained:
+        return make_testbed(config.name, config.model_type, cfg_scale=config.cfg)
+    return make_testbed(config.name, config.model_type)
+
+
+def noise_and_reference(config: Config, testbed, seeds: Sequence[int],
+                        reference_steps: int = TRAINED_REFERENCE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise x, reference output) for ``seeds``: the exact reference of an analytic testbed, or the cached
+    ``reference_steps``-step solve of a trained one (labels :func:`class_labels`, the config's CFG)."""
+    if not config.trained:
+        x = testbed.noise(list(seeds))
+        return x, testbed.reference(x)
+    from ..testbeds.train import weights_path
+    seeds = [int(s) for s in seeds]
+    digest = hashlib.sha256(weights_path(config.model_type).read_bytes()).hexdigest()[:16]
+    tag = hashlib.sha256(repr((seeds, int(reference_steps), config.cfg, digest)).encode()).hexdigest()[:16]
+    path = CACHE_DIR / f"{config.key}-{tag}.safetensors"
+    testbed.set_labels(class_labels(seeds))
+    x = testbed.noise(seeds, dtype=torch.float32)
+    if path.is_file():
+        from safetensors.torch import load_file
+        cached = load_file(str(path))
+        if torch.equal(cached["x"], x):
+            return x, cached["reference"]
+    ref = testbed.solve(x, int(reference_steps))
+    from safetensors.torch import save_file
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+    save_file({"x": x.contiguous(), "reference": ref.contiguous()}, str(tmp))
+    tmp.replace(path)   # atomic: env copies in other processes may write the same file
+    return x, ref
 
 
 class _Abort(Exception):
@@ -65,79 +158,99 @@ class _ThreadDecider:
     """The ``controller`` object handed to the sampler in an episode: hands each observation to the env and waits
     for its action (no fallback: training sees every row)."""
 
-    action_scale, min_share, name = ACTION_SCALE, MIN_SHARE, "training-env"
+    action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "training-env"
 
     def __init__(self) -> None:
         self.obs_q: queue.Queue = queue.Queue()
         self.act_q: queue.Queue = queue.Queue()
 
     def decide(self, observation: np.ndarray):
-        """Send the observation row to the env, return its action (batch of one)."""
+        """Send the observation row to the env, return its action row (batch of one)."""
         self.obs_q.put(("obs", np.asarray(observation[0], dtype=np.float32)))
         msg = self.act_q.get()
         if msg is None:
             raise _Abort()
-        return np.array([float(msg)]), [None]
+        return np.asarray(msg, dtype=np.float64).reshape(1, -1), [None]
 
 
 class SamplingEnv(gym.Env):
     """One sampling run per episode; see the module docstring for observation, action and reward.
 
     Args:
-        testbeds: (name, model type) pairs drawn uniformly per episode.
+        testbeds: (name, model type) pairs drawn uniformly per episode (a trained one then draws its CFG scale).
         budgets: NFE budgets drawn uniformly (≥ 4, so every episode has a decision).
-        seeds: the pool of noise seeds (training seeds; evaluation uses :data:`EVAL_SEEDS`).
+        seeds: the pool of noise seeds (training seeds; evaluation uses :data:`EVAL_SEEDS`); a trained testbed
+            uses its first ``trained_seed_pool``.
         nfe_weight: weight of the NFE saving in the reward.
+        cfg_scales: CFG scales of the trained testbeds.
+        order_action: whether the action has the solver-order entry (action kind ``share_and_order``) or only
+            the step (``share_of_remaining_lambda``).
+        reference_steps: steps of a trained testbed's reference solve.
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, testbeds: Sequence[tuple[str, str]] = TRAIN_TESTBEDS, budgets: Sequence[int] = TRAIN_BUDGETS,
-                 seeds: Sequence[int] = TRAIN_SEEDS, nfe_weight: float = 0.1) -> None:
+                 seeds: Sequence[int] = TRAIN_SEEDS, nfe_weight: float = 0.1,
+                 cfg_scales: Sequence[float] = TRAINED_CFG_SCALES, order_action: bool = True,
+                 trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS) -> None:
         super().__init__()
         if not testbeds:
             raise ValueError("testbeds must name at least one (testbed, model type) pair")
         if not budgets or min(budgets) < 4:
             raise ValueError(f"budgets must be ≥ 4 NFE (a run of fewer calls has no free decision), got {budgets}")
+        if not seeds:
+            raise ValueError("seeds must name at least one noise seed")
         self.specs = [tuple(t) for t in testbeds]
-        self.testbeds = [make_testbed(name, mt) for name, mt in self.specs]
+        self.configs = configs_of(self.specs, cfg_scales)
+        # per spec, the indices of its configurations (one, or one per CFG scale)
+        self._spec_configs = [[i for i, c in enumerate(self.configs) if (c.name, c.model_type) == spec]
+                              for spec in self.specs]
+        self.testbeds = [make_config_testbed(c) for c in self.configs]
         self.budgets, self.seeds, self.nfe_weight = [int(b) for b in budgets], list(seeds), float(nfe_weight)
+        self.trained_seeds = self.seeds[:max(1, int(trained_seed_pool))]
+        self.reference_steps = int(reference_steps)
+        self.action_kind = "share_and_order" if order_action else "share_of_remaining_lambda"
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (N_OBSERVATIONS,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_KINDS[self.action_kind],), np.float32)
         self._data: dict[int, tuple] = {}
-        self._index = {int(s): i for i, s in enumerate(self.seeds)}
         self._thread: threading.Thread | None = None
         self._decider: _ThreadDecider | None = None
         self._episode: dict = {}
 
     # --- data -------------------------------------------------------------------------------------------------
+    def seed_pool(self, k: int) -> list[int]:
+        """The training noise seeds of configuration k."""
+        return self.trained_seeds if self.configs[k].trained else self.seeds
+
     def _prepare(self, k: int) -> None:
-        """Noise, reference and the heuristic's per-image RMSE per budget for every seed of testbed k, batched
-        (decisions are per sample, so a batch gives each image's own result)."""
+        """Noise, reference and the heuristic's per-image RMSE per budget for every seed of configuration k,
+        batched (decisions are per sample, so a batch gives each image's own result)."""
         if k in self._data:
             return
-        key = (self.specs[k], tuple(self.seeds), tuple(self.budgets))
+        config, pool = self.configs[k], self.seed_pool(k)
+        key = (config, tuple(pool), tuple(self.budgets), self.reference_steps)
         if key not in _SHARED:   # shared by the env copies of a DummyVecEnv
             tb = self.testbeds[k]
-            x = tb.noise(self.seeds)
-            ref = tb.reference(x)
+            x, ref = noise_and_reference(config, tb, pool, self.reference_steps)
             heur = {}
             for budget in self.budgets:
                 out = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=tb.model_type)
                 heur[budget] = rmse_per_sample(out, ref)
-            _SHARED[key] = (x, ref, heur)
+            _SHARED[key] = (x, ref, heur, {int(s): i for i, s in enumerate(pool)})
         self._data[k] = _SHARED[key]
 
     def _noise_and_reference(self, k: int, seed: int):
         self._prepare(k)
-        i = self._index[seed]
-        x, ref, _ = self._data[k]
+        x, ref, _, index = self._data[k]
+        i = index[int(seed)]
         return x[i:i + 1], ref[i:i + 1]
 
     def heuristic_rmse(self, k: int, seed: int, budget: int) -> float:
-        """RMSE of ADO's default controller for testbed k, noise seed and budget."""
+        """RMSE of ADO's default controller for configuration k, noise seed and budget."""
         self._prepare(k)
-        return float(self._data[k][2][budget][self._index[seed]])
+        _, _, heur, index = self._data[k]
+        return float(heur[budget][index[int(seed)]])
 
     # --- episode thread -----------------------------------------------------------------------------------------
     def _stop_thread(self) -> None:
@@ -149,6 +262,8 @@ class SamplingEnv(gym.Env):
     def _start_thread(self, k: int, seed: int, budget: int) -> None:
         tb = self.testbeds[k]
         x, _ = self._noise_and_reference(k, seed)
+        if self.configs[k].trained:
+            tb.set_labels(class_labels([seed]))
         decider = _ThreadDecider()
 
         def run():
@@ -175,14 +290,20 @@ class SamplingEnv(gym.Env):
 
     # --- gym API ------------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        """Start a new sampling run; ``options`` may fix ``testbed`` (index), ``noise_seed`` and ``budget``."""
+        """Start a new sampling run; ``options`` may fix ``config`` (index into :attr:`configs`), ``noise_seed``
+        and ``budget``."""
         super().reset(seed=seed)
         self._stop_thread()
         options = options or {}
-        k = int(options.get("testbed", self.np_random.integers(len(self.testbeds))))
-        noise_seed = int(options.get("noise_seed", self.seeds[int(self.np_random.integers(len(self.seeds)))]))
+        if "config" in options:
+            k = int(options["config"])
+        else:
+            group = self._spec_configs[int(self.np_random.integers(len(self.specs)))]
+            k = group[int(self.np_random.integers(len(group)))]
+        pool = self.seed_pool(k)
+        noise_seed = int(options.get("noise_seed", pool[int(self.np_random.integers(len(pool)))]))
         budget = int(options.get("budget", self.budgets[int(self.np_random.integers(len(self.budgets)))]))
-        self._episode = {"testbed": k, "noise_seed": noise_seed, "budget": budget, "steps": 0}
+        self._episode = {"config": k, "noise_seed": noise_seed, "budget": budget, "steps": 0}
         self._start_thread(k, noise_seed, budget)
         msg = self._next()
         if msg[0] != "obs":  # cannot happen for budgets ≥ 4
@@ -190,10 +311,13 @@ class SamplingEnv(gym.Env):
         return self._clip(msg[1]), dict(self._episode)
 
     def step(self, action):
-        """Apply the step-size action; the episode ends when the sampler returns."""
+        """Apply the action (step size, and solver order where the action has it); the episode ends when the
+        sampler returns."""
         if self._decider is None:
             raise RuntimeError("call reset() before step()")
-        a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        if a.shape != self.action_space.shape:
+            raise ValueError(f"action must have shape {self.action_space.shape}, got {a.shape}")
         self._decider.act_q.put(a)
         self._episode["steps"] += 1
         msg = self._next()
@@ -202,12 +326,12 @@ class SamplingEnv(gym.Env):
         _, out, nfe = msg
         self._thread.join()
         self._thread, self._decider = None, None
-        k, seed, budget = self._episode["testbed"], self._episode["noise_seed"], self._episode["budget"]
+        k, seed, budget = self._episode["config"], self._episode["noise_seed"], self._episode["budget"]
         rmse = float(rmse_per_sample(out, self._noise_and_reference(k, seed)[1])[0])
         heur = self.heuristic_rmse(k, seed, budget)
         reward = math.log(max(heur, 1e-12) / max(rmse, 1e-12)) + self.nfe_weight * (budget - nfe) / budget
         info = {**self._episode, "rmse": rmse, "rmse_heuristic": heur, "nfe": nfe,
-                "testbed_name": "-".join(self.specs[k])}
+                "testbed_name": self.configs[k].key}
         obs = np.zeros(N_OBSERVATIONS, dtype=np.float32)
         return obs, float(reward), True, False, info
 
@@ -221,29 +345,34 @@ class SamplingEnv(gym.Env):
 
 
 def evaluate_controller(controller, specs: Sequence[tuple[str, str]], budgets: Sequence[int],
-                        seeds: Sequence[int] = EVAL_SEEDS, references: dict | None = None) -> dict:
-    """RMSE (over all elements of all ``seeds``, to the reference, as the benchmark) and mean NFE per (testbed-model type, budget) for ADO with
-    ``controller`` (None = the heuristic), on held-out seeds; all seeds in one batch (decisions are per sample).
-    ``references`` caches {(name, mt): (x, ref)} between calls.  Returns {"name-mt": {budget: {"rmse", "nfe"}}}."""
-    from ..trace import Trace
+                        seeds: Sequence[int] = EVAL_SEEDS, references: dict | None = None,
+                        cfg_scales: Sequence[float] = TRAINED_CFG_SCALES,
+                        reference_steps: int = TRAINED_REFERENCE_STEPS) -> dict:
+    """RMSE (over all elements of all ``seeds``, to the reference, as the benchmark) and mean NFE per
+    configuration (:func:`configs_of`) and budget for ADO with ``controller`` (None = the heuristic), on
+    held-out seeds; all seeds in one batch (decisions are per sample).  ``references`` caches
+    {config key: (testbed, x, ref)} between calls.  Returns {config key: {budget: {"rmse", "nfe"}}}."""
     from ..bench.metrics import rmse
+    from ..trace import Trace
     references = {} if references is None else references
     res: dict = {}
-    for name, mt in specs:
-        tb = make_testbed(name, mt)
-        if (name, mt) not in references:
-            x = tb.noise(list(seeds))
-            references[(name, mt)] = (x, tb.reference(x))
-        x, ref = references[(name, mt)]
+    for config in configs_of(specs, cfg_scales):
+        if config.key not in references:
+            tb = make_config_testbed(config)
+            references[config.key] = (tb, *noise_and_reference(config, tb, seeds, reference_steps))
+        tb, x, ref = references[config.key]
+        if config.trained:
+            tb.set_labels(class_labels(seeds))
         for budget in budgets:
             trace = Trace()
             opts = {} if controller is None else {"controller": controller}
-            out = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=mt, trace=trace, **opts)
+            out = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=config.model_type,
+                                  trace=trace, **opts)
             nfe = float(np.mean([trace.sample_nfe(b) for b in range(x.shape[0])]))
-            res.setdefault(f"{name}-{mt}", {})[int(budget)] = {"rmse": rmse(out, ref),
-                                                                "nfe": nfe}
+            res.setdefault(config.key, {})[int(budget)] = {"rmse": rmse(out, ref), "nfe": nfe}
     return res
 
 
-__all__ = ["EVAL_SEEDS", "SamplingEnv", "TRAIN_BUDGETS", "TRAIN_SEEDS", "TRAIN_TESTBEDS", "evaluate_controller",
-           "host_grid", "rmse_per_sample"]
+__all__ = ["CACHE_DIR", "Config", "EVAL_SEEDS", "SamplingEnv", "TRAIN_BUDGETS", "TRAIN_SEEDS", "TRAIN_TESTBEDS",
+           "TRAINED_CFG_SCALES", "TRAINED_REFERENCE_STEPS", "TRAINED_SEED_POOL", "class_labels", "configs_of",
+           "evaluate_controller", "host_grid", "make_config_testbed", "noise_and_reference", "rmse_per_sample"]

@@ -20,24 +20,27 @@ import torch
 from torch import nn
 
 from ..learned import sha256_of_file
-from ..policy import (ACTION_SCALE, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, STD_FLOOR,
-                      PolicyManifest)
-from .policy_env import EVAL_SEEDS, SamplingEnv, evaluate_controller
+from ..policy import (ACTION_KINDS, ACTION_SCALE, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES,
+                      OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest)
+from .policy_env import (EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL, SamplingEnv,
+                         configs_of, evaluate_controller)
+
+#: Default training testbeds of the CLI: the shipped analytic and trained testbeds, ve and flow.
+DEFAULT_TESTBEDS = "gaussian:ve,gaussian:flow,gmm_digits:ve,gmm_digits:flow,mnist_unet:ve,mnist_unet:flow"
 
 
 class SB3Decider:
     """A live SB3 model + VecNormalize as a sampler ``controller`` (deterministic actions, no fallback)."""
 
-    action_scale, min_share, name = ACTION_SCALE, MIN_SHARE, "sb3-ppo"
+    action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "sb3-ppo"
 
     def __init__(self, model, vecnorm) -> None:
         self.model, self.vecnorm = model, vecnorm
 
     def decide(self, observation: np.ndarray):
-        """Deterministic PPO actions for raw observation rows."""
-        obs = self.vecnorm.normalize_obs(np.asarray(observation, dtype=np.float32))
-        act, _ = self.model.predict(obs, deterministic=True)
-        return np.asarray(act, dtype=np.float64).reshape(-1), [None] * len(act)
+        """Deterministic PPO actions [B, n_actions] for raw observation rows."""
+        act = sb3_actions(self.model, self.vecnorm, observation)
+        return act, [None] * len(act)
 
 
 def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
@@ -47,28 +50,34 @@ def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
     return {"per_testbed": ratios, "geomean": float(np.exp(np.mean(np.log(flat))))}
 
 
-def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int):
-    """``n_envs`` monitored SamplingEnv copies in a DummyVecEnv or SubprocVecEnv."""
+def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int, **env_kwargs):
+    """``n_envs`` monitored SamplingEnv copies in a DummyVecEnv or SubprocVecEnv (``env_kwargs``: the other
+    :class:`~.policy_env.SamplingEnv` arguments)."""
     from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
     cls = SubprocVecEnv if vec == "subproc" else DummyVecEnv
     return sb3_make_vec_env(SamplingEnv, n_envs=n_envs, seed=seed, vec_env_cls=cls,
-                            env_kwargs=dict(testbeds=specs, budgets=budgets, seeds=seeds, nfe_weight=nfe_weight))
+                            env_kwargs=dict(testbeds=specs, budgets=budgets, seeds=seeds, nfe_weight=nfe_weight,
+                                            **env_kwargs))
 
 
 def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy", seed: int = 0,
           train_seeds=range(256), eval_seeds=EVAL_SEEDS, eval_every: int = 4096, nfe_weight: float = 0.1,
           lr: float = 3e-4, n_steps: int = 128, batch_size: int = 128, n_epochs: int = 10, ent_coef: float = 0.0,
           log_std_init: float = -1.0, hidden: int = 64, logdir: Path | None = None, progress: bool = True,
-          init: Path | None = None):
+          init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
+          trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations (timestep, episodes, mean log-ratio reward on held-out seeds, RMSE ratio vs heuristic).
-    ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from."""
+    ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
+    ``trained_seed_pool``, ``reference_steps``: see :class:`~.policy_env.SamplingEnv`."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
     torch.manual_seed(seed)
-    venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed)
+    env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
+                      reference_steps=reference_steps)
+    venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
     if init is not None:
         load_vecnorm_stats(vecnorm, Path(init).with_suffix(".vecnorm.npz"))
@@ -82,12 +91,13 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                     policy_kwargs=dict(net_arch=dict(pi=[hidden, hidden], vf=[hidden, hidden]),
                                        log_std_init=log_std_init))
     references: dict = {}
-    heur = evaluate_controller(None, specs, budgets, eval_seeds, references)
+    eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
+    heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
     history = {"episodes": [], "evals": []}
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
-        res = evaluate_controller(SB3Decider(model, vecnorm), specs, budgets, eval_seeds, references)
+        res = evaluate_controller(SB3Decider(model, vecnorm), specs, budgets, eval_seeds, references, **eval_kwargs)
         vecnorm.training = True
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
@@ -161,7 +171,7 @@ class DeterministicActor(nn.Module):
 
 
 def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
-    """SB3's deterministic actions for raw observations (VecNormalize applied as in training), [R, 1]."""
+    """SB3's deterministic actions for raw observations (VecNormalize applied as in training), [R, n_actions]."""
     act, _ = model.predict(vecnorm.normalize_obs(np.asarray(obs, dtype=np.float32)), deterministic=True)
     return np.asarray(act, dtype=np.float64).reshape(len(obs), -1)
 
@@ -171,6 +181,10 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
     equal SB3's deterministic actions on random observations to 1e-5.  Returns the manifest path."""
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    n_actions = int(model.action_space.shape[0])
+    kind = {n: k for k, n in ACTION_KINDS.items()}.get(n_actions)
+    if kind is None:
+        raise ValueError(f"the model has {n_actions} actions; a policy has one of {sorted(ACTION_KINDS.values())}")
     actor = DeterministicActor(model, vecnorm).eval()
     example = torch.randn(4, N_OBSERVATIONS)
     torch.onnx.export(actor, (example,), str(onnx_path), input_names=["observation"], output_names=["action"],
@@ -190,9 +204,12 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
         normalisation={"applied_in_graph": True, "formula": "clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)",
                        "mean": [float(v) for v in rms.mean], "var": [float(v) for v in rms.var],
                        "epsilon": float(vecnorm.epsilon), "clip_obs": float(vecnorm.clip_obs)},
-        action={"kind": "share_of_remaining_lambda", "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
-                "formula": "share = clip(base_share * exp(action_scale * clip(a, -1, 1)), min_share, 1); "
-                           "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"},
+        action={"kind": kind, "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
+                **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}),
+                "formula": "share = clip(base_share * exp(action_scale * clip(a[0], -1, 1)), min_share, 1); "
+                           "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"
+                           + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= order_dead_zone, "
+                              "else 0 (the heuristic's)" if n_actions > 1 else "")},
         fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
                   "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
                           "ood_z * max(sqrt(var), std_floor) from the training mean"},
@@ -244,8 +261,17 @@ def main(argv) -> int:
     repo = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy",
                                  description="Train ADO's PPO step policy on the testbeds and export ONNX + manifest.")
-    ap.add_argument("--testbeds", default="gaussian:ve,gaussian:flow,gmm_digits:ve,gmm_digits:flow")
+    ap.add_argument("--testbeds", default=DEFAULT_TESTBEDS,
+                    help="NAME:MODEL_TYPE pairs, comma-separated (the analytic testbeds and the trained mnist_unet)")
     ap.add_argument("--budgets", default="5,6,8,10", help="NFE budgets drawn per episode (each ≥ 4)")
+    ap.add_argument("--cfg", default=",".join(f"{c:g}" for c in TRAINED_CFG_SCALES),
+                    help="CFG scales drawn per episode on a trained testbed (comma-separated)")
+    ap.add_argument("--trained-seeds", type=int, default=TRAINED_SEED_POOL,
+                    help="training noise seeds of a trained testbed (each needs a reference solve, cached in build/)")
+    ap.add_argument("--reference-steps", type=int, default=TRAINED_REFERENCE_STEPS,
+                    help="steps of a trained testbed's reference solve")
+    ap.add_argument("--no-order-action", action="store_true",
+                    help="the policy picks the step size only, not the solver order")
     ap.add_argument("--timesteps", type=int, default=50_000, help="environment steps (decisions) to train")
     ap.add_argument("--n-envs", type=int, default=4)
     ap.add_argument("--vec", choices=("dummy", "subproc"), default="dummy",
@@ -278,15 +304,25 @@ def main(argv) -> int:
     torch.set_num_threads(1)
     specs = parse_specs(args.testbeds)
     budgets = [int(b) for b in args.budgets.split(",")]
+    try:
+        cfg_scales = tuple(float(c) for c in args.cfg.split(","))
+    except ValueError:
+        ap.error(f"--cfg must be comma-separated numbers, got {args.cfg!r}")
+    if any(not np.isfinite(c) or c < 0 for c in cfg_scales):
+        ap.error(f"--cfg scales must be finite and ≥ 0, got {args.cfg!r}")
+    if args.trained_seeds < 1 or args.reference_steps < 8:
+        ap.error("need --trained-seeds ≥ 1 and --reference-steps ≥ 8")
+    env_args = dict(cfg_scales=cfg_scales, order_action=not args.no_order_action,
+                    trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps)
     eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
     if args.trials > 0:
-        return search(args, specs, budgets, eval_seeds, repo)
+        return search(args, specs, budgets, eval_seeds, repo, env_args)
     model, vecnorm, history = train(
         specs, budgets, timesteps=args.timesteps, n_envs=args.n_envs, vec=args.vec, seed=args.seed,
         train_seeds=range(args.train_seeds), eval_seeds=eval_seeds, eval_every=args.eval_every,
         nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
-        init=args.init)
+        init=args.init, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
@@ -298,14 +334,16 @@ def main(argv) -> int:
                "training_episodes": len(history["episodes"]), "train_seconds": round(history["train_seconds"], 1)}
     training = {"command": "python -m adaptive_core.tune policy " + " ".join(argv), "algorithm": "PPO (stable-baselines3)",
                 "timesteps": int(model.num_timesteps), "n_envs": args.n_envs, "vec": args.vec, "seed": args.seed,
-                "train_seeds": [0, args.train_seeds], "nfe_weight": args.nfe_weight,
+                "train_seeds": [0, args.train_seeds], "trained_testbed_seeds": [0, args.trained_seeds],
+                "reference_steps": args.reference_steps, "nfe_weight": args.nfe_weight,
                 "ppo": {"learning_rate": args.lr, "n_steps": args.n_steps, "batch_size": args.batch_size,
                         "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": "log(RMSE_heuristic / RMSE_policy) + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
     trained_on = {"testbeds": [f"{n}-{m}" for n, m in specs], "model_types": sorted({m for _, m in specs}),
-                  "budgets": budgets}
+                  "budgets": budgets, "cfg_scales": list(cfg_scales),
+                  "configurations": [c.key for c in configs_of(specs, cfg_scales)]}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = export_policy(model, vecnorm, args.out_dir / f"{args.name}.onnx", trained_on=trained_on,
                              training=training, metrics=metrics)
@@ -318,7 +356,7 @@ def main(argv) -> int:
     return 0
 
 
-def search(args, specs, budgets, eval_seeds, repo: Path) -> int:
+def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     """Optuna search (TPE sampler; Akiba et al. 2019) over PPO's learning rate, entropy coefficient, initial
     log-std, rollout length and the reward's NFE weight.  The objective is the geometric-mean RMSE ratio of the
     deterministic policy to the heuristic on the held-out evaluation seeds (lower is better; independent of the
@@ -340,7 +378,7 @@ def search(args, specs, budgets, eval_seeds, repo: Path) -> int:
         _, _, history = train(specs, budgets, timesteps=args.timesteps, n_envs=args.n_envs, vec=args.vec,
                               seed=args.seed + trial.number, train_seeds=range(args.train_seeds),
                               eval_seeds=eval_seeds, eval_every=args.eval_every, batch_size=args.batch_size,
-                              logdir=None, progress=False, **params)
+                              logdir=None, progress=False, **params, **env_args)
         return history["final"]["ratio"]["geomean"]
 
     study.optimize(objective, n_trials=args.trials)
