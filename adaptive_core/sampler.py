@@ -17,12 +17,7 @@ import numpy as np
 import torch
 
 from . import controller as ctl
-from .schedules import (
-    check_model_type,
-    half_log_snr,
-    sigma_from_half_log_snr,
-    signal_scale,
-)
+from .schedules import check_model_type, half_log_snr, sigma_from_half_log_snr, signal_scale
 from .solver import exponential_step, nan_guard, per_sample, scaled_error
 from .trace import StepRecord, Trace
 
@@ -287,12 +282,7 @@ def _quality_watch(opt, mode, ends_in_zero, lam_start, lam_lo, budget, trace):
     """Validate the monitor options and build the :class:`~adaptive_core.monitor.QualityWatch` of a run."""
     import warnings
 
-    from .monitor import (
-        MonitorLoadError,
-        QualityMonitor,
-        QualityWatch,
-        load_monitor_cached,
-    )
+    from .monitor import MonitorLoadError, QualityMonitor, QualityWatch, load_monitor_cached
     target, spec = opt["quality_target"], opt["monitor"]
     if target is not None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
@@ -513,12 +503,7 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     (:func:`adaptive_core.policy.order_delta_from_action`).
     Returns (λ_next [B], decision labels [B] or None, order change [B] or None).
     """
-    from .policy import (
-        ORDER_DEAD_ZONE,
-        order_delta_from_action,
-        policy_observation,
-        share_from_action,
-    )
+    from .policy import ORDER_DEAD_ZONE, order_delta_from_action, policy_observation, share_from_action
     B = lam_acc.shape[0]
     free = eligible & (plan_idx < n_intervals)   # the last evaluation is forced onto the end point
     if not free.any():

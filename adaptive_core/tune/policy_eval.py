@@ -53,13 +53,7 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     from ..bench.metrics import rmse
     from ..bench.run import best_peer, run_method
     from ..policy import load_policy
-    from .policy_env import (
-        TRAINED_CFG_SCALES,
-        TRAINED_REFERENCE_STEPS,
-        class_labels,
-        configs_of,
-        evaluate_controller,
-    )
+    from .policy_env import TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, class_labels, configs_of, evaluate_controller
     cfg_scales = TRAINED_CFG_SCALES if cfg_scales is None else tuple(cfg_scales)
     reference_steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
     policy = load_policy(policy_path)
