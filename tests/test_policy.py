@@ -349,3 +349,26 @@ def test_host_option_selects_a_bundled_policy():
         assert "controller" not in hc.sampler_kwargs({**values, "ado_mode": "tolerance"})[0]
     with pytest.raises(ValueError, match="ado_controller"):
         hc.sampler_kwargs({"ado_controller": "policy:nope"})
+
+
+def test_optuna_search_two_workers_share_one_study(tmp_path, capsys):
+    """Two `policy --trials` runs (as two workers would) on one storage make one study; `policy-study` lists every
+    trial with the worker that ran it."""
+    pytest.importorskip("optuna")
+    pytest.importorskip("stable_baselines3")
+    from adaptive_core.tune.policy_train import main, study_main
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["--trials", "1", "--timesteps", "64", "--n-envs", "1", "--n-steps", "32", "--batch-size", "32",
+            "--train-seeds", "4", "--eval-seeds", "2", "--testbeds", "gaussian:ve", "--budgets", "5",
+            "--storage", storage, "--study", "shared"]
+    assert main(args + ["--seed", "0"]) == 0
+    assert main(args + ["--seed", "7"]) == 0
+    import optuna
+    study = optuna.load_study(study_name="shared", storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and all(t.value > 0 and t.user_attrs["worker"] for t in done)
+    capsys.readouterr()
+    assert study_main(["--storage", storage, "--study", "shared", "--plot", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 |" in out and "| 1 |" in out and "best: trial" in out and (tmp_path / "s.png").stat().st_size > 0
+    assert study_main(["--storage", storage, "--study", "nope"]) == 2

@@ -1,6 +1,8 @@
 """``python -m adaptive_core.tune monitor ...`` (train and export the quality monitor),
 ``python -m adaptive_core.tune monitor-eval ...`` (measure it: docs/monitor/README.md) and
-``python -m adaptive_core.tune policy ...`` (train and export the PPO step policy: docs/policy/README.md)."""
+``python -m adaptive_core.tune policy ...`` (train and export the PPO step policy: docs/policy/README.md),
+``python -m adaptive_core.tune policy-eval ...`` (measure it) and ``python -m adaptive_core.tune policy-study ...``
+(the trials of a shared Optuna search)."""
 from __future__ import annotations
 
 import argparse
@@ -82,12 +84,15 @@ def monitor_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    """Dispatch ``monitor``, ``monitor-eval``, ``policy`` and ``policy-eval``."""
+    """Dispatch ``monitor``, ``monitor-eval``, ``policy``, ``policy-eval`` and ``policy-study``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval"):
-        print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval} [options]   "
+    if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval", "policy-study"):
+        print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval,policy-study} [options]   "
               "(-h after the command)")
         return 2
+    if argv[0] == "policy-study":
+        from .policy_train import study_main
+        return study_main(argv[1:])
     if argv[0] == "monitor":
         return monitor_main(argv[1:])
     if argv[0] == "policy":

@@ -363,13 +363,18 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     reward weights, so trials are comparable).  Several processes given the same ``--storage`` and ``--study``
     share one study (``load_if_exists``)."""
     import optuna
-    storage = args.storage or f"sqlite:///{repo / 'build' / 'policy_optuna.db'}"
+    storage = args.storage or default_storage(repo)
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=args.study, storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=None))
 
+    import os
+    import socket
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
     def objective(trial):
+        trial.set_user_attr("worker", worker)
         params = dict(lr=trial.suggest_float("lr", 1e-4, 1e-3, log=True),
                       ent_coef=trial.suggest_float("ent_coef", 1e-5, 1e-2, log=True),
                       log_std_init=trial.suggest_float("log_std_init", -2.0, 0.0),
@@ -388,5 +393,68 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     return 0
 
 
-__all__ = ["DeterministicActor", "SB3Decider", "export_policy", "main", "plot_learning_curve", "ratio_summary",
-           "sb3_actions", "search", "train"]
+def default_storage(repo: Path) -> str:
+    """The Optuna storage used when ``--storage`` is not given: a SQLite file under ``build/``."""
+    return f"sqlite:///{repo / 'build' / 'policy_optuna.db'}"
+
+
+def study_main(argv) -> int:
+    """``python -m adaptive_core.tune policy-study``: the trials of a (shared) Optuna study as a table — value,
+    parameters, which worker ran it, start and end — the best trial, and a PNG of the objective per trial
+    coloured by worker."""
+    import argparse
+
+    import optuna
+    repo = Path(__file__).resolve().parents[2]
+    ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy-study", description=study_main.__doc__)
+    ap.add_argument("--storage", default=None, help="Optuna storage URL (default: the SQLite file of `policy`)")
+    ap.add_argument("--study", default="ado_policy")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of the objective per trial, by worker")
+    args = ap.parse_args(argv)
+    storage = args.storage or default_storage(repo)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=storage)
+    except KeyError:
+        print(f"no study {args.study!r} in {storage}")
+        return 2
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not trials:
+        print(f"study {args.study!r} has no complete trial yet")
+        return 1
+    names = sorted({k for t in trials for k in t.params})
+    print("| trial | RMSE ratio vs heuristic | " + " | ".join(names) + " | worker | started | finished |")
+    print("|---|---|" + "---|" * len(names) + "---|---|---|")
+    for t in trials:
+        vals = " | ".join(f"{t.params[k]:.3g}" if isinstance(t.params.get(k), float) else str(t.params.get(k))
+                          for k in names)
+        print(f"| {t.number} | {t.value:.4f} | {vals} | {t.user_attrs.get('worker', '?')} | "
+              f"{t.datetime_start:%H:%M:%S} | {t.datetime_complete:%H:%M:%S} |")
+    best = study.best_trial
+    print(f"best: trial {best.number}, RMSE ratio {best.value:.4f}, {best.params}")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        workers = sorted({t.user_attrs.get("worker", "?") for t in trials})
+        for w in workers:
+            mine = [t for t in trials if t.user_attrs.get("worker", "?") == w]
+            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=f"worker {w}")
+        ax.plot([t.number for t in trials], np.minimum.accumulate([t.value for t in trials]), "k-", lw=1,
+                label="best so far")
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("trial")
+        ax.set_ylabel("RMSE ratio vs heuristic (held-out seeds)")
+        ax.set_yscale("log")
+        ax.set_title(f"Optuna study {args.study}: {len(trials)} trials, {len(workers)} workers", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=100)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+__all__ = ["DeterministicActor", "SB3Decider", "default_storage", "export_policy", "main", "plot_learning_curve",
+           "ratio_summary", "sb3_actions", "search", "study_main", "train"]
