@@ -356,6 +356,22 @@ def main(argv) -> int:
     return 0
 
 
+def join_study(optuna, name: str, storage: str, attempts: int = 6):
+    """Create the study or join it (``load_if_exists``).  Workers started together on an empty database race to
+    create Optuna's tables (one gets a duplicate-table or unique-key error from SQLAlchemy): that worker waits a
+    moment and joins the study the other made."""
+    import random
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
+                                       sampler=optuna.samplers.TPESampler(seed=None))
+        except Exception as e:   # sqlalchemy's errors; anything else re-raises on the last attempt
+            if attempt == attempts - 1 or not type(e).__module__.startswith("sqlalchemy"):
+                raise
+            print(f"storage busy ({type(e).__name__}: another worker is creating the study); retrying")
+            time.sleep(0.5 + random.random() * 2 ** attempt)
+
+
 def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     """Optuna search (TPE sampler; Akiba et al. 2019) over PPO's learning rate, entropy coefficient, initial
     log-std, rollout length and the reward's NFE weight.  The objective is the geometric-mean RMSE ratio of the
@@ -366,8 +382,7 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     storage = args.storage or default_storage(repo)
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=args.study, storage=storage, direction="minimize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=None))
+    study = join_study(optuna, args.study, storage)
 
     import os
     import socket
@@ -457,4 +472,4 @@ def study_main(argv) -> int:
 
 
 __all__ = ["DeterministicActor", "SB3Decider", "default_storage", "export_policy", "main", "plot_learning_curve",
-           "ratio_summary", "sb3_actions", "search", "study_main", "train"]
+           "join_study", "ratio_summary", "sb3_actions", "search", "study_main", "train"]
