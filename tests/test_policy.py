@@ -372,3 +372,11 @@ def test_optuna_search_two_workers_share_one_study(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 0 |" in out and "| 1 |" in out and "best: trial" in out and (tmp_path / "s.png").stat().st_size > 0
     assert study_main(["--storage", storage, "--study", "nope"]) == 2
+
+
+def test_episodes_to_final_reward():
+    from adaptive_core.tune.policy_train import episodes_to_final
+    evals = [{"episodes": e, "eval_reward": r} for e, r in [(0, 0.0), (10, 0.097), (20, 0.08), (30, 0.099), (40, 0.1)]]
+    got = episodes_to_final({"evals": evals})
+    assert got["first"] == 10 and got["stays"] == 30 and got["final_reward"] == 0.1
+    assert episodes_to_final({"evals": []})["first"] is None

@@ -138,6 +138,21 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     return model, vecnorm, history
 
 
+def episodes_to_final(history: dict, tolerance: float = 0.05) -> dict:
+    """How fast training got close to where it ended: the training episodes at the first held-out evaluation
+    whose reward is within ``tolerance`` (relative) of the final evaluation's (``"first"``), and at the first
+    one after which every evaluation stays within it (``"stays"``).  ``None`` where no evaluation qualifies."""
+    evals = history.get("evals", [])
+    if not evals:
+        return {"first": None, "stays": None, "final_reward": None, "tolerance": tolerance}
+    final = evals[-1]["eval_reward"]
+    band = tolerance * max(abs(final), 1e-12)
+    inside = [abs(e["eval_reward"] - final) <= band for e in evals]
+    first = next((e["episodes"] for e, ok in zip(evals, inside) if ok), None)
+    stays = next((evals[i]["episodes"] for i in range(len(evals)) if all(inside[i:])), None)
+    return {"first": first, "stays": stays, "final_reward": final, "tolerance": tolerance}
+
+
 def save_vecnorm_stats(vecnorm, path: Path) -> None:
     """VecNormalize's observation statistics as .npz (numbers only; SB3's own save pickles)."""
     rms = vecnorm.obs_rms
@@ -331,7 +346,8 @@ def main(argv) -> int:
     final = history["final"]
     metrics = {"eval_seeds": [eval_seeds.start, eval_seeds.stop], "heuristic": final["heuristic"],
                "rmse_ratio_vs_heuristic": final["ratio"], "evals": history["evals"],
-               "training_episodes": len(history["episodes"]), "train_seconds": round(history["train_seconds"], 1)}
+               "training_episodes": len(history["episodes"]), "train_seconds": round(history["train_seconds"], 1),
+               "episodes_to_within_5pct_of_final_eval": episodes_to_final(history)}
     training = {"command": "python -m adaptive_core.tune policy " + " ".join(argv), "algorithm": "PPO (stable-baselines3)",
                 "timesteps": int(model.num_timesteps), "n_envs": args.n_envs, "vec": args.vec, "seed": args.seed,
                 "train_seeds": [0, args.train_seeds], "trained_testbed_seeds": [0, args.trained_seeds],
@@ -350,8 +366,8 @@ def main(argv) -> int:
     curve = args.curve or args.out_dir / f"{args.name}_curve.png"
     plot_learning_curve(history, curve, f"PPO step policy {args.name}: {', '.join(trained_on['testbeds'])}")
     (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1, default=float) + "\n")
-    print(json.dumps({"rmse_ratio_vs_heuristic": final["ratio"], "train_seconds": round(history["train_seconds"], 1)},
-                     indent=1, default=float))
+    print(json.dumps({"rmse_ratio_vs_heuristic": final["ratio"], "train_seconds": round(history["train_seconds"], 1),
+                      "episodes_to_within_5pct_of_final_eval": episodes_to_final(history)}, indent=1, default=float))
     print(f"wrote {manifest}, {curve}, checkpoint {ckpt}")
     return 0
 
@@ -471,5 +487,5 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["DeterministicActor", "SB3Decider", "default_storage", "export_policy", "main", "plot_learning_curve",
+__all__ = ["DeterministicActor", "SB3Decider", "default_storage", "episodes_to_final", "export_policy", "main", "plot_learning_curve",
            "join_study", "ratio_summary", "sb3_actions", "search", "study_main", "train"]
