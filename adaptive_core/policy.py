@@ -176,6 +176,12 @@ class Policy:
                                                               PolicyLoadError, PolicyIntegrityError)
         check_io_names(self._session, m.input_name, m.output_name, self.path.parent / m.onnx_file, PolicyLoadError)
         self._input_name, self._output_names = m.input_name, [m.output_name]
+        try:   # one probe row: the graph must give the action width its manifest's kind says
+            self.act(self._mean.reshape(1, -1))
+        except PolicyLoadError:
+            raise
+        except Exception as e:
+            raise PolicyLoadError(f"{self.path}: the policy graph fails on an observation row ({e})") from None
 
     def act(self, observation: np.ndarray) -> np.ndarray:
         """Deterministic actions [B, n_actions] in [−1, 1] for raw observations [B, N_OBSERVATIONS]

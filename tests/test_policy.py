@@ -155,6 +155,9 @@ def test_manifest_mismatch_is_rejected(hand_policy, tmp_path):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(error):
             Policy(path)
+    path.write_text(json.dumps({**good, "action": {**good["action"], "kind": "share_and_order"}}))
+    with pytest.raises(PolicyLoadError, match="action"):     # a one-output graph under a two-action kind
+        Policy(path)
     path.write_text(json.dumps(good))
     (folder / good["onnx_file"]).write_bytes(b"not a graph")
     with pytest.raises(PolicyIntegrityError):
