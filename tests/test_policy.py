@@ -383,3 +383,18 @@ def test_episodes_to_final_reward():
     got = episodes_to_final({"evals": evals})
     assert got["first"] == 10 and got["stays"] == 30 and got["final_reward"] == 0.1
     assert episodes_to_final({"evals": []})["first"] is None
+
+
+def test_per_config_reward_scale():
+    pytest.importorskip("gymnasium")
+    from adaptive_core.tune.policy_env import REWARD_SCALE_WARMUP, SamplingEnv
+    env = SamplingEnv(testbeds=[("gaussian", "ve"), ("gaussian", "flow")], budgets=[5], seeds=range(2))
+    rng = np.random.default_rng(0)
+    wide = [env._reward_scale_of(0, r) for r in rng.normal(0, 2.0, 400)]
+    narrow = [env._reward_scale_of(1, r) for r in rng.normal(0, 0.2, 400)]
+    assert wide[:REWARD_SCALE_WARMUP] == [1.0] * REWARD_SCALE_WARMUP
+    assert abs(wide[-1] - 2.0) < 0.3 and abs(narrow[-1] - 0.2) < 0.03      # each configuration its own std
+    flat = SamplingEnv(testbeds=[("gaussian", "ve")], budgets=[5], seeds=range(2), reward_scale="none")
+    assert {flat._reward_scale_of(0, r) for r in rng.normal(0, 2.0, 50)} == {1.0}
+    with pytest.raises(ValueError, match="reward_scale"):
+        SamplingEnv(testbeds=[("gaussian", "ve")], budgets=[5], seeds=range(2), reward_scale="popart")

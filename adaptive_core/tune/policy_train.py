@@ -66,17 +66,20 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           lr: float = 3e-4, n_steps: int = 128, batch_size: int = 128, n_epochs: int = 10, ent_coef: float = 0.0,
           log_std_init: float = -1.0, hidden: int = 64, logdir: Path | None = None, progress: bool = True,
           init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
-          trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS):
+          trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
+          reward_scale: str = "per-config", order_log_std_init: float | None = -0.7):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations (timestep, episodes, mean log-ratio reward on held-out seeds, RMSE ratio vs heuristic).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
-    ``trained_seed_pool``, ``reference_steps``: see :class:`~.policy_env.SamplingEnv`."""
+    ``trained_seed_pool``, ``reference_steps``, ``reward_scale``: see :class:`~.policy_env.SamplingEnv`.
+    ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
+    because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
     torch.manual_seed(seed)
     env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
-                      reference_steps=reference_steps)
+                      reference_steps=reference_steps, reward_scale=reward_scale)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
     if init is not None:
@@ -90,6 +93,9 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                     tensorboard_log=str(logdir) if logdir else None,
                     policy_kwargs=dict(net_arch=dict(pi=[hidden, hidden], vf=[hidden, hidden]),
                                        log_std_init=log_std_init))
+        if order_action and order_log_std_init is not None:
+            with torch.no_grad():
+                model.policy.log_std[1] = float(order_log_std_init)
     references: dict = {}
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
@@ -113,7 +119,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
             for info in self.locals.get("infos", []):
                 if "episode" in info:
                     self.episodes += 1
-                    history["episodes"].append((int(self.num_timesteps), float(info["episode"]["r"])))
+                    history["episodes"].append((int(self.num_timesteps),
+                                                float(info.get("reward_raw", info["episode"]["r"]))))
             if self.last_eval < 0 or self.num_timesteps - self.last_eval >= eval_every:
                 self.last_eval = self.num_timesteps
                 summ = evaluate(self.num_timesteps, self.episodes)
@@ -300,7 +307,11 @@ def main(argv) -> int:
     ap.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per environment")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--ent-coef", type=float, default=0.0)
-    ap.add_argument("--log-std-init", type=float, default=-1.0)
+    ap.add_argument("--log-std-init", type=float, default=-1.0, help="initial log-std of the step action")
+    ap.add_argument("--order-log-std-init", type=float, default=-0.7,
+                    help="initial log-std of the solver-order action (it acts past |a| ≥ 0.5, so it explores wider)")
+    ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
+                    help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
@@ -328,7 +339,8 @@ def main(argv) -> int:
     if args.trained_seeds < 1 or args.reference_steps < 8:
         ap.error("need --trained-seeds ≥ 1 and --reference-steps ≥ 8")
     env_args = dict(cfg_scales=cfg_scales, order_action=not args.no_order_action,
-                    trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps)
+                    trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps,
+                    reward_scale=args.reward_scale, order_log_std_init=args.order_log_std_init)
     eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
     if args.trials > 0:
         return search(args, specs, budgets, eval_seeds, repo, env_args)
@@ -354,6 +366,7 @@ def main(argv) -> int:
                 "reference_steps": args.reference_steps, "nfe_weight": args.nfe_weight,
                 "ppo": {"learning_rate": args.lr, "n_steps": args.n_steps, "batch_size": args.batch_size,
                         "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
+                        "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": "log(RMSE_heuristic / RMSE_policy) + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
