@@ -67,11 +67,12 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           log_std_init: float = -1.0, hidden: int = 64, logdir: Path | None = None, progress: bool = True,
           init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
-          reward_scale: str = "per-config", order_log_std_init: float | None = -0.7):
+          reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations (timestep, episodes, mean log-ratio reward on held-out seeds, RMSE ratio vs heuristic).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
     ``trained_seed_pool``, ``reference_steps``, ``reward_scale``: see :class:`~.policy_env.SamplingEnv`.
+    ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
     because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore."""
     from stable_baselines3 import PPO
@@ -137,7 +138,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
             progress = False
     t0 = time.time()
     model.learn(total_timesteps=timesteps, callback=cb, progress_bar=progress, reset_num_timesteps=init is None,
-                tb_log_name="ppo")
+                tb_log_name=run_name)
     history["train_seconds"] = time.time() - t0
     summ = evaluate(model.num_timesteps, cb.episodes)
     history["final"] = {"heuristic": heur, "ratio": summ}
@@ -349,7 +350,7 @@ def main(argv) -> int:
         train_seeds=range(args.train_seeds), eval_seeds=eval_seeds, eval_every=args.eval_every,
         nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
-        init=args.init, **env_args)
+        init=args.init, run_name=args.name, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
