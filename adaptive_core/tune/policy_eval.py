@@ -89,6 +89,10 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
             "train_seconds": policy.manifest.metrics.get("train_seconds"), "torch": torch.__version__}
 
 
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "–"
+
+
 def markdown(res: dict) -> str:
     """The measurement as a markdown table."""
     trained = set(res["trained_on"].get("configurations", res["trained_on"].get("testbeds", [])))
@@ -98,8 +102,8 @@ def markdown(res: dict) -> str:
         peer = f"{r['best_peer']} {r['best_peer_rmse']:.4g}" if "best_peer" in r else "–"
         lines.append(f"| {r['testbed']} | {'yes' if r['testbed'] in trained else '**no (left out)**'} | {r['nfe']} | "
                      f"{r['heuristic']:.4g} | {r['policy']:.4g} ({r['policy_mean_nfe']:.2f}) | "
-                     f"{r['policy_vs_heuristic']:.3f} | {peer} | {r.get('policy_vs_best_peer', float('nan')):.3f} | "
-                     f"{r.get('policy_vs_bench_oracle', float('nan')):.3f} |")
+                     f"{r['policy_vs_heuristic']:.3f} | {peer} | {_ratio(r, 'policy_vs_best_peer')} | "
+                     f"{_ratio(r, 'policy_vs_bench_oracle')} |")
     return "\n".join(lines)
 
 
