@@ -259,7 +259,8 @@ def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="heuristic controller")
     ax.set_xlabel("environment steps (decisions)")
     ax.set_ylabel("reward (log RMSE ratio; > 0 beats the heuristic)")
-    ax.set_title(title, fontsize=10)
+    import textwrap
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +485,7 @@ def study_main(argv) -> int:
         workers = sorted({t.user_attrs.get("worker", "?") for t in trials})
         for w in workers:
             mine = [t for t in trials if t.user_attrs.get("worker", "?") == w]
-            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=f"worker {w}")
+            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=w if w.startswith("worker") else f"worker {w}")
         ax.plot([t.number for t in trials], np.minimum.accumulate([t.value for t in trials]), "k-", lw=1,
                 label="best so far")
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
