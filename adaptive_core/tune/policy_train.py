@@ -12,6 +12,10 @@ The SB3 zip checkpoint goes to an ignored ``build/`` folder only; nothing pickle
 from __future__ import annotations
 
 import json
+import os
+import random
+import socket
+import textwrap
 import time
 from pathlib import Path
 
@@ -259,7 +263,6 @@ def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="heuristic controller")
     ax.set_xlabel("environment steps (decisions)")
     ax.set_ylabel("reward (log RMSE ratio; > 0 beats the heuristic)")
-    import textwrap
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -391,7 +394,6 @@ def join_study(optuna, name: str, storage: str, attempts: int = 6):
     """Create the study or join it (``load_if_exists``).  Workers started together on an empty database race to
     create Optuna's tables (one gets a duplicate-table or unique-key error from SQLAlchemy): that worker waits a
     moment and joins the study the other made."""
-    import random
     for attempt in range(attempts):
         try:
             return optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
@@ -408,15 +410,12 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     log-std, rollout length and the reward's NFE weight.  The objective is the geometric-mean RMSE ratio of the
     deterministic policy to the heuristic on the held-out evaluation seeds (lower is better; independent of the
     reward weights, so trials are comparable).  Several processes given the same ``--storage`` and ``--study``
-    share one study (``load_if_exists``)."""
+    share one study (:func:`join_study`); each trial records the worker (``host:pid``) that ran it."""
     import optuna
     storage = args.storage or default_storage(repo)
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     study = join_study(optuna, args.study, storage)
-
-    import os
-    import socket
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial):
@@ -485,7 +484,8 @@ def study_main(argv) -> int:
         workers = sorted({t.user_attrs.get("worker", "?") for t in trials})
         for w in workers:
             mine = [t for t in trials if t.user_attrs.get("worker", "?") == w]
-            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=w if w.startswith("worker") else f"worker {w}")
+            label = w if w.startswith("worker") else f"worker {w}"
+            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=label)
         ax.plot([t.number for t in trials], np.minimum.accumulate([t.value for t in trials]), "k-", lw=1,
                 label="best so far")
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
