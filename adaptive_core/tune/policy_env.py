@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def noise_and_reference(config: Config, testbed, seeds: Sequence[int],
     ref = testbed.solve(x, int(reference_steps))
     from safetensors.torch import save_file
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
     save_file({"x": x.contiguous(), "reference": ref.contiguous()}, str(tmp))
     tmp.replace(path)   # atomic: env copies in other processes may write the same file
     return x, ref
