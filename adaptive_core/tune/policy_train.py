@@ -263,7 +263,7 @@ def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="heuristic controller")
     ax.set_xlabel("environment steps (decisions)")
     ax.set_ylabel("reward (log RMSE ratio; > 0 beats the heuristic)")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
