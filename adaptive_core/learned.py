@@ -82,7 +82,8 @@ def check_io_names(session, input_name: str, output_name: str, where, load_error
                          f"{input_name!r} / {output_name!r}")
 
 
-__all__ = ["check_io_names", "import_onnxruntime", "open_verified_session", "sha256_of_bytes", "sha256_of_file"]
+__all__ = ["JsonManifest", "check_io_names", "import_onnxruntime", "load_cached", "open_verified_session",
+           "parse_manifest", "sha256_of_bytes", "sha256_of_file"]
 
 
 def parse_manifest(text: str, cls, fmt: str, required: set[str], what: str, load_error: type[Exception]):
@@ -125,3 +126,21 @@ class JsonManifest:
     def from_json(cls, text: str):
         """Parse a manifest written by :meth:`to_json`; a wrong format, missing or unknown key raises ``LOAD_ERROR``."""
         return parse_manifest(text, cls, cls.FORMAT, cls.REQUIRED, cls.WHAT, cls.LOAD_ERROR)
+
+
+def load_cached(cache: dict, path: Path, manifest_cls: type[JsonManifest], device: str, build):
+    """``build(path, device)`` — a loaded monitor or policy — reused while its manifest and graph files are
+    unchanged (keyed by the manifest's resolved path, both files' mtimes and sizes, and the device; ``cache``
+    keeps one entry).  A manifest that cannot be read or parsed goes straight to ``build``, which raises the
+    error naming the problem."""
+    try:
+        st = path.stat()
+        manifest = manifest_cls.from_json(path.read_text())
+        graph = (path.parent / manifest.onnx_file).stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, graph.st_mtime_ns, graph.st_size, device)
+    except (OSError, manifest_cls.LOAD_ERROR):
+        return build(path, device)
+    if key not in cache:
+        cache.clear()
+        cache[key] = build(path, device)
+    return cache[key]

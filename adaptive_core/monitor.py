@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .learned import (JsonManifest, check_io_names, import_onnxruntime, open_verified_session, sha256_of_bytes,
-                      sha256_of_file)
+from .learned import (JsonManifest, check_io_names, import_onnxruntime, load_cached, open_verified_session,
+                      sha256_of_bytes, sha256_of_file)
 
 #: Manifest format tag (bumped when the manifest's meaning changes).
 MANIFEST_FORMAT = "ado-quality-monitor/1"
@@ -158,17 +158,7 @@ def load_monitor_cached(spec: Any = None, device: str = "cpu") -> QualityMonitor
         path = Path(spec).with_suffix(".json") if Path(spec).suffix == ".onnx" else Path(spec)
     else:
         return load_monitor(spec, device)  # raises the TypeError naming the problem
-    try:
-        st = path.stat()
-        manifest = MonitorManifest.from_json(path.read_text())
-        graph = (path.parent / manifest.onnx_file).stat()
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, graph.st_mtime_ns, graph.st_size, device)
-    except (OSError, MonitorLoadError):
-        return load_monitor(path, device)  # raises the error naming the problem
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = load_monitor(path, device)
-    return _CACHE[key]
+    return load_cached(_CACHE, path, MonitorManifest, device, load_monitor)
 
 
 class QualityWatch:

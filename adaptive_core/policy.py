@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .learned import JsonManifest, check_io_names, open_verified_session
+from .learned import JsonManifest, check_io_names, load_cached, open_verified_session
 
 #: Manifest format tag.
 MANIFEST_FORMAT = "ado-ppo-policy/1"
@@ -271,17 +271,7 @@ def load_policy(spec: Any, device: str = "cpu") -> Policy:
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"policy must be a name, a manifest path or a Policy, got {type(spec).__name__}")
     path = resolve_policy_path(spec)
-    try:
-        st = path.stat()
-        m = PolicyManifest.from_json(path.read_text())
-        g = (path.parent / m.onnx_file).stat()
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, g.st_mtime_ns, g.st_size, device)
-    except (OSError, PolicyLoadError):
-        return Policy(path, device)   # raises the error naming the problem
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = Policy(path, device)
-    return _CACHE[key]
+    return load_cached(_CACHE, path, PolicyManifest, device, Policy)
 
 
 __all__ = ["ACTION_KINDS", "ACTION_SCALE", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS", "OBSERVATION_NAMES",
