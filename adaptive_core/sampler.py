@@ -514,8 +514,7 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     obs = policy_observation(features, estimates, base)
     rows = np.flatnonzero(free)
     actions, reasons = policy.decide(obs[rows])
-    actions = np.asarray(actions, dtype=np.float64)
-    actions = actions.reshape(len(rows), -1)
+    actions = np.asarray(actions, dtype=np.float64).reshape(len(rows), -1)   # [rows, n_actions]
     share = share_from_action(base[rows], actions[:, 0], float(getattr(policy, "action_scale")),
                               float(getattr(policy, "min_share")))
     order_delta = None

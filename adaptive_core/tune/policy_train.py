@@ -484,8 +484,7 @@ def study_main(argv) -> int:
         workers = sorted({t.user_attrs.get("worker", "?") for t in trials})
         for w in workers:
             mine = [t for t in trials if t.user_attrs.get("worker", "?") == w]
-            label = w if w.startswith("worker") else f"worker {w}"
-            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=label)
+            ax.plot([t.number for t in mine], [t.value for t in mine], "o", label=w)
         ax.plot([t.number for t in trials], np.minimum.accumulate([t.value for t in trials]), "k-", lw=1,
                 label="best so far")
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
