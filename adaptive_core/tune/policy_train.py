@@ -2,7 +2,8 @@
 
 ``python -m adaptive_core.tune policy`` (see :func:`main`).  Training: SB3 PPO on vectorised
 :class:`~.policy_env.SamplingEnv` copies (DummyVecEnv, or SubprocVecEnv with ``--vec subproc`` to use several
-cores) under VecNormalize (running observation mean/variance; rewards are left raw, they are already log-ratios),
+cores) under VecNormalize (running observation mean/variance; rewards are left raw: they are already free of the
+testbed's error scale, and the env scales them per configuration),
 with SB3's TensorBoard logs, a progress bar, and a periodic evaluation of the deterministic policy on held-out
 seeds against the heuristic controller (logged and plotted).  Export: the deterministic actor (VecNormalize's
 normalisation and clipping, the MLP, the action mean, the clip to [−1, 1]) as one ONNX file, checked against
@@ -26,11 +27,16 @@ from torch import nn
 from ..learned import sha256_of_file
 from ..policy import (ACTION_KINDS, ACTION_SCALE, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES,
                       OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest)
-from .policy_env import (EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL, SamplingEnv,
-                         configs_of, evaluate_controller)
+from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
+                         SamplingEnv, configs_of, evaluate_controller)
 
 #: Default training testbeds of the CLI: the shipped analytic and trained testbeds, ve and flow.
 DEFAULT_TESTBEDS = "gaussian:ve,gaussian:flow,gmm_digits:ve,gmm_digits:flow,mnist_unet:ve,mnist_unet:flow"
+#: The reward's error terms as recorded in a manifest, per ``--error-reward`` (policy_env's module docstring).
+REWARD_TEXT = {"log-ratio": "log(RMSE_heuristic / RMSE_policy)",
+               "pooled-mse": "(RMSE_heuristic^2 - RMSE_policy^2) / mean_pool(RMSE_heuristic^2)",
+               "both": "log(RMSE_heuristic / RMSE_policy) + (RMSE_heuristic^2 - RMSE_policy^2) / "
+                       "mean_pool(RMSE_heuristic^2)"}
 
 
 class SB3Decider:
@@ -71,11 +77,13 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           log_std_init: float = -1.0, hidden: int = 64, logdir: Path | None = None, progress: bool = True,
           init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
-          reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo"):
+          reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
+          error_reward: str = "both"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations (timestep, episodes, mean log-ratio reward on held-out seeds, RMSE ratio vs heuristic).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
-    ``trained_seed_pool``, ``reference_steps``, ``reward_scale``: see :class:`~.policy_env.SamplingEnv`.
+    ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``: see
+    :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
     because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore."""
@@ -84,7 +92,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     from stable_baselines3.common.vec_env import VecNormalize
     torch.manual_seed(seed)
     env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
-                      reference_steps=reference_steps, reward_scale=reward_scale)
+                      reference_steps=reference_steps, reward_scale=reward_scale, error_reward=error_reward)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
     if init is not None:
@@ -256,13 +264,13 @@ def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy
         steps, rew = np.array(history["episodes"]).T
         w = max(1, min(200, len(rew) // 10))
         roll = np.convolve(rew, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], roll, lw=1, label=f"training episodes (rolling mean of {w})")
+        ax.plot(steps[w - 1:], roll, lw=1, label=f"training episode reward (rolling mean of {w})")
     if history["evals"]:
         ax.plot([e["timesteps"] for e in history["evals"]], [e["eval_reward"] for e in history["evals"]], "o-",
                 label="held-out seeds: −log(RMSE policy / heuristic)")
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="heuristic controller")
     ax.set_xlabel("environment steps (decisions)")
-    ax.set_ylabel("reward (log RMSE ratio; > 0 beats the heuristic)")
+    ax.set_ylabel("reward (> 0 beats the heuristic)")
     ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -317,6 +325,8 @@ def main(argv) -> int:
                     help="initial log-std of the solver-order action (it acts past |a| ≥ 0.5, so it explores wider)")
     ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
+    ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
+                    help="error terms of the reward: per-image log-ratio, pooled-MSE share, or both (policy_env)")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
@@ -345,7 +355,8 @@ def main(argv) -> int:
         ap.error("need --trained-seeds ≥ 1 and --reference-steps ≥ 8")
     env_args = dict(cfg_scales=cfg_scales, order_action=not args.no_order_action,
                     trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps,
-                    reward_scale=args.reward_scale, order_log_std_init=args.order_log_std_init)
+                    reward_scale=args.reward_scale, order_log_std_init=args.order_log_std_init,
+                    error_reward=args.error_reward)
     eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
     if args.trials > 0:
         return search(args, specs, budgets, eval_seeds, repo, env_args)
@@ -372,8 +383,9 @@ def main(argv) -> int:
                 "ppo": {"learning_rate": args.lr, "n_steps": args.n_steps, "batch_size": args.batch_size,
                         "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
                         "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
+                        "error_reward": args.error_reward,
                         "net_arch": [64, 64], "activation": "tanh"},
-                "reward": "log(RMSE_heuristic / RMSE_policy) + nfe_weight * (budget - NFE) / budget, at the end",
+                "reward": REWARD_TEXT[args.error_reward] + " + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
     trained_on = {"testbeds": [f"{n}-{m}" for n, m in specs], "model_types": sorted({m for _, m in specs}),
                   "budgets": budgets, "cfg_scales": list(cfg_scales),
