@@ -80,7 +80,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
-    evaluations (timestep, episodes, mean log-ratio reward on held-out seeds, RMSE ratio vs heuristic).
+    evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
+    pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
     ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``: see
     :class:`~.policy_env.SamplingEnv`.
