@@ -442,3 +442,26 @@ def test_policy_eval_rows_carry_per_image_numbers(tmp_path):
     assert lo < 0.7 and hi > 1.15
     with pytest.raises(ValueError, match="per-image"):
         pooled_ratio_interval([1.0, 2.0], [1.0])
+
+
+def test_keep_best_ends_with_the_best_evaluated_policy():
+    """--keep-best: the model handed back is the one of the best periodic evaluation (re-evaluated, it scores
+    exactly that), and episodes-to-final reads against it."""
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("stable_baselines3")
+    from adaptive_core.tune.policy_env import evaluate_controller
+    from adaptive_core.tune.policy_train import SB3Decider, episodes_to_final, ratio_summary, train
+    torch.set_num_threads(1)
+    specs, budgets, seeds = [("gaussian", "flow")], [5, 6], range(20000, 20004)
+    model, vecnorm, history = train(specs, budgets, timesteps=384, n_envs=2, n_steps=64, batch_size=64, n_epochs=4,
+                                    lr=1e-2, train_seeds=range(8), eval_seeds=seeds, eval_every=64, progress=False,
+                                    keep_best=True)
+    rewards = [e["eval_reward"] for e in history["evals"]]
+    # a learning rate this high gains, then loses: the last evaluation is not the best
+    assert rewards[-1] < max(rewards) and history["best"]["eval_reward"] == max(rewards)
+    vecnorm.training = False
+    again = ratio_summary(evaluate_controller(SB3Decider(model, vecnorm), specs, budgets, seeds),
+                          evaluate_controller(None, specs, budgets, seeds))
+    assert np.isclose(-np.log(again["geomean"]), max(rewards), atol=1e-9)
+    assert history["final"]["ratio"]["geomean"] == pytest.approx(again["geomean"])
+    assert episodes_to_final(history)["final_reward"] == max(rewards)

@@ -78,7 +78,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
-          error_reward: str = "both"):
+          error_reward: str = "both", keep_best: bool = False):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
@@ -87,7 +87,10 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
-    because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore."""
+    because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore.
+    ``keep_best``: end with the policy (and observation statistics) of the best periodic evaluation instead of
+    the last (model selection on the evaluation seeds, as early stopping in supervised training): a fast
+    fine-tune can then be used without its later instabilities.  ``history["best"]`` says which it was."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
@@ -114,6 +117,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
     history = {"episodes": [], "evals": []}
+    best: dict = {}
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
@@ -122,6 +126,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
                                  "eval_reward": float(-np.log(summ["geomean"]))})
+        if keep_best and (not best or history["evals"][-1]["eval_reward"] > best["eval"]["eval_reward"]):
+            rms = vecnorm.obs_rms
+            best.update(eval=dict(history["evals"][-1]), summary=summ,
+                        policy={k: v.detach().clone() for k, v in model.policy.state_dict().items()},
+                        obs_rms=(rms.mean.copy(), rms.var.copy(), float(rms.count)))
         return summ
 
     class Callback(BaseCallback):
@@ -154,6 +163,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                 tb_log_name=run_name)
     history["train_seconds"] = time.time() - t0
     summ = evaluate(model.num_timesteps, cb.episodes)
+    if keep_best:
+        model.policy.load_state_dict(best["policy"])
+        vecnorm.obs_rms.mean, vecnorm.obs_rms.var, vecnorm.obs_rms.count = best["obs_rms"]
+        summ = best["summary"]
+        history["best"] = best["eval"]
     history["final"] = {"heuristic": heur, "ratio": summ}
     venv.close()
     return model, vecnorm, history
@@ -162,11 +176,12 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 def episodes_to_final(history: dict, tolerance: float = 0.05) -> dict:
     """How fast training got close to where it ended: the training episodes at the first held-out evaluation
     whose reward is within ``tolerance`` (relative) of the final evaluation's (``"first"``), and at the first
-    one after which every evaluation stays within it (``"stays"``).  ``None`` where no evaluation qualifies."""
+    one after which every evaluation stays within it (``"stays"``).  The final evaluation is that of the exported
+    policy: the last, or with ``keep_best`` the best (``history["best"]``).  ``None`` where none qualifies."""
     evals = history.get("evals", [])
     if not evals:
         return {"first": None, "stays": None, "final_reward": None, "tolerance": tolerance}
-    final = evals[-1]["eval_reward"]
+    final = history.get("best", evals[-1])["eval_reward"]
     band = tolerance * max(abs(final), 1e-12)
     inside = [abs(e["eval_reward"] - final) <= band for e in evals]
     first = next((e["episodes"] for e, ok in zip(evals, inside) if ok), None)
@@ -328,6 +343,9 @@ def main(argv) -> int:
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
                     help="error terms of the reward: per-image log-ratio, pooled-MSE share, or both (policy_env)")
+    ap.add_argument("--keep-best", action="store_true",
+                    help="export the policy of the best periodic evaluation instead of the last (e.g. a fine-tune "
+                         "at a high learning rate)")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
@@ -366,7 +384,7 @@ def main(argv) -> int:
         train_seeds=range(args.train_seeds), eval_seeds=eval_seeds, eval_every=args.eval_every,
         nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
-        init=args.init, run_name=args.name, **env_args)
+        init=args.init, run_name=args.name, keep_best=args.keep_best, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
