@@ -436,4 +436,5 @@ def evaluate_controller(controller, specs: Sequence[tuple[str, str]], budgets: S
 
 __all__ = ["CACHE_DIR", "Config", "ERROR_REWARDS", "EVAL_SEEDS", "SamplingEnv", "TRAIN_BUDGETS", "TRAIN_SEEDS",
            "TRAIN_TESTBEDS", "TRAINED_CFG_SCALES", "TRAINED_REFERENCE_STEPS", "TRAINED_SEED_POOL", "class_labels",
-           "configs_of", "evaluate_controller", "host_grid", "make_config_testbed", "noise_and_reference", "rmse_per_sample"]
+           "configs_of", "evaluate_controller", "host_grid", "make_config_testbed", "noise_and_reference",
+           "rmse_per_sample"]
