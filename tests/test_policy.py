@@ -464,7 +464,8 @@ def test_keep_best_ends_with_the_best_evaluated_policy(monkeypatch):
         return real_evaluate(controller, *args, **kwargs)
 
     monkeypatch.setattr(policy_train, "evaluate_controller", recording_evaluate)
-    monkeypatch.setattr(policy_train, "ratio_summary", lambda res, heur: {"per_testbed": {}, "geomean": next(scores)})
+    monkeypatch.setattr(policy_train, "ratio_summary",
+                        lambda res, heur: {"per_testbed": {}, "geomean": (g := next(scores)), "worst": g})
     model, vecnorm, history = policy_train.train(
         [("gaussian", "flow")], [5, 6], timesteps=384, n_envs=2, n_steps=64, batch_size=64, n_epochs=2, lr=1e-3,
         train_seeds=range(8), eval_seeds=range(20000, 20002), eval_every=64, progress=False, keep_best=True)
@@ -476,3 +477,24 @@ def test_keep_best_ends_with_the_best_evaluated_policy(monkeypatch):
     assert np.array_equal(vecnorm.obs_rms.mean, best_mean)
     assert history["final"]["ratio"]["geomean"] == 0.7
     assert policy_train.episodes_to_final(history)["final_reward"] == pytest.approx(-np.log(0.7))
+
+
+def test_keep_best_by_worst_cell(monkeypatch):
+    """``select_by="worst-cell"`` keeps the evaluation whose worst cell is lowest, not the best geometric mean;
+    an unknown criterion is refused."""
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("stable_baselines3")
+    from adaptive_core.tune import policy_train
+    torch.set_num_threads(1)
+    # (geomean, worst) per evaluation: the best geometric mean (0.6) has the worst cell 1.3; the lowest worst
+    # cell (0.95) is at the fourth evaluation
+    scores = iter([(0.9, 1.1), (0.6, 1.3), (0.8, 1.0), (0.85, 0.95), (0.7, 1.2)] + [(1.0, 1.5)] * 5)
+    monkeypatch.setattr(policy_train, "ratio_summary",
+                        lambda res, heur: dict(zip(("geomean", "worst"), next(scores)), per_testbed={}))
+    _, _, history = policy_train.train(
+        [("gaussian", "flow")], [5], timesteps=256, n_envs=2, n_steps=64, batch_size=64, n_epochs=1,
+        train_seeds=range(4), eval_seeds=range(20000, 20002), eval_every=64, progress=False, keep_best=True,
+        select_by="worst-cell")
+    assert history["best"]["rmse_ratio_worst"] == 0.95 and history["best"]["rmse_ratio_geomean"] == 0.85
+    with pytest.raises(ValueError, match="select_by"):
+        policy_train.train([("gaussian", "flow")], [5], timesteps=64, select_by="median")

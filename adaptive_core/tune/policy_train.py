@@ -53,11 +53,16 @@ class SB3Decider:
         return act, [None] * len(act)
 
 
+#: What ``--keep-best`` and the Optuna search score an evaluation by (lower ratio is better).
+SELECT_BY = ("geomean", "worst-cell")
+
+
 def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
-    """Per testbed and budget, RMSE_policy / RMSE_heuristic, and their geometric mean ``"geomean"``."""
+    """Per testbed and budget, RMSE_policy / RMSE_heuristic; their geometric mean ``"geomean"`` and their
+    largest ``"worst"`` (the cell furthest above the heuristic)."""
     ratios = {tb: {b: policy_res[tb][b]["rmse"] / heur_res[tb][b]["rmse"] for b in policy_res[tb]} for tb in policy_res}
     flat = [r for tb in ratios.values() for r in tb.values()]
-    return {"per_testbed": ratios, "geomean": float(np.exp(np.mean(np.log(flat))))}
+    return {"per_testbed": ratios, "geomean": float(np.exp(np.mean(np.log(flat)))), "worst": float(max(flat))}
 
 
 def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int, **env_kwargs):
@@ -78,7 +83,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
-          error_reward: str = "both", keep_best: bool = False):
+          error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
@@ -90,7 +95,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore.
     ``keep_best``: end with the policy (and observation statistics) of the best periodic evaluation instead of
     the last (model selection on the evaluation seeds, as early stopping in supervised training): a fast
-    fine-tune can then be used without its later instabilities.  ``history["best"]`` says which it was."""
+    fine-tune can then be used without its later instabilities.  ``history["best"]`` says which it was.
+    ``select_by``: what "best" means, one of :data:`SELECT_BY`: the geometric-mean ratio to the heuristic over
+    configurations and budgets, or the worst cell's ratio."""
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
@@ -125,10 +134,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         vecnorm.training = True
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
-                                 "eval_reward": float(-np.log(summ["geomean"]))})
-        if keep_best and (not best or history["evals"][-1]["eval_reward"] > best["eval"]["eval_reward"]):
+                                 "rmse_ratio_worst": summ["worst"], "eval_reward": float(-np.log(summ["geomean"]))})
+        score = summ["geomean"] if select_by == "geomean" else summ["worst"]
+        if keep_best and (not best or score < best["score"]):
             rms = vecnorm.obs_rms
-            best.update(eval=dict(history["evals"][-1]), summary=summ,
+            best.update(eval=dict(history["evals"][-1]), summary=summ, score=score,
                         policy={k: v.detach().clone() for k, v in model.policy.state_dict().items()},
                         obs_rms=(rms.mean.copy(), rms.var.copy(), float(rms.count)))
         return summ
@@ -346,6 +356,9 @@ def main(argv) -> int:
     ap.add_argument("--keep-best", action="store_true",
                     help="export the policy of the best periodic evaluation instead of the last (e.g. a fine-tune "
                          "at a high learning rate)")
+    ap.add_argument("--select-by", choices=SELECT_BY, default="geomean",
+                    help="what --keep-best and the Optuna objective minimise: the geometric-mean RMSE ratio to the "
+                         "heuristic over configurations and budgets, or the worst cell's ratio")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
@@ -384,7 +397,7 @@ def main(argv) -> int:
         train_seeds=range(args.train_seeds), eval_seeds=eval_seeds, eval_every=args.eval_every,
         nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
-        init=args.init, run_name=args.name, keep_best=args.keep_best, **env_args)
+        init=args.init, run_name=args.name, keep_best=args.keep_best, select_by=args.select_by, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
@@ -438,9 +451,10 @@ def join_study(optuna, name: str, storage: str, attempts: int = 6):
 
 def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
     """Optuna search (TPE sampler; Akiba et al. 2019) over PPO's learning rate, entropy coefficient, initial
-    log-std, rollout length and the reward's NFE weight.  The objective is the geometric-mean RMSE ratio of the
-    deterministic policy to the heuristic on the held-out evaluation seeds (lower is better; independent of the
-    reward weights, so trials are comparable).  Several processes given the same ``--storage`` and ``--study``
+    log-std, rollout length and the reward's NFE weight.  The objective is the RMSE ratio of the deterministic
+    policy to the heuristic on the held-out evaluation seeds, as ``--select-by`` says: its geometric mean over
+    configurations and budgets, or its worst cell (lower is better; independent of the reward weights, so
+    trials are comparable).  Several processes given the same ``--storage`` and ``--study``
     share one study (:func:`join_study`); each trial records the worker (``host:pid``) that ran it."""
     import optuna
     storage = args.storage or default_storage(repo)
@@ -460,7 +474,7 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
                               seed=args.seed + trial.number, train_seeds=range(args.train_seeds),
                               eval_seeds=eval_seeds, eval_every=args.eval_every, batch_size=args.batch_size,
                               logdir=None, progress=False, **params, **env_args)
-        return history["final"]["ratio"]["geomean"]
+        return history["final"]["ratio"]["geomean" if args.select_by == "geomean" else "worst"]
 
     study.optimize(objective, n_trials=args.trials)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -532,5 +546,6 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["DeterministicActor", "SB3Decider", "default_storage", "episodes_to_final", "export_policy", "main", "plot_learning_curve",
-           "join_study", "ratio_summary", "sb3_actions", "search", "study_main", "train"]
+__all__ = ["DeterministicActor", "SB3Decider", "SELECT_BY", "default_storage", "episodes_to_final", "export_policy",
+           "join_study", "main", "plot_learning_curve", "ratio_summary", "sb3_actions", "search", "study_main",
+           "train"]
