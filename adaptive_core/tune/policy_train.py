@@ -53,8 +53,9 @@ class SB3Decider:
         return act, [None] * len(act)
 
 
-#: What ``--keep-best`` and the Optuna search score an evaluation by (lower ratio is better).
-SELECT_BY = ("geomean", "worst-cell")
+#: What ``--keep-best`` and the Optuna search score an evaluation by (lower ratio is better): option → the
+#: :func:`ratio_summary` entry it reads.
+SELECT_BY = {"geomean": "geomean", "worst-cell": "worst"}
 
 
 def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
@@ -99,7 +100,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     ``select_by``: what "best" means, one of :data:`SELECT_BY`: the geometric-mean ratio to the heuristic over
     configurations and budgets, or the worst cell's ratio."""
     if select_by not in SELECT_BY:
-        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
+        raise ValueError(f"select_by must be one of {tuple(SELECT_BY)}, got {select_by!r}")
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
@@ -135,7 +136,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
                                  "rmse_ratio_worst": summ["worst"], "eval_reward": float(-np.log(summ["geomean"]))})
-        score = summ["geomean"] if select_by == "geomean" else summ["worst"]
+        score = summ[SELECT_BY[select_by]]
         if keep_best and (not best or score < best["score"]):
             rms = vecnorm.obs_rms
             best.update(eval=dict(history["evals"][-1]), summary=summ, score=score,
@@ -356,7 +357,7 @@ def main(argv) -> int:
     ap.add_argument("--keep-best", action="store_true",
                     help="export the policy of the best periodic evaluation instead of the last (e.g. a fine-tune "
                          "at a high learning rate)")
-    ap.add_argument("--select-by", choices=SELECT_BY, default="geomean",
+    ap.add_argument("--select-by", choices=tuple(SELECT_BY), default="geomean",
                     help="what --keep-best and the Optuna objective minimise: the geometric-mean RMSE ratio to the "
                          "heuristic over configurations and budgets, or the worst cell's ratio")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
@@ -474,7 +475,7 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
                               seed=args.seed + trial.number, train_seeds=range(args.train_seeds),
                               eval_seeds=eval_seeds, eval_every=args.eval_every, batch_size=args.batch_size,
                               logdir=None, progress=False, **params, **env_args)
-        return history["final"]["ratio"]["geomean" if args.select_by == "geomean" else "worst"]
+        return history["final"]["ratio"][SELECT_BY[args.select_by]]
 
     study.optimize(objective, n_trials=args.trials)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
