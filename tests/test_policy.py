@@ -498,3 +498,64 @@ def test_keep_best_by_worst_cell(monkeypatch):
     assert history["best"]["rmse_ratio_worst"] == 0.95 and history["best"]["rmse_ratio_geomean"] == 0.85
     with pytest.raises(ValueError, match="select_by"):
         policy_train.train([("gaussian", "flow")], [5], timesteps=64, select_by="median")
+
+
+def test_cell_weights_steer_the_episode_draw():
+    """set_cell_weights: with mix 1 every episode draws the one weighted (configuration, budget) cell; with mix ½
+    half the draws follow the default; bad weights are refused naming the cell; None restores the default."""
+    pytest.importorskip("gymnasium")
+    from adaptive_core.tune.policy_env import SamplingEnv
+    env = SamplingEnv(testbeds=[("gaussian", "ve"), ("gaussian", "flow")], budgets=[5, 6], seeds=range(4))
+    assert np.isclose(env.default_cell_probs().sum(), 1.0) and len(env.cells) == 4
+    weights = {"gaussian-ve": {5: 0.0, 6: 0.0}, "gaussian-flow": {5: 0.0, 6: 3.0}}
+    env.set_cell_weights(weights)
+    draws = set()
+    for i in range(12):
+        _, info = env.reset(seed=i)
+        draws.add((env.configs[info["config"]].key, info["budget"]))
+    assert draws == {("gaussian-flow", 6)}
+    env.set_cell_weights(weights, mix=0.5)
+    assert env._cell_probs[env.cells.index((1, 6))] == pytest.approx(0.5 + 0.5 / 4)
+    _, info = env.reset(options={"config": 0, "budget": 5})        # options still fix the cell
+    assert (info["config"], info["budget"]) == (0, 5)
+    with pytest.raises(ValueError, match="gaussian-ve.*budget 6"):
+        env.set_cell_weights({"gaussian-ve": {5: 1.0}, "gaussian-flow": {5: 1.0, 6: 1.0}})
+    with pytest.raises(ValueError, match="finite"):
+        env.set_cell_weights({"gaussian-ve": {5: -1.0, 6: 1.0}, "gaussian-flow": {5: 1.0, 6: 1.0}})
+    with pytest.raises(ValueError, match="all be 0"):
+        env.set_cell_weights({k: {5: 0.0, 6: 0.0} for k in ("gaussian-ve", "gaussian-flow")})
+    env.set_cell_weights(None)
+    assert env._cell_probs is None
+    env.close()
+
+
+def test_worst_cell_weights_and_training_reweights_the_draw(monkeypatch):
+    """worst_cell_weights is ratio ** sharpness relative to the worst cell; a training run with
+    cell_sampling="worst-cell" hands each evaluation's weights to its environments and records them."""
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("stable_baselines3")
+    from adaptive_core.tune import policy_train
+    w = policy_train.worst_cell_weights({"a": {5: 1.2, 8: 0.6}, "b": {5: 1.2 / 2 ** 0.5}}, sharpness=2.0)
+    assert w["a"][5] == pytest.approx(1.0) and w["a"][8] == pytest.approx(0.25) and w["b"][5] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="sharpness"):
+        policy_train.worst_cell_weights({"a": {5: 1.0}}, sharpness=float("nan"))
+    torch.set_num_threads(1)
+    seen = []
+    real_set = policy_train.SamplingEnv.set_cell_weights
+
+    def recording_set(self, weights, mix=1.0):
+        seen.append((weights, mix))
+        real_set(self, weights, mix)
+
+    monkeypatch.setattr(policy_train.SamplingEnv, "set_cell_weights", recording_set)
+    _, _, history = policy_train.train(
+        [("gaussian", "ve"), ("gaussian", "flow")], [5, 6], timesteps=128, n_envs=2, n_steps=64, batch_size=64,
+        n_epochs=1, train_seeds=range(4), eval_seeds=range(20000, 20002), eval_every=64, progress=False,
+        cell_sampling="worst-cell", cell_sharpness=4.0)
+    assert len(history["cell_weights"]) == len(history["evals"]) >= 2
+    assert len(seen) == 2 * len(history["evals"])                          # each env copy, each evaluation
+    last = history["cell_weights"][-1]["weights"]
+    assert max(v for cells in last.values() for v in cells.values()) == pytest.approx(1.0)
+    assert seen[-1] == (last, policy_train.WORST_CELL_MIX)
+    with pytest.raises(ValueError, match="cell_sampling"):
+        policy_train.train([("gaussian", "flow")], [5], timesteps=64, cell_sampling="hardest")

@@ -248,9 +248,50 @@ class SamplingEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (N_OBSERVATIONS,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_KINDS[self.action_kind],), np.float32)
         self._data: dict[int, tuple] = {}
+        self._cell_probs: np.ndarray | None = None   # over self.cells; None: the default draw
         self._thread: threading.Thread | None = None
         self._decider: _ThreadDecider | None = None
         self._episode: dict = {}
+
+    # --- what an episode draws ----------------------------------------------------------------------------------
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """The (configuration index, budget) cells an episode can draw, in a fixed order."""
+        return [(k, b) for k in range(len(self.configs)) for b in self.budgets]
+
+    def default_cell_probs(self) -> np.ndarray:
+        """Probability of each of :attr:`cells` under the default draw: a (name, model type) pair uniformly, then
+        its CFG scale and the budget uniformly."""
+        probs = []
+        for k, _ in self.cells:
+            spec = (self.configs[k].name, self.configs[k].model_type)
+            probs.append(1.0 / (len(self.specs) * len(self._spec_configs[self.specs.index(spec)]) * len(self.budgets)))
+        return np.asarray(probs)
+
+    def set_cell_weights(self, weights: dict | None, mix: float = 1.0) -> None:
+        """Draw the next episodes' (configuration, budget) cell with probability (1 − mix) · default + mix ·
+        weight / Σ weights, where ``weights`` is a mapping {config key: {budget: weight}} that covers every cell
+        (None restores the default draw, :meth:`default_cell_probs`).  The trainer's
+        ``cell_sampling="worst-cell"`` sets them from each evaluation, after Group DRO (Sagawa et al. 2020)."""
+        if not 0.0 <= float(mix) <= 1.0:
+            raise ValueError(f"mix must be in [0, 1], got {mix}")
+        if weights is None:
+            self._cell_probs = None
+            return
+        w = []
+        for k, b in self.cells:
+            key = self.configs[k].key
+            try:
+                v = float(weights[key][b])
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"cell weights lack configuration {key!r} at budget {b}") from e
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"cell weight of {key!r} at budget {b} must be finite and ≥ 0, got {v}")
+            w.append(v)
+        w = np.asarray(w)
+        if w.sum() <= 0:
+            raise ValueError("cell weights must not all be 0")
+        self._cell_probs = (1.0 - mix) * self.default_cell_probs() + mix * w / w.sum()
 
     # --- data -------------------------------------------------------------------------------------------------
     def seed_pool(self, k: int) -> list[int]:
@@ -329,14 +370,20 @@ class SamplingEnv(gym.Env):
         super().reset(seed=seed)
         self._stop_thread()
         options = options or {}
+        budget = None
         if "config" in options:
             k = int(options["config"])
+        elif self._cell_probs is not None:
+            k, budget = self.cells[int(self.np_random.choice(len(self._cell_probs), p=self._cell_probs))]
         else:
             group = self._spec_configs[int(self.np_random.integers(len(self.specs)))]
             k = group[int(self.np_random.integers(len(group)))]
         pool = self.seed_pool(k)
         noise_seed = int(options.get("noise_seed", pool[int(self.np_random.integers(len(pool)))]))
-        budget = int(options.get("budget", self.budgets[int(self.np_random.integers(len(self.budgets)))]))
+        if "budget" in options:
+            budget = int(options["budget"])
+        elif budget is None:
+            budget = self.budgets[int(self.np_random.integers(len(self.budgets)))]
         self._episode = {"config": k, "noise_seed": noise_seed, "budget": budget, "steps": 0}
         self._start_thread(k, noise_seed, budget)
         msg = self._next()

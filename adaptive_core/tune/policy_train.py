@@ -13,6 +13,7 @@ The SB3 zip checkpoint goes to an ignored ``build/`` folder only; nothing pickle
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -56,6 +57,11 @@ class SB3Decider:
 #: What ``--keep-best`` and the Optuna search score an evaluation by (lower ratio is better): option → the
 #: :func:`ratio_summary` entry it reads.
 SELECT_BY = {"geomean": "geomean", "worst-cell": "worst"}
+#: How episodes draw their (configuration, budget) cell: ``default`` (SamplingEnv's: testbed and model type
+#: uniformly, then CFG and budget) or ``worst-cell`` (half of that, half :func:`worst_cell_weights` of the last
+#: evaluation).
+CELL_SAMPLINGS = ("default", "worst-cell")
+WORST_CELL_MIX = 0.5
 
 
 def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
@@ -64,6 +70,18 @@ def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
     ratios = {tb: {b: policy_res[tb][b]["rmse"] / heur_res[tb][b]["rmse"] for b in policy_res[tb]} for tb in policy_res}
     flat = [r for tb in ratios.values() for r in tb.values()]
     return {"per_testbed": ratios, "geomean": float(np.exp(np.mean(np.log(flat)))), "worst": float(max(flat))}
+
+
+def worst_cell_weights(per_testbed: dict, sharpness: float) -> dict:
+    """Sampling weights of the (configuration, budget) cells from their last evaluated ratios r to the heuristic:
+    r ** sharpness, i.e. a softmax of ``sharpness`` · log r, so the cells furthest above the heuristic are
+    trained most: the online group re-weighting of Group DRO (Sagawa et al. 2020, eq. 5), whose objective is
+    the worst group's loss, here the worst cell's ratio.  {config key: {budget: weight}}."""
+    if not math.isfinite(sharpness) or sharpness < 0:
+        raise ValueError(f"sharpness must be finite and ≥ 0, got {sharpness}")
+    logs = {tb: {int(b): math.log(max(float(r), 1e-12)) for b, r in cells.items()} for tb, cells in per_testbed.items()}
+    top = max(v for cells in logs.values() for v in cells.values())
+    return {tb: {b: math.exp(sharpness * (v - top)) for b, v in cells.items()} for tb, cells in logs.items()}
 
 
 def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int, **env_kwargs):
@@ -84,7 +102,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           init: Path | None = None, cfg_scales=TRAINED_CFG_SCALES, order_action: bool = True,
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
-          error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean"):
+          error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
+          cell_sampling: str = "default", cell_sharpness: float = 8.0):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
@@ -98,9 +117,15 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     the last (model selection on the evaluation seeds, as early stopping in supervised training): a fast
     fine-tune can then be used without its later instabilities.  ``history["best"]`` says which it was.
     ``select_by``: what "best" means, one of :data:`SELECT_BY`: the geometric-mean ratio to the heuristic over
-    configurations and budgets, or the worst cell's ratio."""
+    configurations and budgets, or the worst cell's ratio.
+    ``cell_sampling``: one of :data:`CELL_SAMPLINGS`; with ``"worst-cell"`` every evaluation re-weights the
+    episodes' draw of configuration and budget towards the cells furthest above the heuristic
+    (:func:`worst_cell_weights` with ``cell_sharpness``, mixed half and half with the default draw), so training
+    time goes where the worst-cell target is missed; ``history["cell_weights"]`` records them."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {tuple(SELECT_BY)}, got {select_by!r}")
+    if cell_sampling not in CELL_SAMPLINGS:
+        raise ValueError(f"cell_sampling must be one of {CELL_SAMPLINGS}, got {cell_sampling!r}")
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
@@ -136,6 +161,10 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
                                  "rmse_ratio_worst": summ["worst"], "eval_reward": float(-np.log(summ["geomean"]))})
+        if cell_sampling == "worst-cell":
+            weights = worst_cell_weights(summ["per_testbed"], cell_sharpness)
+            venv.env_method("set_cell_weights", weights, WORST_CELL_MIX)
+            history.setdefault("cell_weights", []).append({"timesteps": step, "weights": weights})
         score = summ[SELECT_BY[select_by]]
         if keep_best and (not best or score < best["score"]):
             rms = vecnorm.obs_rms
@@ -360,6 +389,12 @@ def main(argv) -> int:
     ap.add_argument("--select-by", choices=tuple(SELECT_BY), default="geomean",
                     help="what --keep-best and the Optuna objective minimise: the geometric-mean RMSE ratio to the "
                          "heuristic over configurations and budgets, or the worst cell's ratio")
+    ap.add_argument("--cell-sampling", choices=CELL_SAMPLINGS, default="default",
+                    help="worst-cell: after each evaluation, draw half the episodes' (configuration, budget) cells "
+                         "in proportion to ratio ** --cell-sharpness (Group DRO re-weighting)")
+    ap.add_argument("--cell-sharpness", type=float, default=8.0,
+                    help="exponent of the evaluated ratio in --cell-sampling worst-cell (8: a cell at 1.1 is drawn "
+                         "2.2x as often as one at 1.0)")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
@@ -398,7 +433,8 @@ def main(argv) -> int:
         train_seeds=range(args.train_seeds), eval_seeds=eval_seeds, eval_every=args.eval_every,
         nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
-        init=args.init, run_name=args.name, keep_best=args.keep_best, select_by=args.select_by, **env_args)
+        init=args.init, run_name=args.name, keep_best=args.keep_best, select_by=args.select_by,
+        cell_sampling=args.cell_sampling, cell_sharpness=args.cell_sharpness, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
@@ -416,7 +452,8 @@ def main(argv) -> int:
                 "ppo": {"learning_rate": args.lr, "n_steps": args.n_steps, "batch_size": args.batch_size,
                         "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
                         "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
-                        "error_reward": args.error_reward,
+                        "error_reward": args.error_reward, "cell_sampling": args.cell_sampling,
+                        "cell_sharpness": args.cell_sharpness,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": REWARD_TEXT[args.error_reward] + " + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
@@ -474,7 +511,8 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
         _, _, history = train(specs, budgets, timesteps=args.timesteps, n_envs=args.n_envs, vec=args.vec,
                               seed=args.seed + trial.number, train_seeds=range(args.train_seeds),
                               eval_seeds=eval_seeds, eval_every=args.eval_every, batch_size=args.batch_size,
-                              logdir=None, progress=False, **params, **env_args)
+                              logdir=None, progress=False, cell_sampling=args.cell_sampling,
+                              cell_sharpness=args.cell_sharpness, **params, **env_args)
         return history["final"]["ratio"][SELECT_BY[args.select_by]]
 
     study.optimize(objective, n_trials=args.trials)
