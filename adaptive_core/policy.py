@@ -24,6 +24,13 @@ here: numpy and, lazily, onnxruntime only).
   The dead zone makes a₁ = 0 — where PPO starts — the heuristic.  Where the order helps is learnt per step, as
   DPM-Solver (Lu et al. 2022) and UniPC (Zhao et al. 2023) pick lower orders for the few-step regime by rule.
 
+**Where it acts** (``min_lambda_progress`` in the manifest's action, 0 by default): decisions before that share
+of the run's λ-span (feature ``lambda_progress``) keep the heuristic's step and order without asking the
+policy.  The image is decided in the high-noise steps (a different class or layout there is a different
+picture: the "critical windows" of Li & Chen 2024 and the phase transition of Sclocchi, Favero & Wyart
+2024), and longer steps there made a few images flip in the measurements (docs/policy/README.md); training uses
+the same rule, so the policy learns the later steps only.
+
 **Fallback rule** (:meth:`Policy.decide`): an observation row falls back to the heuristic step (a = 0) when any
 entry is non-finite or lies more than ``ood_z`` standard deviations (std floored at ``std_floor``) from the
 mean of the observations seen in training (the manifest's normalisation statistics).  The sampler writes each
@@ -56,6 +63,8 @@ MIN_SHARE = 0.02
 ACTION_KINDS = {"share_of_remaining_lambda": 1, "share_and_order": 2}
 #: |a₁| below this keeps the heuristic's solver order (see :func:`order_delta_from_action`).
 ORDER_DEAD_ZONE = 0.5
+#: Index of ``lambda_progress`` in an observation row (the ``min_lambda_progress`` rule reads it).
+LAMBDA_PROGRESS_INDEX = OBSERVATION_NAMES.index("lambda_progress")
 #: Fallback rule defaults: |z| > OOD_Z with std floored at STD_FLOOR.
 OOD_Z = 6.0
 STD_FLOOR = 0.05
@@ -142,7 +151,8 @@ class Policy:
     """A verified ONNX actor plus its manifest's action mapping and fallback rule.
 
     :meth:`act` gives the deterministic actions; :meth:`decide` adds the out-of-range fallback (what the
-    sampler calls).  Attributes: ``manifest``, ``path``, ``name``, ``action_scale``, ``min_share``.
+    sampler calls).  Attributes: ``manifest``, ``path``, ``name``, ``action_scale``, ``min_share``,
+    ``min_lambda_progress``.
     """
 
     def __init__(self, manifest_path: str | Path, device: str = "cpu") -> None:
@@ -163,11 +173,15 @@ class Policy:
             self.action_scale = float(m.action["action_scale"])
             self.min_share = float(m.action["min_share"])
             self.order_dead_zone = float(m.action.get("order_dead_zone", ORDER_DEAD_ZONE))
+            self.min_lambda_progress = float(m.action.get("min_lambda_progress", 0.0))
             self._mean = np.asarray(m.normalisation["mean"], dtype=np.float64)
             self._std = np.maximum(np.sqrt(np.asarray(m.normalisation["var"], dtype=np.float64)),
                                    float(m.fallback.get("std_floor", STD_FLOOR)))
         except (KeyError, TypeError, ValueError) as e:
             raise PolicyLoadError(f"{self.path}: incomplete action mapping or normalisation ({e!r})") from None
+        if not 0.0 <= self.min_lambda_progress < 1.0:
+            raise PolicyLoadError(f"{self.path}: min_lambda_progress must be in [0, 1), got "
+                                  f"{self.min_lambda_progress}")
         if self._mean.shape != (N_OBSERVATIONS,) or self._std.shape != (N_OBSERVATIONS,):
             raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
         self.ood_z = float(m.fallback.get("ood_z", OOD_Z))

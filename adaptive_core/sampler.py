@@ -499,11 +499,14 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     the budget is never exceeded; a share of 1 ends the image early.  Where the policy moved a point, the rest of
     that image's plan is re-laid from it (uniform in σ^{1/ρ}, as the first plan).  Rows whose observation is out
     of the training range keep the heuristic step (the policy's ``decide`` says so) and the trace notes it.
+    Rows before the policy's ``min_lambda_progress`` share of the λ-span keep the heuristic's step and order
+    without asking it (:mod:`adaptive_core.policy`, "Where it acts").
     A policy with a second action also picks the solver order of the step
     (:func:`adaptive_core.policy.order_delta_from_action`).
     Returns (λ_next [B], decision labels [B] or None, order change [B] or None).
     """
-    from .policy import ORDER_DEAD_ZONE, order_delta_from_action, policy_observation, share_from_action
+    from .policy import (LAMBDA_PROGRESS_INDEX, ORDER_DEAD_ZONE, order_delta_from_action, policy_observation,
+                         share_from_action)
     B = lam_acc.shape[0]
     free = eligible & (plan_idx < n_intervals)   # the last evaluation is forced onto the end point
     if not free.any():
@@ -512,6 +515,11 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     span = np.maximum(lam_lo - start, 1e-12)
     base = np.clip((lam_planned - start) / span, 1e-6, 1.0)
     obs = policy_observation(features, estimates, base)
+    acts_from = float(getattr(policy, "min_lambda_progress", 0.0))
+    if acts_from > 0:   # (a NaN progress compares False: the row stays with the policy, whose fallback takes it)
+        free &= ~(obs[:, LAMBDA_PROGRESS_INDEX] < acts_from)
+        if not free.any():
+            return lam_planned, None, None
     rows = np.flatnonzero(free)
     actions, reasons = policy.decide(obs[rows])
     actions = np.asarray(actions, dtype=np.float64).reshape(len(rows), -1)   # [rows, n_actions]

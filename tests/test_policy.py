@@ -23,7 +23,7 @@ from adaptive_core.trace import Trace
 pytest.importorskip("onnxruntime")
 
 
-def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaining_lambda"):
+def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaining_lambda", **action_extra):
     """Export ``module`` (raw observation [B, N] → action [B, 1] or [B, 2] for ``kind="share_and_order"``) with a
     unit normalisation and write its manifest."""
     pytest.importorskip("onnxscript")
@@ -36,7 +36,7 @@ def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaini
     m = PolicyManifest(onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path),
                        normalisation={"applied_in_graph": True, "mean": [0.0] * N_OBSERVATIONS,
                                       "var": [4.0] * N_OBSERVATIONS, "epsilon": 1e-8, "clip_obs": 10.0},
-                       action={"kind": kind, "action_scale": float(np.log(4.0)), "min_share": 0.02},
+                       action={"kind": kind, "action_scale": float(np.log(4.0)), "min_share": 0.02, **action_extra},
                        fallback={"ood_z": ood_z, "std_floor": 0.05})
     path = folder / f"{name}.json"
     path.write_text(m.to_json())
@@ -559,3 +559,79 @@ def test_worst_cell_weights_and_training_reweights_the_draw(monkeypatch):
     assert seen[-1] == (last, policy_train.WORST_CELL_MIX)
     with pytest.raises(ValueError, match="cell_sampling"):
         policy_train.train([("gaussian", "flow")], [5], timesteps=64, cell_sampling="hardest")
+
+
+class _Recording(_Constant):
+    """A constant controller that acts only from ``min_lambda_progress`` on and records the rows it is asked."""
+
+    def __init__(self, value, min_lambda_progress):
+        super().__init__(value)
+        self.min_lambda_progress, self.asked = min_lambda_progress, []
+
+    def decide(self, obs):
+        self.asked.append(np.array(obs))
+        return super().decide(obs)
+
+
+@pytest.mark.parametrize("model_type", ["ve", "flow"])
+def test_policy_acts_only_from_min_lambda_progress(model_type):
+    """Rows before ``min_lambda_progress`` of the λ-span are never handed to the policy and keep the heuristic's
+    steps (the σ taken up to there are the heuristic's); later rows are the policy's."""
+    tb = make_testbed("gaussian", model_type)
+    x = tb.noise(range(3))
+    grid = host_sigmas(tb, 10)
+    heur_trace, trace = Trace(), Trace()
+    sample_adaptive(tb, x, grid, model_type=model_type, trace=heur_trace)
+    ctl = _Recording(-1.0, 0.3)
+    sample_adaptive(tb, x, grid, model_type=model_type, controller=ctl, trace=trace)
+    asked = np.concatenate(ctl.asked)
+    assert len(asked) and asked[:, OBSERVATION_NAMES.index("lambda_progress")].min() >= 0.3
+    decisions = [r.decision for r in trace.samples[0]]
+    first_policy = decisions.index("policy")
+    assert first_policy >= 1 and "policy" not in decisions[:first_policy]
+    # up to the first policy decision the run is the heuristic's, then the short steps (a = −1) depart from it
+    assert trace.sigmas_taken(0)[:first_policy + 1] == heur_trace.sigmas_taken(0)[:first_policy + 1]
+    assert trace.sigmas_taken(0) != heur_trace.sigmas_taken(0)
+    everywhere = _Recording(-1.0, 0.0)
+    sample_adaptive(tb, x, grid, model_type=model_type, controller=everywhere)
+    assert len(np.concatenate(everywhere.asked)) > len(asked)
+
+
+def test_min_lambda_progress_in_the_manifest(tmp_path, tiny_training):
+    """A manifest's min_lambda_progress reaches the loaded policy (0 when absent); one outside [0, 1) is refused;
+    the trainer's export writes it; the env refuses a bad one."""
+    assert load_policy(_write_policy(tmp_path / "a", _Tanh(), "plain")).min_lambda_progress == 0.0
+    assert load_policy(_write_policy(tmp_path / "b", _Tanh(), "late", min_lambda_progress=0.25)).min_lambda_progress \
+        == 0.25
+    with pytest.raises(PolicyLoadError, match="min_lambda_progress"):
+        Policy(_write_policy(tmp_path / "c", _Tanh(), "bad", min_lambda_progress=1.5))
+    from adaptive_core.tune.policy_train import export_policy
+    model, vecnorm, _, _ = tiny_training
+    path = export_policy(model, vecnorm, tmp_path / "d" / "late.onnx", trained_on={"testbeds": ["gaussian-ve"]},
+                         training={}, metrics={}, min_lambda_progress=0.2)
+    assert load_policy(path).min_lambda_progress == 0.2
+    from adaptive_core.tune.policy_env import SamplingEnv
+    with pytest.raises(ValueError, match="min_lambda_progress"):
+        SamplingEnv(testbeds=[("gaussian", "ve")], budgets=[5], seeds=range(2), min_lambda_progress=-0.1)
+
+
+def test_env_decisions_start_at_min_lambda_progress():
+    """With min_lambda_progress the env's episodes consist of the later decisions only."""
+    pytest.importorskip("gymnasium")
+    from adaptive_core.tune.policy_env import SamplingEnv
+    kw = dict(testbeds=[("gaussian", "ve"), ("gaussian", "flow")], budgets=[5, 10], seeds=range(4))
+    counts = {}
+    for p0 in (0.0, 0.2):
+        env = SamplingEnv(min_lambda_progress=p0, **kw)
+        progress, steps = [], 0
+        for i in range(8):
+            obs, _ = env.reset(seed=i, options={"config": i % 2, "budget": 10})
+            done = False
+            while not done:
+                progress.append(obs[OBSERVATION_NAMES.index("lambda_progress")])
+                obs, _, done, _, _ = env.step(np.zeros(2, np.float32))
+                steps += 1
+        counts[p0] = steps
+        assert min(progress) >= p0
+        env.close()
+    assert counts[0.2] < counts[0.0]

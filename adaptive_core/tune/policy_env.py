@@ -184,7 +184,8 @@ class _ThreadDecider:
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "training-env"
 
-    def __init__(self) -> None:
+    def __init__(self, min_lambda_progress: float = 0.0) -> None:
+        self.min_lambda_progress = float(min_lambda_progress)
         self.obs_q: queue.Queue = queue.Queue()
         self.act_q: queue.Queue = queue.Queue()
 
@@ -212,6 +213,8 @@ class SamplingEnv(gym.Env):
         reference_steps: steps of a trained testbed's reference solve.
         reward_scale: ``"per-config"`` (divide by the configuration's running reward std) or ``"none"``.
         error_reward: the error terms of the reward, one of :data:`ERROR_REWARDS` (module docstring).
+        min_lambda_progress: decisions before this share of the λ-span keep the heuristic's step and order and
+            are not the policy's (:mod:`adaptive_core.policy`, "Where it acts"); the exported manifest says it.
     """
 
     metadata = {"render_modes": []}
@@ -220,7 +223,8 @@ class SamplingEnv(gym.Env):
                  seeds: Sequence[int] = TRAIN_SEEDS, nfe_weight: float = 0.1,
                  cfg_scales: Sequence[float] = TRAINED_CFG_SCALES, order_action: bool = True,
                  trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
-                 reward_scale: str = "per-config", error_reward: str = "both") -> None:
+                 reward_scale: str = "per-config", error_reward: str = "both",
+                 min_lambda_progress: float = 0.0) -> None:
         super().__init__()
         if not testbeds:
             raise ValueError("testbeds must name at least one (testbed, model type) pair")
@@ -243,6 +247,9 @@ class SamplingEnv(gym.Env):
         if error_reward not in ERROR_REWARDS:
             raise ValueError(f"error_reward must be one of {ERROR_REWARDS}, got {error_reward!r}")
         self.error_reward = error_reward
+        if not 0.0 <= float(min_lambda_progress) < 1.0:
+            raise ValueError(f"min_lambda_progress must be in [0, 1), got {min_lambda_progress}")
+        self.min_lambda_progress = float(min_lambda_progress)
         self._reward_stats = np.zeros((len(self.configs), 3))   # per configuration: count, mean, M2 (Welford)
         self.action_kind = "share_and_order" if order_action else "share_of_remaining_lambda"
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (N_OBSERVATIONS,), np.float32)
@@ -339,7 +346,7 @@ class SamplingEnv(gym.Env):
         x, _ = self._noise_and_reference(k, seed)
         if self.configs[k].trained:
             tb.set_labels(class_labels([seed]))
-        decider = _ThreadDecider()
+        decider = _ThreadDecider(self.min_lambda_progress)
 
         def run():
             torch.set_num_threads(1)
@@ -388,7 +395,8 @@ class SamplingEnv(gym.Env):
         self._start_thread(k, noise_seed, budget)
         msg = self._next()
         if msg[0] != "obs":  # cannot happen for budgets ≥ 4
-            raise RuntimeError(f"the sampling run ended before its first decision (budget {budget})")
+            raise RuntimeError(f"the sampling run ended before its first decision (budget {budget}, "
+                               f"min_lambda_progress {self.min_lambda_progress:g})")
         return self._clip(msg[1]), dict(self._episode)
 
     def step(self, action):

@@ -45,8 +45,8 @@ class SB3Decider:
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "sb3-ppo"
 
-    def __init__(self, model, vecnorm) -> None:
-        self.model, self.vecnorm = model, vecnorm
+    def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0) -> None:
+        self.model, self.vecnorm, self.min_lambda_progress = model, vecnorm, float(min_lambda_progress)
 
     def decide(self, observation: np.ndarray):
         """Deterministic PPO actions [B, n_actions] for raw observation rows."""
@@ -103,12 +103,12 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
-          cell_sampling: str = "default", cell_sharpness: float = 8.0):
+          cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
-    ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``: see
+    ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``, ``min_lambda_progress``: see
     :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
@@ -131,7 +131,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     from stable_baselines3.common.vec_env import VecNormalize
     torch.manual_seed(seed)
     env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
-                      reference_steps=reference_steps, reward_scale=reward_scale, error_reward=error_reward)
+                      reference_steps=reference_steps, reward_scale=reward_scale, error_reward=error_reward,
+                      min_lambda_progress=min_lambda_progress)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
     if init is not None:
@@ -156,7 +157,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
-        res = evaluate_controller(SB3Decider(model, vecnorm), specs, budgets, eval_seeds, references, **eval_kwargs)
+        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress), specs, budgets, eval_seeds, references, **eval_kwargs)
         vecnorm.training = True
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
@@ -267,7 +268,8 @@ def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
     return np.asarray(act, dtype=np.float64).reshape(len(obs), -1)
 
 
-def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict) -> Path:
+def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
+                  min_lambda_progress: float = 0.0) -> Path:
     """Write the deterministic actor as one ONNX file and its manifest (``<stem>.json``); the ONNX output must
     equal SB3's deterministic actions on random observations to 1e-5.  Returns the manifest path."""
     onnx_path = Path(onnx_path)
@@ -297,10 +299,12 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
                        "epsilon": float(vecnorm.epsilon), "clip_obs": float(vecnorm.clip_obs)},
         action={"kind": kind, "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
                 **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}),
+                "min_lambda_progress": float(min_lambda_progress),
                 "formula": "share = clip(base_share * exp(action_scale * clip(a[0], -1, 1)), min_share, 1); "
                            "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"
                            + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= order_dead_zone, "
-                              "else 0 (the heuristic's)" if n_actions > 1 else "")},
+                              "else 0 (the heuristic's)" if n_actions > 1 else "")
+                           + "; rows with lambda_progress < min_lambda_progress keep the heuristic's step and order"},
         fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
                   "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
                           "ood_z * max(sqrt(var), std_floor) from the training mean"},
@@ -395,6 +399,9 @@ def main(argv) -> int:
     ap.add_argument("--cell-sharpness", type=float, default=8.0,
                     help="exponent of the evaluated ratio in --cell-sampling worst-cell (8: a cell at 1.1 is drawn "
                          "2.2x as often as one at 1.0)")
+    ap.add_argument("--min-lambda-progress", type=float, default=0.0,
+                    help="the policy acts only from this share of the λ-span on; earlier steps stay the heuristic's, "
+                         "in training and at run time (the image is decided at high noise)")
     ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
@@ -424,7 +431,9 @@ def main(argv) -> int:
     env_args = dict(cfg_scales=cfg_scales, order_action=not args.no_order_action,
                     trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps,
                     reward_scale=args.reward_scale, order_log_std_init=args.order_log_std_init,
-                    error_reward=args.error_reward)
+                    error_reward=args.error_reward, min_lambda_progress=args.min_lambda_progress)
+    if not 0.0 <= args.min_lambda_progress < 1.0:
+        ap.error(f"--min-lambda-progress must be in [0, 1), got {args.min_lambda_progress}")
     eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
     if args.trials > 0:
         return search(args, specs, budgets, eval_seeds, repo, env_args)
@@ -462,7 +471,7 @@ def main(argv) -> int:
                   "configurations": [c.key for c in configs_of(specs, cfg_scales)]}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = export_policy(model, vecnorm, args.out_dir / f"{args.name}.onnx", trained_on=trained_on,
-                             training=training, metrics=metrics)
+                             training=training, metrics=metrics, min_lambda_progress=args.min_lambda_progress)
     curve = args.curve or args.out_dir / f"{args.name}_curve.png"
     plot_learning_curve(history, curve, f"PPO step policy {args.name}: {', '.join(trained_on['testbeds'])}")
     (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1, default=float) + "\n")
