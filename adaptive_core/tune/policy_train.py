@@ -157,7 +157,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
-        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress), specs, budgets, eval_seeds, references, **eval_kwargs)
+        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress), specs, budgets, eval_seeds,
+                                  references, **eval_kwargs)
         vecnorm.training = True
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
@@ -398,7 +399,7 @@ def main(argv) -> int:
                          "in proportion to ratio ** --cell-sharpness (Group DRO re-weighting)")
     ap.add_argument("--cell-sharpness", type=float, default=8.0,
                     help="exponent of the evaluated ratio in --cell-sampling worst-cell (8: a cell at 1.1 is drawn "
-                         "2.2x as often as one at 1.0)")
+                         "2.1x as often as one at 1.0)")
     ap.add_argument("--min-lambda-progress", type=float, default=0.0,
                     help="the policy acts only from this share of the λ-span on; earlier steps stay the heuristic's, "
                          "in training and at run time (the image is decided at high noise)")
