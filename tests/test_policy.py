@@ -635,3 +635,38 @@ def test_env_decisions_start_at_min_lambda_progress():
         assert min(progress) >= p0
         env.close()
     assert counts[0.2] < counts[0.0]
+
+
+def test_ensemble_export_is_the_mean_of_its_members(tiny_training, tmp_path):
+    """policy-ensemble: one ONNX whose actions are the mean of the members' SB3 deterministic actions, with the
+    fallback range the intersection of theirs; fewer than two members or a missing statistics file is refused."""
+    from adaptive_core.tune.policy_train import (export_ensemble, load_checkpoint, sb3_actions, save_vecnorm_stats)
+    model, vecnorm, _, _ = tiny_training
+    a = tmp_path / "a.zip"
+    model.save(str(a))
+    save_vecnorm_stats(vecnorm, a.with_suffix(".vecnorm.npz"))
+    b_model, b_stats = load_checkpoint(a)
+    with torch.no_grad():                                      # a second member that acts differently
+        b_model.policy.action_net.weight.add_(0.5 * torch.randn_like(b_model.policy.action_net.weight))
+    b = tmp_path / "b.zip"
+    b_model.save(str(b))
+    np.savez(b.with_suffix(".vecnorm.npz"), mean=vecnorm.obs_rms.mean + 0.1, var=vecnorm.obs_rms.var * 2.0,
+             count=np.array(10.0), epsilon=np.array(vecnorm.epsilon), clip_obs=np.array(vecnorm.clip_obs))
+    path = export_ensemble([a, b], tmp_path / "out" / "ens.onnx", trained_on={"testbeds": ["gaussian-ve"]},
+                           training={}, metrics={})
+    policy = load_policy(path)
+    obs = (vecnorm.obs_rms.mean + np.random.default_rng(1).normal(size=(16, N_OBSERVATIONS))).astype(np.float32)
+    members = [load_checkpoint(a), load_checkpoint(b)]
+    each = [sb3_actions(m, st, obs) for m, st in members]
+    assert not np.allclose(each[0], each[1], atol=1e-3)
+    assert np.allclose(policy.act(obs), np.mean(each, axis=0), atol=1e-5)
+    assert policy.manifest.training["members"] == ["a", "b"]
+    for _, st in members:                                   # inside the intersection of the members' boxes
+        std = np.maximum(np.sqrt(st.obs_rms.var), 0.05)
+        assert (policy._lo >= st.obs_rms.mean - 6 * std - 1e-9).all()
+        assert (policy._hi <= st.obs_rms.mean + 6 * std + 1e-9).all()
+    with pytest.raises(ValueError, match="at least two"):
+        export_ensemble([a], tmp_path / "one.onnx", trained_on={}, training={}, metrics={})
+    a.with_suffix(".vecnorm.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="vecnorm"):
+        load_checkpoint(a)
