@@ -269,50 +269,74 @@ def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
     return np.asarray(act, dtype=np.float64).reshape(len(obs), -1)
 
 
-def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
-                  min_lambda_progress: float = 0.0) -> Path:
-    """Write the deterministic actor as one ONNX file and its manifest (``<stem>.json``); the ONNX output must
-    equal SB3's deterministic actions on random observations to 1e-5.  Returns the manifest path."""
-    onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    n_actions = int(model.action_space.shape[0])
+def _action_kind(n_actions: int) -> str:
+    """The manifest's action kind for a model with ``n_actions`` outputs."""
     kind = {n: k for k, n in ACTION_KINDS.items()}.get(n_actions)
     if kind is None:
         raise ValueError(f"the model has {n_actions} actions; a policy has one of {sorted(ACTION_KINDS.values())}")
-    actor = DeterministicActor(model, vecnorm).eval()
-    example = torch.randn(4, N_OBSERVATIONS)
-    torch.onnx.export(actor, (example,), str(onnx_path), input_names=["observation"], output_names=["action"],
-                      dynamo=True, external_data=False, optimize=True,
+    return kind
+
+
+def _export_verified(actor: nn.Module, onnx_path: Path, probe_mean: np.ndarray, probe_var: np.ndarray,
+                     sb3_reference) -> None:
+    """Export ``actor`` (raw observations → actions) as one ONNX file with a dynamic batch, then check that ONNX
+    Runtime's output equals ``sb3_reference(probe)`` to 1e-5 on 64 observations drawn around the training
+    statistics (±2 std)."""
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(actor.eval(), (torch.randn(4, N_OBSERVATIONS),), str(onnx_path), input_names=["observation"],
+                      output_names=["action"], dynamo=True, external_data=False, optimize=True,
                       dynamic_shapes={"observation": {0: torch.export.Dim("batch", min=1, max=1 << 20)}})
     import onnxruntime as ort
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    probe = (vecnorm.obs_rms.mean + np.sqrt(vecnorm.obs_rms.var) * rng.normal(size=(64, N_OBSERVATIONS)) * 2).astype(np.float32)
+    probe = (probe_mean + np.sqrt(probe_var) * rng.normal(size=(64, N_OBSERVATIONS)) * 2).astype(np.float32)
     got = session.run(["action"], {"observation": probe})[0]
-    want = sb3_actions(model, vecnorm, probe)
+    want = sb3_reference(probe)
     if not np.allclose(got, want, atol=1e-5, rtol=0):
         raise RuntimeError(f"ONNX export of the policy differs from SB3 by {np.abs(got - want).max():.3g}")
-    rms = vecnorm.obs_rms
+
+
+def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, trained_on: dict, training: dict,
+                     metrics: dict, min_lambda_progress: float = 0.0, action_text: str = "a[0]",
+                     range_text: str = "the training mean") -> Path:
+    """Write the manifest (``<stem>.json``) of the ONNX policy at ``onnx_path``: its sha256, the action mapping
+    and fallback rule of :mod:`adaptive_core.policy`, and the given normalisation and records."""
     manifest = PolicyManifest(
         onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path), observation_names=list(OBSERVATION_NAMES),
-        normalisation={"applied_in_graph": True, "formula": "clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)",
-                       "mean": [float(v) for v in rms.mean], "var": [float(v) for v in rms.var],
-                       "epsilon": float(vecnorm.epsilon), "clip_obs": float(vecnorm.clip_obs)},
-        action={"kind": kind, "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
+        normalisation=normalisation,
+        action={"kind": _action_kind(n_actions), "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
                 **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}),
                 "min_lambda_progress": float(min_lambda_progress),
-                "formula": "share = clip(base_share * exp(action_scale * clip(a[0], -1, 1)), min_share, 1); "
+                "formula": f"share = clip(base_share * exp(action_scale * clip({action_text}, -1, 1)), min_share, 1); "
                            "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"
                            + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= order_dead_zone, "
                               "else 0 (the heuristic's)" if n_actions > 1 else "")
                            + "; rows with lambda_progress < min_lambda_progress keep the heuristic's step and order"},
         fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
                   "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
-                          "ood_z * max(sqrt(var), std_floor) from the training mean"},
+                          f"ood_z * max(sqrt(var), std_floor) from {range_text}"},
         trained_on=trained_on, training=training, metrics=metrics, format=MANIFEST_FORMAT)
     out = onnx_path.with_suffix(".json")
     out.write_text(manifest.to_json() + "\n")
     return out
+
+
+def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
+                  min_lambda_progress: float = 0.0) -> Path:
+    """Write the deterministic actor as one ONNX file and its manifest (``<stem>.json``); the ONNX output must
+    equal SB3's deterministic actions on random observations to 1e-5.  Returns the manifest path."""
+    onnx_path = Path(onnx_path)
+    n_actions = int(model.action_space.shape[0])
+    _action_kind(n_actions)
+    rms = vecnorm.obs_rms
+    _export_verified(DeterministicActor(model, vecnorm), onnx_path, rms.mean, rms.var,
+                     lambda probe: sb3_actions(model, vecnorm, probe))
+    normalisation = {"applied_in_graph": True,
+                     "formula": "clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)",
+                     "mean": [float(v) for v in rms.mean], "var": [float(v) for v in rms.var],
+                     "epsilon": float(vecnorm.epsilon), "clip_obs": float(vecnorm.clip_obs)}
+    return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=trained_on, training=training,
+                            metrics=metrics, min_lambda_progress=min_lambda_progress)
 
 
 class EnsembleActor(nn.Module):
@@ -391,49 +415,25 @@ def export_ensemble(checkpoints, onnx_path: Path, *, trained_on: dict, training:
     if len(widths) != 1:
         raise ValueError(f"the checkpoints have different action widths {sorted(widths)}")
     n_actions = widths.pop()
-    kind = {n: k for k, n in ACTION_KINDS.items()}.get(n_actions)
-    if kind is None:
-        raise ValueError(f"the models have {n_actions} actions; a policy has one of {sorted(ACTION_KINDS.values())}")
+    _action_kind(n_actions)
     onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    actor = EnsembleActor([DeterministicActor(m, st) for m, st in loaded]).eval()
-    torch.onnx.export(actor, (torch.randn(4, N_OBSERVATIONS),), str(onnx_path), input_names=["observation"],
-                      output_names=["action"], dynamo=True, external_data=False, optimize=True,
-                      dynamic_shapes={"observation": {0: torch.export.Dim("batch", min=1, max=1 << 20)}})
-    import onnxruntime as ort
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     first = loaded[0][1].obs_rms
-    probe = (first.mean + np.sqrt(first.var) * np.random.default_rng(0).normal(size=(64, N_OBSERVATIONS)) * 2)
-    probe = probe.astype(np.float32)
-    got = session.run(["action"], {"observation": probe})[0]
-    want = np.mean([sb3_actions(m, st, probe) for m, st in loaded], axis=0)
-    if not np.allclose(got, want, atol=1e-5, rtol=0):
-        raise RuntimeError(f"ONNX export of the ensemble differs from SB3 by {np.abs(got - want).max():.3g}")
+    _export_verified(EnsembleActor([DeterministicActor(m, st) for m, st in loaded]), onnx_path, first.mean,
+                     first.var, lambda probe: np.mean([sb3_actions(m, st, probe) for m, st in loaded], axis=0))
     lo = np.max([st.obs_rms.mean - OOD_Z * np.maximum(np.sqrt(st.obs_rms.var), STD_FLOOR) for _, st in loaded], 0)
     hi = np.min([st.obs_rms.mean + OOD_Z * np.maximum(np.sqrt(st.obs_rms.var), STD_FLOOR) for _, st in loaded], 0)
     if (hi <= lo).any():
         raise ValueError("the members' observation ranges do not overlap: they were trained on different inputs")
     mean, std = (lo + hi) / 2, (hi - lo) / (2 * OOD_Z)
-    manifest = PolicyManifest(
-        onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path), observation_names=list(OBSERVATION_NAMES),
-        normalisation={"applied_in_graph": True, "mean": [float(v) for v in mean], "var": [float(v) for v in std ** 2],
-                       "ensemble_of": len(loaded),
-                       "formula": "mean of the members' actions; each member computes clip((obs - mean_i) / "
-                                  "sqrt(var_i + epsilon), -clip_obs, clip_obs) in the graph; mean/var here span the "
-                                  "intersection of the members' in-range boxes (fallback rule)"},
-        action={"kind": kind, "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
-                **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}), "min_lambda_progress": 0.0,
-                "formula": "a = mean of the members' actions; share = clip(base_share * exp(action_scale * a[0]), "
-                           "min_share, 1)" + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= "
-                                              "order_dead_zone, else 0" if n_actions > 1 else "")},
-        fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
-                  "rule": "a row falls back to the heuristic step when any observation is non-finite or outside "
-                          "mean +- ood_z * max(sqrt(var), std_floor), the members' common training range"},
-        trained_on=trained_on, training={**training, "members": [c.stem for c in checkpoints]}, metrics=metrics,
-        format=MANIFEST_FORMAT)
-    out = onnx_path.with_suffix(".json")
-    out.write_text(manifest.to_json() + "\n")
-    return out
+    normalisation = {"applied_in_graph": True, "mean": [float(v) for v in mean], "var": [float(v) for v in std ** 2],
+                     "ensemble_of": len(loaded),
+                     "formula": "mean of the members' actions; each member computes clip((obs - mean_i) / "
+                                "sqrt(var_i + epsilon), -clip_obs, clip_obs) in the graph; mean/var here span the "
+                                "intersection of the members' in-range boxes (fallback rule)"}
+    return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=trained_on,
+                            training={**training, "members": [c.stem for c in checkpoints]}, metrics=metrics,
+                            action_text="mean of the members' a[0]",
+                            range_text="mean, the centre of the members' common training range")
 
 
 def ensemble_main(argv) -> int:
