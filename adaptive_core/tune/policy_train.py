@@ -238,10 +238,17 @@ def save_vecnorm_stats(vecnorm, path: Path) -> None:
              clip_obs=np.array(vecnorm.clip_obs))
 
 
+def read_vecnorm_stats(path: Path) -> dict:
+    """The statistics written by :func:`save_vecnorm_stats`: mean, var, count, epsilon, clip_obs."""
+    d = np.load(path)
+    return {"mean": d["mean"], "var": d["var"], "count": float(d["count"]), "epsilon": float(d["epsilon"]),
+            "clip_obs": float(d["clip_obs"])}
+
+
 def load_vecnorm_stats(vecnorm, path: Path) -> None:
     """Restore statistics written by :func:`save_vecnorm_stats`."""
-    d = np.load(path)
-    vecnorm.obs_rms.mean, vecnorm.obs_rms.var, vecnorm.obs_rms.count = d["mean"], d["var"], float(d["count"])
+    d = read_vecnorm_stats(path)
+    vecnorm.obs_rms.mean, vecnorm.obs_rms.var, vecnorm.obs_rms.count = d["mean"], d["var"], d["count"]
 
 
 class DeterministicActor(nn.Module):
@@ -393,9 +400,9 @@ def load_checkpoint(zip_path: Path):
     stats_path = zip_path.with_suffix(".vecnorm.npz")
     if not zip_path.is_file() or not stats_path.is_file():
         raise FileNotFoundError(f"checkpoint {zip_path} needs {zip_path.name} and {stats_path.name}")
-    d = np.load(stats_path)
-    stats = SimpleNamespace(obs_rms=SimpleNamespace(mean=d["mean"], var=d["var"], count=float(d["count"])),
-                            epsilon=float(d["epsilon"]), clip_obs=float(d["clip_obs"]))
+    d = read_vecnorm_stats(stats_path)
+    stats = SimpleNamespace(obs_rms=SimpleNamespace(mean=d["mean"], var=d["var"], count=d["count"]),
+                            epsilon=d["epsilon"], clip_obs=d["clip_obs"])
     stats.normalize_obs = lambda o: np.clip((o - stats.obs_rms.mean) / np.sqrt(stats.obs_rms.var + stats.epsilon),
                                             -stats.clip_obs, stats.clip_obs).astype(np.float32)
     return PPO.load(str(zip_path), device="cpu"), stats
@@ -751,6 +758,7 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["DeterministicActor", "SB3Decider", "SELECT_BY", "default_storage", "episodes_to_final", "export_policy",
-           "join_study", "main", "plot_learning_curve", "ratio_summary", "sb3_actions", "search", "study_main",
-           "train"]
+__all__ = ["CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "SB3Decider", "SELECT_BY", "default_storage",
+           "ensemble_main", "episodes_to_final", "export_ensemble", "export_policy", "join_study", "load_checkpoint",
+           "main", "plot_learning_curve", "ratio_summary", "read_vecnorm_stats", "sb3_actions", "search",
+           "study_main", "train", "worst_cell_weights"]
