@@ -670,3 +670,74 @@ def test_ensemble_export_is_the_mean_of_its_members(tiny_training, tmp_path):
     a.with_suffix(".vecnorm.npz").unlink()
     with pytest.raises(FileNotFoundError, match="vecnorm"):
         load_checkpoint(a)
+
+
+class _ProgressTeacher:
+    """A teacher with a known, non-trivial rule: a shorter step early in the run and a longer one later
+    (a₀ = 0.8·tanh(20·(λ-progress − 0.1)); the decisions' λ-progress spans about 0–0.35), a lower order early and
+    a higher one later (a₁ = ±0.9)."""
+
+    name, n_actions, action_scale, min_share = "rule", 2, float(np.log(4.0)), 0.02
+    order_dead_zone, min_lambda_progress = 0.5, 0.0
+
+    def decide(self, observation):
+        p = np.asarray(observation)[:, OBSERVATION_NAMES.index("lambda_progress")]
+        actions = np.stack([0.8 * np.tanh(20.0 * (p - 0.1)), np.where(p < 0.1, -0.9, 0.9)], 1)
+        return actions, [None] * len(p)
+
+
+def test_distilled_student_imitates_its_teacher_on_its_own_runs():
+    """policy-distill: after the teacher's round and one DAgger round, the student's actions on the rows of its
+    own sampling runs (fresh seeds) are close to the teacher's, far closer than an untrained student's."""
+    from adaptive_core.tune.policy_distill import (ImitationRecorder, distill, imitation_error, new_student,
+                                                   run_configurations, student_actions)
+    from adaptive_core.tune.policy_env import configs_of
+    torch.set_num_threads(1)
+    teacher, configs = _ProgressTeacher(), configs_of([("gaussian", "ve"), ("gaussian", "flow")])
+    student, history = distill(teacher, configs, [5, 6, 8], range(16), rounds=1, epochs=150, dagger_epochs=100,
+                               lr=3e-3, hidden=(16, 16), log=lambda *_: None)
+    assert [r["acting"] for r in history["rounds"]] == ["teacher", "student"]
+    assert history["rounds"][1]["rows"] == history["rounds"][0]["rows"] + history["rounds"][1]["new_rows"]
+    check = ImitationRecorder(teacher, act=lambda o: student_actions(student, o))
+    run_configurations(check, configs, [6, 10], range(100, 108))
+    obs, target = check.rows()
+    assert len(obs) > 20 and np.std(target[:, 0]) > 0.2
+    err = imitation_error(student, obs, target)
+    untrained = imitation_error(new_student(obs, 2, (16, 16), seed=1), obs, target)
+    assert err["step_action_rms_error"] < 0.25 * untrained["step_action_rms_error"]
+    assert err["step_action_rms_error"] < 0.15
+    assert err["order_decisions_differing"] < 0.2   # a₁ jumps at λ-progress 0.1: rows near it may differ
+
+
+def test_distilled_policy_exports_loads_and_keeps_the_teachers_range(tiny_training, tmp_path):
+    """The exported student: ONNX equal to the PyTorch student, the teacher's fallback range and action mapping
+    in its manifest, and usable as ``controller="policy:<path>"`` within the budget."""
+    from adaptive_core.tune.policy_distill import distill, export_student, fit_student, student_actions
+    from adaptive_core.tune.policy_env import configs_of
+    torch.set_num_threads(1)
+    teacher = load_policy(tiny_training[3])
+    student, history = distill(teacher, configs_of([("gaussian", "ve")]), [5], range(4), rounds=1, epochs=2,
+                               dagger_epochs=1, log=lambda *_: None)
+    path = export_student(student, teacher, tmp_path / "student.onnx", training={"history": history}, metrics={})
+    policy = load_policy(path)
+    obs = (teacher._mean + np.random.default_rng(2).normal(size=(8, N_OBSERVATIONS))).astype(np.float32)
+    assert np.allclose(policy.act(obs), student_actions(student, obs), atol=1e-5)
+    assert np.allclose(policy._lo, teacher._lo) and np.allclose(policy._hi, teacher._hi)
+    assert policy.action_scale == teacher.action_scale and policy.n_actions == teacher.n_actions
+    tb = make_testbed("gaussian", "ve")
+    model_calls = _Counting(tb)
+    out = sample_adaptive(model_calls, tb.noise(range(2)), host_sigmas(tb, 5), nfe_budget=5, model_type="ve",
+                          controller=f"policy:{path}")
+    assert torch.isfinite(out).all() and model_calls.calls <= 5
+    with pytest.raises(ValueError, match="as many target rows"):
+        fit_student(student, obs, np.zeros((3, 2)), epochs=1)
+
+
+def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):
+    from adaptive_core.tune.policy_distill import main
+    with pytest.raises(SystemExit):
+        main(["--teacher", str(tiny_training[3]), "--name", "x", "--out-dir", str(tmp_path), "--seeds", "0"])
+    with pytest.raises(SystemExit):
+        main(["--teacher", str(tiny_training[3]), "--name", "x", "--out-dir", str(tmp_path), "--budgets", "0,5"])
+    with pytest.raises(PolicyLoadError):
+        main(["--teacher", str(tmp_path / "missing.json"), "--name", "x", "--out-dir", str(tmp_path)])

@@ -2,7 +2,8 @@
 ``python -m adaptive_core.tune monitor-eval ...`` (measure it: docs/monitor/README.md) and
 ``python -m adaptive_core.tune policy ...`` (train and export the PPO step policy: docs/policy/README.md),
 ``python -m adaptive_core.tune policy-eval ...`` (measure it), ``python -m adaptive_core.tune policy-ensemble ...``
-(export the mean of trained policies as one) and ``python -m adaptive_core.tune policy-study ...``
+(export the mean of trained policies as one), ``python -m adaptive_core.tune policy-distill ...`` (train one
+small policy to imitate another, e.g. an ensemble) and ``python -m adaptive_core.tune policy-study ...``
 (the trials of a shared Optuna search)."""
 from __future__ import annotations
 
@@ -85,12 +86,13 @@ def monitor_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    """Dispatch ``monitor``, ``monitor-eval``, ``policy``, ``policy-eval``, ``policy-study`` and ``policy-ensemble``."""
+    """Dispatch ``monitor``, ``monitor-eval``, ``policy``, ``policy-eval``, ``policy-study``, ``policy-ensemble``
+    and ``policy-distill``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval", "policy-study",
-                                       "policy-ensemble"):
-        print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval,policy-study,policy-ensemble} [options]   "
-              "(-h after the command)")
+                                       "policy-ensemble", "policy-distill"):
+        print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval,policy-study,policy-ensemble,"
+              "policy-distill} [options]   (-h after the command)")
         return 2
     if argv[0] == "policy-study":
         from .policy_train import study_main
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     if argv[0] == "policy-ensemble":
         from .policy_train import ensemble_main
         return ensemble_main(argv[1:])
+    if argv[0] == "policy-distill":
+        from .policy_distill import main as distill_main
+        return distill_main(argv[1:])
     if argv[0] == "monitor":
         return monitor_main(argv[1:])
     if argv[0] == "policy":

@@ -252,22 +252,35 @@ def load_vecnorm_stats(vecnorm, path: Path) -> None:
 
 
 class DeterministicActor(nn.Module):
-    """raw observation → VecNormalize (clip((o − μ)/√(σ² + ε), ±c)) → SB3 actor MLP → action mean → clip [−1, 1]."""
+    """raw observation → normalisation (VecNormalize's clip((o − μ)/√(σ² + ε), ±c)) → tanh MLP → action
+    mean → clip [−1, 1].  :meth:`from_sb3` copies a PPO model's actor and its VecNormalize statistics;
+    :mod:`.policy_distill` builds a fresh one to train."""
 
-    def __init__(self, model, vecnorm) -> None:
+    def __init__(self, policy_net: nn.Module, action_net: nn.Module, mean, var, epsilon: float,
+                 clip_obs: float) -> None:
         super().__init__()
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(1, -1))
+        self.register_buffer("inv_std", 1.0 / torch.sqrt(torch.as_tensor(np.asarray(var), dtype=torch.float32)
+                                                         .reshape(1, -1) + float(epsilon)))
+        self.clip_obs = float(clip_obs)
+        self.policy_net, self.action_net = policy_net, action_net
+
+    @classmethod
+    def from_sb3(cls, model, vecnorm) -> "DeterministicActor":
+        """The deterministic actor of an SB3 PPO ``model`` trained behind ``vecnorm`` (copies; float32, CPU)."""
         import copy
         rms = vecnorm.obs_rms
-        self.register_buffer("mean", torch.as_tensor(rms.mean, dtype=torch.float32).reshape(1, -1))
-        self.register_buffer("inv_std", 1.0 / torch.sqrt(torch.as_tensor(rms.var, dtype=torch.float32).reshape(1, -1)
-                                                         + float(vecnorm.epsilon)))
-        self.clip_obs = float(vecnorm.clip_obs)
-        self.policy_net = copy.deepcopy(model.policy.mlp_extractor.policy_net).cpu().float()
-        self.action_net = copy.deepcopy(model.policy.action_net).cpu().float()
+        return cls(copy.deepcopy(model.policy.mlp_extractor.policy_net).cpu().float(),
+                   copy.deepcopy(model.policy.action_net).cpu().float(), rms.mean, rms.var, vecnorm.epsilon,
+                   vecnorm.clip_obs)
+
+    def raw_action(self, observation: torch.Tensor) -> torch.Tensor:
+        """The MLP's output before the final clip (what a regression loss should see)."""
+        z = torch.clamp((observation - self.mean) * self.inv_std, -self.clip_obs, self.clip_obs)
+        return self.action_net(self.policy_net(z))
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        z = torch.clamp((observation - self.mean) * self.inv_std, -self.clip_obs, self.clip_obs)
-        return torch.clamp(self.action_net(self.policy_net(z)), -1.0, 1.0)
+        return torch.clamp(self.raw_action(observation), -1.0, 1.0)
 
 
 def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
@@ -336,7 +349,7 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
     n_actions = int(model.action_space.shape[0])
     _action_kind(n_actions)
     rms = vecnorm.obs_rms
-    _export_verified(DeterministicActor(model, vecnorm), onnx_path, rms.mean, rms.var,
+    _export_verified(DeterministicActor.from_sb3(model, vecnorm), onnx_path, rms.mean, rms.var,
                      lambda probe: sb3_actions(model, vecnorm, probe))
     normalisation = {"applied_in_graph": True,
                      "formula": "clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)",
@@ -425,7 +438,7 @@ def export_ensemble(checkpoints, onnx_path: Path, *, trained_on: dict, training:
     _action_kind(n_actions)
     onnx_path = Path(onnx_path)
     first = loaded[0][1].obs_rms
-    _export_verified(EnsembleActor([DeterministicActor(m, st) for m, st in loaded]), onnx_path, first.mean,
+    _export_verified(EnsembleActor([DeterministicActor.from_sb3(m, st) for m, st in loaded]), onnx_path, first.mean,
                      first.var, lambda probe: np.mean([sb3_actions(m, st, probe) for m, st in loaded], axis=0))
     lo = np.max([st.obs_rms.mean - OOD_Z * np.maximum(np.sqrt(st.obs_rms.var), STD_FLOOR) for _, st in loaded], 0)
     hi = np.min([st.obs_rms.mean + OOD_Z * np.maximum(np.sqrt(st.obs_rms.var), STD_FLOOR) for _, st in loaded], 0)

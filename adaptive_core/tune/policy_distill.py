@@ -1,0 +1,297 @@
+"""``python -m adaptive_core.tune policy-distill``: one small policy that imitates a teacher policy.
+
+Policy distillation (Rusu et al. 2016, "Policy Distillation") trains a student network to reproduce a teacher
+policy's actions; here the teacher is usually an ensemble (``policy-ensemble``: the mean of several PPO
+policies), which decides better than any of its members but costs one MLP per member at every decision.  The
+student has the members' size (a 64-64 tanh MLP), so it decides at the cost of one policy.
+
+The data are the observation rows the sampler hands the controller (:func:`adaptive_core.sampler.sample_adaptive`,
+``controller=``) on the teacher's training configurations, labelled with the teacher's deterministic actions:
+
+1. round 0: the teacher samples, and its own rows are recorded;
+2. rounds 1…R (DAgger, Ross et al. 2011): the *student* samples, and the teacher labels the rows the student
+   visits.  A student that only saw the teacher's rows drifts to states the teacher never reached, where its
+   errors compound; DAgger adds exactly those states.  Before each round's rows join the data set, the
+   student's error on them is recorded: its imitation error on its own state distribution.
+
+The regression is the mean squared error of the student's actions (before their final clip) to the teacher's,
+Adam with a cosine learning rate.  The student normalises observations in its graph with the data's mean and
+variance (as VecNormalize does for PPO); its manifest keeps the teacher's fallback range, so the student is
+asked exactly where the teacher would have been.  Rows the teacher itself would hand to the heuristic (out of
+its range) are not used.  Noise seeds: 0…N−1 (training pools are 0–255; the periodic evaluation uses 20000…
+and the measurements 30000…, which distillation never sees).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..policy import N_OBSERVATIONS, OOD_Z, STD_FLOOR, load_policy
+from .policy_train import DeterministicActor, _export_verified, _policy_manifest
+
+#: The student's hidden layer widths: the PPO members' (``policy`` trains 64-64 tanh MLPs).
+STUDENT_HIDDEN = (64, 64)
+
+
+class ImitationRecorder:
+    """A sampler controller that records each observation row it is asked about with the teacher's action on it.
+
+    It acts as the teacher (``act=None``) or as ``act`` (a function raw observation rows → actions, the student
+    during DAgger), with the teacher's action mapping (scale, minimum share, order dead zone, first λ-progress).
+    Rows the teacher would not decide (outside its training range) fall back to the heuristic for both, and are
+    not recorded."""
+
+    def __init__(self, teacher, act=None) -> None:
+        self.teacher, self.act = teacher, act
+        self.name = f"imitation of {teacher.name}"
+        self.action_scale, self.min_share = teacher.action_scale, teacher.min_share
+        self.order_dead_zone = getattr(teacher, "order_dead_zone", 0.5)
+        self.min_lambda_progress = getattr(teacher, "min_lambda_progress", 0.0)
+        self.observations: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+
+    def decide(self, observation: np.ndarray):
+        """(actions, per-row fallback reasons) as :meth:`adaptive_core.policy.Policy.decide`; records the rows."""
+        observation = np.asarray(observation, dtype=np.float64)
+        actions, reasons = self.teacher.decide(observation)
+        inside = np.array([r is None for r in reasons], dtype=bool)
+        if inside.any():
+            self.observations.append(observation[inside].copy())
+            self.targets.append(np.asarray(actions, dtype=np.float64)[inside].copy())
+            if self.act is not None:
+                actions = np.array(actions, dtype=np.float64)
+                actions[inside] = self.act(observation[inside])
+        return actions, reasons
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(observations [R, N_OBSERVATIONS], teacher actions [R, n_actions]) recorded so far."""
+        if not self.observations:
+            return np.zeros((0, N_OBSERVATIONS)), np.zeros((0, self.teacher.n_actions))
+        return np.concatenate(self.observations), np.concatenate(self.targets)
+
+
+def run_configurations(controller, configs, budgets, seeds, progress=None) -> None:
+    """Sample every configuration at every budget from the noises of ``seeds`` with ``controller`` (the env's
+    host σ grid, budget mode; on a trained testbed the class is ``seed mod 10``).  Only the controller's side
+    effects are kept: no reference is computed."""
+    from ..sampler import sample_adaptive
+    from .policy_env import class_labels, host_grid, make_config_testbed
+    seeds = [int(s) for s in seeds]
+    for config in configs:
+        tb = make_config_testbed(config)
+        if config.trained:
+            tb.set_labels(class_labels(seeds))
+            x = tb.noise(seeds, dtype=torch.float32)
+        else:
+            x = tb.noise(seeds)
+        for budget in budgets:
+            sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=int(budget), model_type=config.model_type,
+                            controller=controller)
+            if progress is not None:
+                progress.update(1)
+
+
+def new_student(observations: np.ndarray, n_actions: int, hidden=STUDENT_HIDDEN, seed: int = 0,
+                clip_obs: float = 10.0) -> DeterministicActor:
+    """A fresh tanh MLP actor (PyTorch's default initialisation, seeded) that normalises observations with the
+    mean and variance of ``observations`` (the variance floored at the fallback rule's std floor, squared, so a
+    column that hardly varies in the data does not blow up)."""
+    torch.manual_seed(seed)
+    layers, width = [], N_OBSERVATIONS
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.Tanh()]
+        width = int(h)
+    return DeterministicActor(nn.Sequential(*layers), nn.Linear(width, n_actions), observations.mean(0),
+                              np.maximum(observations.var(0), STD_FLOOR ** 2), 1e-8, clip_obs)
+
+
+def student_actions(student: DeterministicActor, observation: np.ndarray) -> np.ndarray:
+    """The student's deterministic actions [R, n_actions] (float64) for raw observation rows."""
+    with torch.no_grad():
+        return student(torch.as_tensor(np.asarray(observation), dtype=torch.float32)).double().numpy()
+
+
+def fit_student(student: DeterministicActor, observations: np.ndarray, targets: np.ndarray, *, epochs: int,
+                lr: float = 1e-3, batch_size: int = 256, seed: int = 0) -> list[float]:
+    """Fit ``student`` to the teacher's actions by the mean squared error of its unclipped output (Adam, cosine
+    learning rate over all epochs).  Returns the mean training loss of each epoch."""
+    if len(observations) != len(targets) or len(observations) == 0:
+        raise ValueError(f"need as many target rows as observation rows (and some), got {len(observations)} "
+                         f"and {len(targets)}")
+    x = torch.as_tensor(observations, dtype=torch.float32)
+    y = torch.as_tensor(targets, dtype=torch.float32)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    student.train()
+    for _ in range(epochs):
+        order, total = torch.randperm(len(x), generator=gen), 0.0
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            loss = torch.mean((student.raw_action(x[idx]) - y[idx]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(x))
+    student.eval()
+    return losses
+
+
+def imitation_error(student: DeterministicActor, observations: np.ndarray, targets: np.ndarray,
+                    order_dead_zone: float = 0.5) -> dict:
+    """How far the student's actions are from the teacher's on given rows: RMS difference of the step action
+    (a₀, which scales the step by 4^a₀), its largest difference, and the share of rows whose order decision
+    (a₁ against the dead zone) differs."""
+    got = student_actions(student, observations)
+    out = {"rows": len(observations),
+           "step_action_rms_error": float(np.sqrt(np.mean((got[:, 0] - targets[:, 0]) ** 2))),
+           "step_action_max_error": float(np.max(np.abs(got[:, 0] - targets[:, 0])))}
+    if targets.shape[1] > 1:
+        def order(a):
+            return np.where(a <= -order_dead_zone, -1, np.where(a >= order_dead_zone, 1, 0))
+        out["order_decisions_differing"] = float(np.mean(order(got[:, 1]) != order(targets[:, 1])))
+    return out
+
+
+def distill(teacher, configs, budgets, seeds, *, rounds: int = 2, epochs: int = 60, dagger_epochs: int = 30,
+            lr: float = 1e-3, hidden=STUDENT_HIDDEN, seed: int = 0, log=print):
+    """Distil ``teacher`` (a :class:`~adaptive_core.policy.Policy`) into a fresh MLP: round 0 on the teacher's
+    own rows, then ``rounds`` DAgger rounds on the student's (module docstring).  Returns (student, history)."""
+    from tqdm import tqdm
+    runs_per_round = len(configs) * len(budgets)
+    bar = tqdm(total=runs_per_round * (rounds + 1), desc="distil: sampling runs", unit="run")
+    data = ImitationRecorder(teacher)
+    run_configurations(data, configs, budgets, seeds, bar)
+    obs, target = data.rows()
+    if len(obs) == 0:
+        bar.close()
+        raise RuntimeError("the teacher was never asked for a decision: no rows to learn from")
+    student = new_student(obs, target.shape[1], hidden, seed)
+    history = {"rounds": []}
+    t0 = time.time()
+    losses = fit_student(student, obs, target, epochs=epochs, lr=lr, seed=seed)
+    history["rounds"].append({"round": 0, "acting": "teacher", "new_rows": len(obs), "rows": len(obs),
+                              "final_loss": losses[-1], "fit_seconds": round(time.time() - t0, 1),
+                              "fit_error": imitation_error(student, obs, target, data.order_dead_zone)})
+    log(f"round 0 (teacher acts): {len(obs)} rows, loss {losses[-1]:.3g}")
+    for r in range(1, rounds + 1):
+        rec = ImitationRecorder(teacher, act=lambda o: student_actions(student, o))
+        run_configurations(rec, configs, budgets, seeds, bar)
+        new_obs, new_target = rec.rows()
+        on_policy = imitation_error(student, new_obs, new_target, data.order_dead_zone)
+        obs, target = np.concatenate([obs, new_obs]), np.concatenate([target, new_target])
+        t0 = time.time()
+        losses = fit_student(student, obs, target, epochs=dagger_epochs, lr=lr, seed=seed + r)
+        history["rounds"].append({"round": r, "acting": "student", "new_rows": len(new_obs),
+                                  "rows": len(obs), "error_on_own_rows_before_fit": on_policy,
+                                  "final_loss": losses[-1], "fit_seconds": round(time.time() - t0, 1)})
+        log(f"round {r} (student acts): {len(new_obs)} new rows; its error there before refitting: "
+            f"step action RMS {on_policy['step_action_rms_error']:.3f}"
+            + (f", order decisions differing {on_policy['order_decisions_differing']:.1%}"
+               if "order_decisions_differing" in on_policy else "") + f"; loss after {losses[-1]:.3g}")
+    bar.close()
+    return student, history
+
+
+def export_student(student: DeterministicActor, teacher, onnx_path: Path, *, training: dict, metrics: dict) -> Path:
+    """Write the student as one ONNX file (checked against the PyTorch student to 1e-5) and its manifest: the
+    teacher's fallback range and action mapping, the student's own training record.  Returns the manifest path."""
+    onnx_path = Path(onnx_path)
+    n_actions = int(student.action_net.out_features)
+    mean = student.mean[0].double().numpy()
+    var = (1.0 / student.inv_std[0].double() ** 2).numpy()
+    _export_verified(student, onnx_path, mean, var, lambda probe: student_actions(student, probe))
+    t_norm = teacher.manifest.normalisation
+    normalisation = {"applied_in_graph": True, "mean": list(t_norm["mean"]), "var": list(t_norm["var"]),
+                     "student_mean": [float(v) for v in mean], "student_var": [float(v) for v in var],
+                     "clip_obs": student.clip_obs,
+                     "formula": "the student computes clip((obs - student_mean) / sqrt(student_var), -clip_obs, "
+                                "clip_obs) in the graph; mean/var are the teacher's, for the fallback rule (the "
+                                "student is asked where the teacher would be)"}
+    return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=teacher.manifest.trained_on,
+                            training=training, metrics=metrics, min_lambda_progress=teacher.min_lambda_progress,
+                            range_text="the teacher's training range centre")
+
+
+def main(argv) -> int:
+    """``python -m adaptive_core.tune policy-distill``: distil a policy (usually an ensemble) into one MLP and
+    export it as ONNX + manifest."""
+    import argparse
+    repo = Path(__file__).resolve().parents[2]
+    ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy-distill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="the policy to imitate: a manifest path or a bundled name")
+    ap.add_argument("--name", required=True, help="student policy name: <out-dir>/<name>.onnx + .json")
+    ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies")
+    ap.add_argument("--seeds", type=int, default=256, help="noise seeds 0..N-1 per configuration and budget")
+    ap.add_argument("--rounds", type=int, default=2, help="DAgger rounds after the teacher's own round")
+    ap.add_argument("--epochs", type=int, default=60, help="epochs of the first fit")
+    ap.add_argument("--dagger-epochs", type=int, default=30, help="epochs of each refit after a DAgger round")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hidden", default="64,64", help="hidden layer widths of the student")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--testbeds", default=None,
+                    help="name:model_type,... (default: the teacher's training testbeds from its manifest)")
+    ap.add_argument("--budgets", default=None, help="comma-separated NFE budgets (default: the teacher's)")
+    args = ap.parse_args(argv)
+    from .policy_env import TRAIN_BUDGETS, TRAINED_CFG_SCALES, configs_of
+    from .policy_train import parse_specs
+    if args.seeds < 1 or args.rounds < 0 or args.epochs < 1 or args.dagger_epochs < 1:
+        ap.error("--seeds, --epochs and --dagger-epochs must be at least 1 and --rounds at least 0")
+    torch.set_num_threads(1)
+    teacher = load_policy(args.teacher)
+    trained_on = teacher.manifest.trained_on or {}
+    if args.testbeds:
+        specs = parse_specs(args.testbeds)
+    elif trained_on.get("testbeds"):
+        specs = [tuple(t.rsplit("-", 1)) for t in trained_on["testbeds"]]
+    else:
+        ap.error("the teacher's manifest names no training testbeds: give --testbeds")
+    budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
+               else [int(b) for b in trained_on.get("budgets", TRAIN_BUDGETS)])
+    if min(budgets) < 1:
+        ap.error(f"budgets must be at least 1, got {budgets}")
+    configs = configs_of(specs, trained_on.get("cfg_scales", TRAINED_CFG_SCALES))
+    hidden = [int(h) for h in args.hidden.split(",") if h]
+    start = time.time()
+    student, history = distill(teacher, configs, budgets, range(args.seeds), rounds=args.rounds, epochs=args.epochs,
+                               dagger_epochs=args.dagger_epochs, lr=args.lr, hidden=hidden, seed=args.seed)
+    seconds = round(time.time() - start, 1)
+    training = {"command": "python -m adaptive_core.tune policy-distill " + " ".join(argv),
+                "algorithm": "policy distillation (Rusu et al. 2016) with DAgger rounds (Ross et al. 2011)",
+                "teacher": {"name": teacher.name, "sha256": teacher.manifest.sha256,
+                            "training": teacher.manifest.training},
+                "configurations": [c.key for c in configs], "budgets": budgets, "seeds": [0, args.seeds],
+                "student": {"hidden": hidden, "activation": "tanh"}, "history": history,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
+    teacher_seconds = float(teacher.manifest.metrics.get("train_seconds") or 0.0)
+    manifest = export_student(student, teacher, args.out_dir / f"{args.name}.onnx", training=training,
+                              metrics={"train_seconds": round(teacher_seconds + seconds, 1),
+                                       "distill_seconds": seconds})
+    (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1) + "\n")
+    print(f"wrote {manifest} ({seconds:.0f} s; fallback z {OOD_Z:g} on the teacher's range)")
+    return 0
+
+
+__all__ = [
+    "STUDENT_HIDDEN",
+    "ImitationRecorder",
+    "distill",
+    "export_student",
+    "fit_student",
+    "imitation_error",
+    "main",
+    "new_student",
+    "run_configurations",
+    "student_actions",
+]
