@@ -741,3 +741,34 @@ def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):
         main(["--teacher", str(tiny_training[3]), "--name", "x", "--out-dir", str(tmp_path), "--budgets", "0,5"])
     with pytest.raises(PolicyLoadError):
         main(["--teacher", str(tmp_path / "missing.json"), "--name", "x", "--out-dir", str(tmp_path)])
+
+
+def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
+    """``policy --init <manifest>.json``: the bundled policy's (and a trained policy's) ONNX actor and observation
+    statistics go into a fresh PPO model whose deterministic actions equal the ONNX policy's; a graph that is not
+    one actor (here a hand-made one) is refused; a tiny fine-tune from a manifest runs and exports."""
+    from pathlib import Path
+
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from adaptive_core.tune.policy_train import load_policy_actor, make_vec_env, sb3_actions, train
+    torch.set_num_threads(1)
+    bundled = Path(__file__).resolve().parents[1] / "policies" / "ppo_ve_flow.json"
+    for path in (bundled, tiny_training[3]):
+        venv = make_vec_env([("gaussian", "ve")], [5], range(4), 1, "dummy", 0.1, 0)
+        vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
+        model = PPO("MlpPolicy", vecnorm, n_steps=64, batch_size=64, device="cpu",
+                    policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64])))
+        policy = load_policy(path)
+        probe = (policy._mean + policy._std * np.random.default_rng(3).normal(size=(32, N_OBSERVATIONS)))
+        assert not np.allclose(sb3_actions(model, vecnorm, probe.astype(np.float32)), policy.act(probe), atol=1e-3)
+        load_policy_actor(model, vecnorm, path)
+        assert np.allclose(sb3_actions(model, vecnorm, probe.astype(np.float32)), policy.act(probe), atol=1e-4)
+        venv.close()
+    with pytest.raises(ValueError, match="not a single-actor policy graph"):
+        load_policy_actor(model, vecnorm, _write_policy(tmp_path / "hand", _Tanh(2), kind="share_and_order"))
+    model, vecnorm, history = train([("gaussian", "ve")], [5], timesteps=64, n_envs=1, n_steps=64, batch_size=64,
+                                    n_epochs=1, train_seeds=range(4), eval_seeds=range(20000, 20002),
+                                    eval_every=10 ** 9, progress=False, init=tiny_training[3])
+    assert model.num_timesteps >= 64 and history["evals"]

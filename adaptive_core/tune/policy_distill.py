@@ -37,6 +37,8 @@ from .policy_train import DeterministicActor, _export_verified, _policy_manifest
 
 #: The student's hidden layer widths: the PPO members' (``policy`` trains 64-64 tanh MLPs).
 STUDENT_HIDDEN = (64, 64)
+#: ε of the student's normalisation clip((o − μ)/√(σ² + ε), ±c), VecNormalize's default.
+STUDENT_EPSILON = 1e-8
 
 
 class ImitationRecorder:
@@ -108,7 +110,7 @@ def new_student(observations: np.ndarray, n_actions: int, hidden=STUDENT_HIDDEN,
         layers += [nn.Linear(width, int(h)), nn.Tanh()]
         width = int(h)
     return DeterministicActor(nn.Sequential(*layers), nn.Linear(width, n_actions), observations.mean(0),
-                              np.maximum(observations.var(0), STD_FLOOR ** 2), 1e-8, clip_obs)
+                              np.maximum(observations.var(0), STD_FLOOR ** 2), STUDENT_EPSILON, clip_obs)
 
 
 def student_actions(student: DeterministicActor, observation: np.ndarray) -> np.ndarray:
@@ -209,12 +211,12 @@ def export_student(student: DeterministicActor, teacher, onnx_path: Path, *, tra
     onnx_path = Path(onnx_path)
     n_actions = int(student.action_net.out_features)
     mean = student.mean[0].double().numpy()
-    var = (1.0 / student.inv_std[0].double() ** 2).numpy()
+    var = (1.0 / student.inv_std[0].double() ** 2).numpy() - STUDENT_EPSILON
     _export_verified(student, onnx_path, mean, var, lambda probe: student_actions(student, probe))
     t_norm = teacher.manifest.normalisation
     normalisation = {"applied_in_graph": True, "mean": list(t_norm["mean"]), "var": list(t_norm["var"]),
                      "student_mean": [float(v) for v in mean], "student_var": [float(v) for v in var],
-                     "clip_obs": student.clip_obs,
+                     "epsilon": STUDENT_EPSILON, "clip_obs": student.clip_obs,
                      "formula": "the student computes clip((obs - student_mean) / sqrt(student_var), -clip_obs, "
                                 "clip_obs) in the graph; mean/var are the teacher's, for the fallback rule (the "
                                 "student is asked where the teacher would be)"}
@@ -284,6 +286,7 @@ def main(argv) -> int:
 
 
 __all__ = [
+    "STUDENT_EPSILON",
     "STUDENT_HIDDEN",
     "ImitationRecorder",
     "distill",

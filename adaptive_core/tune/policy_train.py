@@ -107,7 +107,9 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
-    ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from.  ``cfg_scales``, ``order_action``,
+    ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from, or a policy manifest (``.json``, e.g. a bundled
+    policy): then the actor and observation statistics come from its ONNX graph (:func:`load_policy_actor`) and
+    the critic starts fresh.  ``cfg_scales``, ``order_action``,
     ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``, ``min_lambda_progress``: see
     :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
@@ -135,7 +137,10 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                       min_lambda_progress=min_lambda_progress)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
-    if init is not None:
+    if init is not None and Path(init).suffix == ".json":
+        graph = policy_actor_weights(init)
+        hidden = int(graph["policy_net.0.weight"].shape[0])
+    if init is not None and Path(init).suffix != ".json":
         load_vecnorm_stats(vecnorm, Path(init).with_suffix(".vecnorm.npz"))
         model = PPO.load(str(init), env=vecnorm, tensorboard_log=str(logdir) if logdir else None, device="cpu",
                          custom_objects={"n_steps": n_steps, "batch_size": batch_size, "n_epochs": n_epochs,
@@ -149,6 +154,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         if order_action and order_log_std_init is not None:
             with torch.no_grad():
                 model.policy.log_std[1] = float(order_log_std_init)
+        if init is not None:
+            load_policy_actor(model, vecnorm, init, graph)
     references: dict = {}
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
@@ -281,6 +288,65 @@ class DeterministicActor(nn.Module):
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         return torch.clamp(self.raw_action(observation), -1.0, 1.0)
+
+
+#: The ONNX initialisers of a graph written by :func:`export_policy` or ``policy-distill`` (one
+#: :class:`DeterministicActor`), which :func:`load_policy_actor` copies back into a PPO model.
+ACTOR_INITIALISERS = ("mean", "inv_std", "policy_net.0.weight", "policy_net.0.bias", "policy_net.2.weight",
+                      "policy_net.2.bias", "action_net.weight", "action_net.bias")
+
+
+def policy_actor_weights(manifest_path: Path) -> dict:
+    """{initialiser name: array} of a policy's ONNX actor (:data:`ACTOR_INITIALISERS`), after the manifest and the
+    graph's sha256 pass :class:`~adaptive_core.policy.Policy`'s checks.  A graph of another shape (an ensemble)
+    is refused: distil it into one actor first (``policy-distill``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ..policy import Policy
+    policy = Policy(manifest_path)
+    model = onnx.load(str(policy.path.parent / policy.manifest.onnx_file))
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    missing = [n for n in ACTOR_INITIALISERS if n not in arrays]
+    if missing:
+        raise ValueError(f"{manifest_path}: not a single-actor policy graph (no {missing}); an ensemble cannot be "
+                         f"fine-tuned as it is: distil it first (python -m adaptive_core.tune policy-distill)")
+    out = {n: np.array(arrays[n], dtype=np.float32) for n in ACTOR_INITIALISERS}   # writable copies
+    out["epsilon"] = float(policy.manifest.normalisation.get("epsilon", 1e-8))
+    out["clip_obs"] = float(policy.manifest.normalisation.get("clip_obs", 10.0))
+    out["policy"] = policy
+    return out
+
+
+def load_policy_actor(model, vecnorm, manifest_path: Path, graph: dict | None = None) -> None:
+    """Copy a policy's ONNX actor into a fresh SB3 PPO ``model`` (64-64 tanh: the actor MLP and action layer)
+    and its observation normalisation into ``vecnorm`` (mean; var = 1/inv_std² − ε), then check that SB3's
+    deterministic actions equal the ONNX policy's to 1e-4 on 64 probe rows.  The critic and the action noise are
+    left as they are: fine-tuning starts from the shipped behaviour with a fresh value estimate."""
+    graph = policy_actor_weights(manifest_path) if graph is None else graph
+    net, head = model.policy.mlp_extractor.policy_net, model.policy.action_net
+    pairs = [(net[0], "policy_net.0"), (net[2], "policy_net.2"), (head, "action_net")]
+    for layer, name in pairs:
+        w, b = graph[f"{name}.weight"], graph[f"{name}.bias"]
+        if tuple(layer.weight.shape) != w.shape or tuple(layer.bias.shape) != b.shape:
+            raise ValueError(f"{manifest_path}: {name} is {w.shape} in the graph, the PPO model's is "
+                             f"{tuple(layer.weight.shape)} (another layer width or action count)")
+    with torch.no_grad():
+        for layer, name in pairs:
+            layer.weight.copy_(torch.as_tensor(graph[f"{name}.weight"]))
+            layer.bias.copy_(torch.as_tensor(graph[f"{name}.bias"]))
+    eps = graph["epsilon"]
+    vecnorm.obs_rms.mean = graph["mean"].reshape(-1).astype(np.float64)
+    vecnorm.obs_rms.var = 1.0 / np.square(graph["inv_std"].reshape(-1).astype(np.float64)) - eps
+    vecnorm.obs_rms.count = 1e4   # statistics of a trained policy: fine-tuning moves them only slowly
+    vecnorm.epsilon, vecnorm.clip_obs = eps, graph["clip_obs"]
+    policy = graph["policy"]
+    rng = np.random.default_rng(0)
+    probe = (policy._mean + policy._std * rng.normal(size=(64, N_OBSERVATIONS))).astype(np.float32)
+    got, want = sb3_actions(model, vecnorm, probe), policy.act(probe)
+    if not np.allclose(got, want, atol=1e-4, rtol=0):
+        raise RuntimeError(f"{manifest_path}: the PPO model with the copied actor differs from the ONNX policy by "
+                           f"{np.abs(got - want).max():.3g}")
 
 
 def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
@@ -579,7 +645,9 @@ def main(argv) -> int:
     ap.add_argument("--min-lambda-progress", type=float, default=0.0,
                     help="the policy acts only from this share of the λ-span on; earlier steps stay the heuristic's, "
                          "in training and at run time (the image is decided at high noise)")
-    ap.add_argument("--init", type=Path, default=None, help="SB3 zip (build/) to fine-tune from")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="what to fine-tune from: an SB3 zip (build/), or a policy manifest such as "
+                         "policies/ppo_ve_flow.json (its actor and statistics; the critic starts fresh)")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
                     help="where the ONNX + manifest go (policies/ to bundle)")
@@ -771,7 +839,8 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "SB3Decider", "SELECT_BY", "default_storage",
-           "ensemble_main", "episodes_to_final", "export_ensemble", "export_policy", "join_study", "load_checkpoint",
-           "main", "plot_learning_curve", "ratio_summary", "read_vecnorm_stats", "sb3_actions", "search",
-           "study_main", "train", "worst_cell_weights"]
+__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "SB3Decider", "SELECT_BY",
+           "default_storage", "ensemble_main", "episodes_to_final", "export_ensemble", "export_policy", "join_study",
+           "load_checkpoint", "load_policy_actor", "main", "plot_learning_curve", "policy_actor_weights",
+           "ratio_summary", "read_vecnorm_stats", "sb3_actions", "search", "study_main", "train",
+           "worst_cell_weights"]
