@@ -61,6 +61,11 @@ SELECT_BY = {"geomean": "geomean", "worst-cell": "worst"}
 #: uniformly, then CFG and budget) or ``worst-cell`` (half of that, half :func:`worst_cell_weights` of the last
 #: evaluation).
 CELL_SAMPLINGS = ("default", "worst-cell")
+#: Initial log-std of the step and order actions when ``policy --init`` starts from a policy manifest, which
+#: carries no exploration noise: about where the bundled policy's PPO members ended (step −3.95 to −4.07, order
+#: −1.66 to −1.95).  A fine-tune then resumes at the noise level training had reached; a fresh run's −1.0/−0.7
+#: swamps the trained decisions (the fine-tune in docs/policy/README.md, section 2, lost its gain that way).
+FINE_TUNE_LOG_STD_INIT = (-4.0, -1.8)
 WORST_CELL_MIX = 0.5
 
 
@@ -109,7 +114,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from, or a policy manifest (``.json``, e.g. a bundled
     policy): then the actor and observation statistics come from its ONNX graph (:func:`load_policy_actor`) and
-    the critic starts fresh.  ``cfg_scales``, ``order_action``,
+    the critic starts fresh (the command line then starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`).  ``cfg_scales``, ``order_action``,
     ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``, ``min_lambda_progress``: see
     :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
@@ -623,9 +628,11 @@ def main(argv) -> int:
     ap.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per environment")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--ent-coef", type=float, default=0.0)
-    ap.add_argument("--log-std-init", type=float, default=-1.0, help="initial log-std of the step action")
-    ap.add_argument("--order-log-std-init", type=float, default=-0.7,
-                    help="initial log-std of the solver-order action (it acts past |a| ≥ 0.5, so it explores wider)")
+    ap.add_argument("--log-std-init", type=float, default=None,
+                    help="initial log-std of the step action (default -1.0; -4.0 from an --init manifest)")
+    ap.add_argument("--order-log-std-init", type=float, default=None,
+                    help="initial log-std of the solver-order action, which acts past |a| ≥ 0.5 and so explores "
+                         "wider (default -0.7; -1.8 from an --init manifest)")
     ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
@@ -662,6 +669,11 @@ def main(argv) -> int:
                          "workers on several machines share one study")
     ap.add_argument("--study", default="ado_policy", help="Optuna study name (workers with the same name share it)")
     args = ap.parse_args(argv)
+    from_manifest = args.init is not None and args.init.suffix == ".json"
+    if args.log_std_init is None:
+        args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
+    if args.order_log_std_init is None:
+        args.order_log_std_init = FINE_TUNE_LOG_STD_INIT[1] if from_manifest else -0.7
     torch.set_num_threads(1)
     specs = parse_specs(args.testbeds)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -839,8 +851,8 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "SB3Decider", "SELECT_BY",
-           "default_storage", "ensemble_main", "episodes_to_final", "export_ensemble", "export_policy", "join_study",
-           "load_checkpoint", "load_policy_actor", "main", "plot_learning_curve", "policy_actor_weights",
-           "ratio_summary", "read_vecnorm_stats", "sb3_actions", "search", "study_main", "train",
-           "worst_cell_weights"]
+__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "FINE_TUNE_LOG_STD_INIT",
+           "SB3Decider", "SELECT_BY", "default_storage", "ensemble_main", "episodes_to_final", "export_ensemble",
+           "export_policy", "join_study", "load_checkpoint", "load_policy_actor", "main", "plot_learning_curve",
+           "policy_actor_weights", "ratio_summary", "read_vecnorm_stats", "sb3_actions", "search", "study_main",
+           "train", "worst_cell_weights"]
