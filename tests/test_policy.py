@@ -772,3 +772,28 @@ def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
                                     n_epochs=1, train_seeds=range(4), eval_seeds=range(20000, 20002),
                                     eval_every=10 ** 9, progress=False, init=tiny_training[3])
     assert model.num_timesteps >= 64 and history["evals"]
+
+
+def test_critic_warmup_keeps_the_actor_frozen(tiny_training):
+    """``critic_warmup``: while the first decisions run only the critic learns, so a run that ends inside the
+    warm-up leaves the copied actor and its action noise exactly as loaded; without warm-up the same run changes
+    them."""
+    from adaptive_core.tune.policy_train import policy_actor_weights, train
+    torch.set_num_threads(1)
+    loaded = policy_actor_weights(tiny_training[3])
+    kw = dict(timesteps=128, n_envs=2, n_steps=64, batch_size=64, n_epochs=2, train_seeds=range(4),
+              eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=tiny_training[3],
+              log_std_init=-1.0)
+
+    def unchanged(model):
+        return (np.allclose(model.policy.action_net.weight.detach().numpy(), loaded["action_net.weight"])
+                and np.allclose(model.policy.mlp_extractor.policy_net[0].weight.detach().numpy(),
+                                loaded["policy_net.0.weight"])
+                and np.allclose(model.policy.log_std.detach().numpy(), [-1.0, -0.7]))
+    frozen, _, history = train([("gaussian", "ve")], [5], critic_warmup=10 ** 6, **kw)
+    assert history["critic_warmup"] == 10 ** 6 and unchanged(frozen)
+    assert all(p.requires_grad for p in frozen.policy.parameters())          # unfrozen again after the run
+    moved, _, _ = train([("gaussian", "ve")], [5], critic_warmup=0, **kw)
+    assert not unchanged(moved)
+    with pytest.raises(ValueError, match="critic_warmup"):
+        train([("gaussian", "ve")], [5], critic_warmup=-1, **kw)

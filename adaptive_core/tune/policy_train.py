@@ -66,6 +66,10 @@ CELL_SAMPLINGS = ("default", "worst-cell")
 #: −1.66 to −1.95).  A fine-tune then resumes at the noise level training had reached; a fresh run's −1.0/−0.7
 #: swamps the trained decisions (the fine-tune in docs/policy/README.md, section 2, lost its gain that way).
 FINE_TUNE_LOG_STD_INIT = (-4.0, -1.8)
+#: Decisions of critic warm-up when ``policy --init`` starts from a policy manifest: the manifest has no value
+#: function, and PPO's first updates against a fresh critic's advantages pull a trained actor off its policy, so
+#: for these decisions only the critic learns (the actor, action noise included, is frozen).
+FINE_TUNE_CRITIC_WARMUP = 512
 WORST_CELL_MIX = 0.5
 
 
@@ -108,7 +112,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
-          cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0):
+          cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
+          critic_warmup: int = 0):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
@@ -128,7 +133,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     ``cell_sampling``: one of :data:`CELL_SAMPLINGS`; with ``"worst-cell"`` every evaluation re-weights the
     episodes' draw of configuration and budget towards the cells furthest above the heuristic
     (:func:`worst_cell_weights` with ``cell_sharpness``, mixed half and half with the default draw), so training
-    time goes where the worst-cell target is missed; ``history["cell_weights"]`` records them."""
+    time goes where the worst-cell target is missed; ``history["cell_weights"]`` records them.
+    ``critic_warmup``: for this many first decisions only the critic learns, the actor and its action noise stay
+    frozen (for an ``init`` without a trained critic)."""
+    if critic_warmup < 0:
+        raise ValueError(f"critic_warmup must be ≥ 0 decisions, got {critic_warmup}")
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {tuple(SELECT_BY)}, got {select_by!r}")
     if cell_sampling not in CELL_SAMPLINGS:
@@ -187,12 +196,25 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                         obs_rms=(rms.mean.copy(), rms.var.copy(), float(rms.count)))
         return summ
 
+    actor = [*model.policy.mlp_extractor.policy_net.parameters(), *model.policy.action_net.parameters(),
+             model.policy.log_std]
+
     class Callback(BaseCallback):
         def __init__(self):
             super().__init__()
-            self.episodes, self.last_eval = 0, -1
+            self.episodes, self.last_eval, self.actor_frozen = 0, -1, False
+
+        def _on_training_start(self) -> None:
+            if critic_warmup > 0:
+                self.actor_frozen = True
+                for prm in actor:
+                    prm.requires_grad_(False)
 
         def _on_step(self) -> bool:
+            if self.actor_frozen and self.num_timesteps >= critic_warmup:
+                self.actor_frozen = False
+                for prm in actor:
+                    prm.requires_grad_(True)
             for info in self.locals.get("infos", []):
                 if "episode" in info:
                     self.episodes += 1
@@ -216,6 +238,9 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     model.learn(total_timesteps=timesteps, callback=cb, progress_bar=progress, reset_num_timesteps=init is None,
                 tb_log_name=run_name)
     history["train_seconds"] = time.time() - t0
+    history["critic_warmup"] = int(critic_warmup)
+    for prm in actor:
+        prm.requires_grad_(True)
     summ = evaluate(model.num_timesteps, cb.episodes)
     if keep_best:
         model.policy.load_state_dict(best["policy"])
@@ -633,6 +658,9 @@ def main(argv) -> int:
     ap.add_argument("--order-log-std-init", type=float, default=None,
                     help="initial log-std of the solver-order action, which acts past |a| ≥ 0.5 and so explores "
                          "wider (default -0.7; -1.8 from an --init manifest)")
+    ap.add_argument("--critic-warmup", type=int, default=None,
+                    help="first decisions in which only the critic learns (default 0; 512 from an --init manifest, "
+                         "which has no critic)")
     ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
@@ -674,6 +702,10 @@ def main(argv) -> int:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
         args.order_log_std_init = FINE_TUNE_LOG_STD_INIT[1] if from_manifest else -0.7
+    if args.critic_warmup is None:
+        args.critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest else 0
+    if args.critic_warmup < 0:
+        ap.error(f"--critic-warmup must be ≥ 0, got {args.critic_warmup}")
     torch.set_num_threads(1)
     specs = parse_specs(args.testbeds)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -700,7 +732,8 @@ def main(argv) -> int:
         nfe_weight=args.nfe_weight, lr=args.lr, n_steps=args.n_steps, batch_size=args.batch_size,
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
         init=args.init, run_name=args.name, keep_best=args.keep_best, select_by=args.select_by,
-        cell_sampling=args.cell_sampling, cell_sharpness=args.cell_sharpness, **env_args)
+        cell_sampling=args.cell_sampling, cell_sharpness=args.cell_sharpness, critic_warmup=args.critic_warmup,
+        **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
@@ -719,7 +752,7 @@ def main(argv) -> int:
                         "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
                         "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
                         "error_reward": args.error_reward, "cell_sampling": args.cell_sampling,
-                        "cell_sharpness": args.cell_sharpness,
+                        "cell_sharpness": args.cell_sharpness, "critic_warmup": args.critic_warmup,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": REWARD_TEXT[args.error_reward] + " + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
@@ -851,8 +884,8 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "FINE_TUNE_LOG_STD_INIT",
-           "SB3Decider", "SELECT_BY", "default_storage", "ensemble_main", "episodes_to_final", "export_ensemble",
-           "export_policy", "join_study", "load_checkpoint", "load_policy_actor", "main", "plot_learning_curve",
-           "policy_actor_weights", "ratio_summary", "read_vecnorm_stats", "sb3_actions", "search", "study_main",
-           "train", "worst_cell_weights"]
+__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "FINE_TUNE_CRITIC_WARMUP",
+           "FINE_TUNE_LOG_STD_INIT", "SB3Decider", "SELECT_BY", "default_storage", "ensemble_main",
+           "episodes_to_final", "export_ensemble", "export_policy", "join_study", "load_checkpoint",
+           "load_policy_actor", "main", "plot_learning_curve", "policy_actor_weights", "ratio_summary",
+           "read_vecnorm_stats", "sb3_actions", "search", "study_main", "train", "worst_cell_weights"]
