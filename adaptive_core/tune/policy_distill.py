@@ -119,13 +119,18 @@ def student_actions(student: DeterministicActor, observation: np.ndarray) -> np.
         return student(torch.as_tensor(np.asarray(observation), dtype=torch.float32)).double().numpy()
 
 
+def _check_rows(observations, targets) -> None:
+    """Raise ValueError unless there are some observation rows and as many target rows."""
+    if len(observations) == 0 or len(observations) != len(targets):
+        raise ValueError(f"need as many target rows as observation rows (and some), got {len(observations)} "
+                         f"and {len(targets)}")
+
+
 def fit_student(student: DeterministicActor, observations: np.ndarray, targets: np.ndarray, *, epochs: int,
                 lr: float = 1e-3, batch_size: int = 256, seed: int = 0) -> list[float]:
     """Fit ``student`` to the teacher's actions by the mean squared error of its unclipped output (Adam, cosine
     learning rate over all epochs).  Returns the mean training loss of each epoch."""
-    if len(observations) != len(targets) or len(observations) == 0:
-        raise ValueError(f"need as many target rows as observation rows (and some), got {len(observations)} "
-                         f"and {len(targets)}")
+    _check_rows(observations, targets)
     x = torch.as_tensor(observations, dtype=torch.float32)
     y = torch.as_tensor(targets, dtype=torch.float32)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
@@ -154,6 +159,7 @@ def imitation_error(student: DeterministicActor, observations: np.ndarray, targe
     """How far the student's actions are from the teacher's on given rows: RMS difference of the step action
     (a₀, which scales the step by 4^a₀), its largest difference, and the share of rows whose order decision
     (a₁ against the dead zone) differs."""
+    _check_rows(observations, targets)
     got = student_actions(student, observations)
     out = {"rows": len(observations),
            "step_action_rms_error": float(np.sqrt(np.mean((got[:, 0] - targets[:, 0]) ** 2))),

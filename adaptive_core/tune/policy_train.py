@@ -67,8 +67,10 @@ CELL_SAMPLINGS = ("default", "worst-cell")
 #: swamps the trained decisions (the fine-tune in docs/policy/README.md, section 2, lost its gain that way).
 FINE_TUNE_LOG_STD_INIT = (-4.0, -1.8)
 #: Decisions of critic warm-up when ``policy --init`` starts from a policy manifest: the manifest has no value
-#: function, and PPO's first updates against a fresh critic's advantages pull a trained actor off its policy, so
-#: for these decisions only the critic learns (the actor, action noise included, is frozen).
+#: function, and PPO's first updates against a fresh critic's advantages can pull a trained actor off its
+#: policy, so for these decisions only the critic learns (the actor, action noise included, is frozen).  It
+#: helped in one of three runs at learning rate 1e-3; fine-tuning from a manifest stays slower and less stable
+#: than from a checkpoint (docs/policy/README.md, section 2).
 FINE_TUNE_CRITIC_WARMUP = 512
 WORST_CELL_MIX = 0.5
 
@@ -119,9 +121,9 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from, or a policy manifest (``.json``, e.g. a bundled
     policy): then the actor and observation statistics come from its ONNX graph (:func:`load_policy_actor`) and
-    the critic starts fresh (the command line then starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`).  ``cfg_scales``, ``order_action``,
-    ``trained_seed_pool``, ``reference_steps``, ``reward_scale``, ``error_reward``, ``min_lambda_progress``: see
-    :class:`~.policy_env.SamplingEnv`.
+    the critic starts fresh (the command line then starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`).
+    ``cfg_scales``, ``order_action``, ``trained_seed_pool``, ``reference_steps``, ``reward_scale``,
+    ``error_reward``, ``min_lambda_progress``: see :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
     because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore.
@@ -151,15 +153,16 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                       min_lambda_progress=min_lambda_progress)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
-    if init is not None and Path(init).suffix == ".json":
-        graph = policy_actor_weights(init)
-        hidden = int(graph["policy_net.0.weight"].shape[0])
-    if init is not None and Path(init).suffix != ".json":
+    from_manifest = init is not None and Path(init).suffix == ".json"
+    if init is not None and not from_manifest:
         load_vecnorm_stats(vecnorm, Path(init).with_suffix(".vecnorm.npz"))
         model = PPO.load(str(init), env=vecnorm, tensorboard_log=str(logdir) if logdir else None, device="cpu",
                          custom_objects={"n_steps": n_steps, "batch_size": batch_size, "n_epochs": n_epochs,
                                          "learning_rate": lr, "ent_coef": ent_coef})
     else:
+        if from_manifest:
+            graph = policy_actor_weights(init)
+            hidden = int(graph["policy_net.0.weight"].shape[0])
         model = PPO("MlpPolicy", vecnorm, learning_rate=lr, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
                     gamma=1.0, gae_lambda=0.95, ent_coef=ent_coef, seed=seed, device="cpu", verbose=0,
                     tensorboard_log=str(logdir) if logdir else None,
@@ -168,7 +171,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         if order_action and order_log_std_init is not None:
             with torch.no_grad():
                 model.policy.log_std[1] = float(order_log_std_init)
-        if init is not None:
+        if from_manifest:
             load_policy_actor(model, vecnorm, init, graph)
     references: dict = {}
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
@@ -537,8 +540,9 @@ def export_ensemble(checkpoints, onnx_path: Path, *, trained_on: dict, training:
     _action_kind(n_actions)
     onnx_path = Path(onnx_path)
     first = loaded[0][1].obs_rms
-    _export_verified(EnsembleActor([DeterministicActor.from_sb3(m, st) for m, st in loaded]), onnx_path, first.mean,
-                     first.var, lambda probe: np.mean([sb3_actions(m, st, probe) for m, st in loaded], axis=0))
+    _export_verified(EnsembleActor([DeterministicActor.from_sb3(m, st) for m, st in loaded]), onnx_path,
+                     first.mean, first.var,
+                     lambda probe: np.mean([sb3_actions(m, st, probe) for m, st in loaded], axis=0))
     lo = np.max([st.obs_rms.mean - OOD_Z * np.maximum(np.sqrt(st.obs_rms.var), STD_FLOOR) for _, st in loaded], 0)
     hi = np.min([st.obs_rms.mean + OOD_Z * np.maximum(np.sqrt(st.obs_rms.var), STD_FLOOR) for _, st in loaded], 0)
     if (hi <= lo).any():
