@@ -83,15 +83,10 @@ def run_configurations(controller, configs, budgets, seeds, progress=None) -> No
     host σ grid, budget mode; on a trained testbed the class is ``seed mod 10``).  Only the controller's side
     effects are kept: no reference is computed."""
     from ..sampler import sample_adaptive
-    from .policy_env import class_labels, host_grid, make_config_testbed
-    seeds = [int(s) for s in seeds]
+    from .policy_env import config_noise, host_grid, make_config_testbed
     for config in configs:
         tb = make_config_testbed(config)
-        if config.trained:
-            tb.set_labels(class_labels(seeds))
-            x = tb.noise(seeds, dtype=torch.float32)
-        else:
-            x = tb.noise(seeds)
+        x = config_noise(config, tb, seeds)
         for budget in budgets:
             sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=int(budget), model_type=config.model_type,
                             controller=controller)

@@ -135,20 +135,29 @@ def make_config_testbed(config: Config):
     return make_testbed(config.name, config.model_type)
 
 
+def config_noise(config: Config, testbed, seeds: Sequence[int]) -> torch.Tensor:
+    """The noise x of ``seeds`` on a configuration's testbed; on a trained testbed it also sets the labels
+    (:func:`class_labels`) and draws float32, as the network runs."""
+    seeds = [int(s) for s in seeds]
+    if not config.trained:
+        return testbed.noise(seeds)
+    testbed.set_labels(class_labels(seeds))
+    return testbed.noise(seeds, dtype=torch.float32)
+
+
 def noise_and_reference(config: Config, testbed, seeds: Sequence[int],
                         reference_steps: int = TRAINED_REFERENCE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise x, reference output) for ``seeds``: the exact reference of an analytic testbed, or the cached
-    ``reference_steps``-step solve of a trained one (labels :func:`class_labels`, the config's CFG)."""
+    """(noise x, reference output) for ``seeds`` (:func:`config_noise`): the exact reference of an analytic
+    testbed, or the cached ``reference_steps``-step solve of a trained one (labels :func:`class_labels`, the
+    config's CFG)."""
+    x = config_noise(config, testbed, seeds)
     if not config.trained:
-        x = testbed.noise(list(seeds))
         return x, testbed.reference(x)
     from ..testbeds.train import weights_path
     seeds = [int(s) for s in seeds]
     digest = hashlib.sha256(weights_path(config.model_type).read_bytes()).hexdigest()[:16]
     tag = hashlib.sha256(repr((seeds, int(reference_steps), config.cfg, digest)).encode()).hexdigest()[:16]
     path = CACHE_DIR / f"{config.key}-{tag}.safetensors"
-    testbed.set_labels(class_labels(seeds))
-    x = testbed.noise(seeds, dtype=torch.float32)
     if path.is_file():
         from safetensors.torch import load_file
         cached = load_file(str(path))
@@ -491,5 +500,5 @@ def evaluate_controller(controller, specs: Sequence[tuple[str, str]], budgets: S
 
 __all__ = ["CACHE_DIR", "Config", "ERROR_REWARDS", "EVAL_SEEDS", "SamplingEnv", "TRAIN_BUDGETS", "TRAIN_SEEDS",
            "TRAIN_TESTBEDS", "TRAINED_CFG_SCALES", "TRAINED_REFERENCE_STEPS", "TRAINED_SEED_POOL", "class_labels",
-           "configs_of", "evaluate_controller", "host_grid", "make_config_testbed", "noise_and_reference",
-           "rmse_per_sample"]
+           "config_noise", "configs_of", "evaluate_controller", "host_grid", "make_config_testbed",
+           "noise_and_reference", "rmse_per_sample"]
