@@ -124,6 +124,8 @@ class PolicyManifest(JsonManifest):
         fallback: ``{"ood_z", "std_floor", "rule"}``.
         trained_on: ``{"testbeds": [...], "model_types": [...], "budgets": [...]}``.
         training, metrics: configuration and evaluation numbers (provenance).
+        training_state: optional ``{"file", "sha256", ...}``: the PPO critic that fine-tuning from this file
+            starts from (``python -m adaptive_core.tune policy --init``); unused when sampling.
         format: :data:`MANIFEST_FORMAT`.
     """
 
@@ -138,6 +140,7 @@ class PolicyManifest(JsonManifest):
     trained_on: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    training_state: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
     FORMAT = MANIFEST_FORMAT

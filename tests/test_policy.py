@@ -745,14 +745,16 @@ def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):
 
 def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
     """``policy --init <manifest>.json``: the bundled policy's (and a trained policy's) ONNX actor and observation
-    statistics go into a fresh PPO model whose deterministic actions equal the ONNX policy's; a graph that is not
-    one actor (here a hand-made one) is refused; a tiny fine-tune from a manifest runs and exports."""
+    statistics go into a fresh PPO model whose deterministic actions equal the ONNX policy's, and their critics
+    load from their training state; a graph that is not one actor (here a hand-made one) is refused; a tiny
+    fine-tune from a manifest runs and exports."""
     from pathlib import Path
 
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from adaptive_core.tune.policy_train import load_policy_actor, make_vec_env, sb3_actions, train
+    from adaptive_core.tune.policy_train import (load_policy_actor, load_training_state, make_vec_env, sb3_actions,
+                                                 train)
     torch.set_num_threads(1)
     bundled = Path(__file__).resolve().parents[1] / "policies" / "ppo_ve_flow.json"
     for path in (bundled, tiny_training[3]):
@@ -765,6 +767,7 @@ def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
         assert not np.allclose(sb3_actions(model, vecnorm, probe.astype(np.float32)), policy.act(probe), atol=1e-3)
         load_policy_actor(model, vecnorm, path)
         assert np.allclose(sb3_actions(model, vecnorm, probe.astype(np.float32)), policy.act(probe), atol=1e-4)
+        assert load_training_state(model, path) == policy.manifest.training_state != {}   # both carry a critic
         venv.close()
     with pytest.raises(ValueError, match="not a single-actor policy graph"):
         load_policy_actor(model, vecnorm, _write_policy(tmp_path / "hand", _Tanh(2), kind="share_and_order"))
@@ -776,8 +779,10 @@ def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
 
 def test_critic_warmup_keeps_the_actor_frozen(tiny_training):
     """``critic_warmup``: while the first decisions run only the critic learns, so a run that ends inside the
-    warm-up leaves the copied actor and its action noise exactly as loaded; without warm-up the same run changes
-    them."""
+    warm-up leaves the copied actor and its action noise exactly as loaded (while the critic, loaded from the
+    policy's training state, moves); without warm-up the same run changes them."""
+    from safetensors.torch import load_file
+
     from adaptive_core.tune.policy_train import policy_actor_weights, train
     torch.set_num_threads(1)
     loaded = policy_actor_weights(tiny_training[3])
@@ -790,10 +795,137 @@ def test_critic_warmup_keeps_the_actor_frozen(tiny_training):
                 and np.allclose(model.policy.mlp_extractor.policy_net[0].weight.detach().numpy(),
                                 loaded["policy_net.0.weight"])
                 and np.allclose(model.policy.log_std.detach().numpy(), [-1.0, -0.7]))
-    frozen, _, history = train([("gaussian", "ve")], [5], critic_warmup=10 ** 6, **kw)
-    assert history["critic_warmup"] == 10 ** 6 and unchanged(frozen)
+    # a warm-up as long as the run: the update after its last rollout must still leave the actor alone
+    frozen, _, history = train([("gaussian", "ve")], [5], critic_warmup=128, **kw)
+    assert history["critic_warmup"] == 128 and unchanged(frozen)
     assert all(p.requires_grad for p in frozen.policy.parameters())          # unfrozen again after the run
+    critic = load_file(str(tiny_training[3].parent / load_policy(tiny_training[3]).manifest.training_state["file"]))
+    assert any(not torch.equal(p.detach(), critic[n]) for n, p in frozen.policy.named_parameters() if n in critic)
     moved, _, _ = train([("gaussian", "ve")], [5], critic_warmup=0, **kw)
     assert not unchanged(moved)
     with pytest.raises(ValueError, match="critic_warmup"):
         train([("gaussian", "ve")], [5], critic_warmup=-1, **kw)
+
+
+def test_target_kl_stops_an_update_early(tiny_training):
+    """``target_kl``: once an update's approximate KL passes 1.5 × target_kl, its remaining epochs are skipped
+    (one epoch done instead of two here), and the KL of each update is kept in the history."""
+    from adaptive_core.tune.policy_train import train
+    torch.set_num_threads(1)
+    kw = dict(timesteps=128, n_envs=2, n_steps=64, batch_size=64, n_epochs=2, train_seeds=range(4),
+              eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=tiny_training[3],
+              log_std_init=-1.0)
+    full, _, history = train([("gaussian", "ve")], [5], **kw)
+    stopped, _, _ = train([("gaussian", "ve")], [5], target_kl=1e-9, **kw)
+    assert full._n_updates == 2 and stopped._n_updates == 1
+    assert history["updates"][-1]["approx_kl"] > 0
+    with pytest.raises(ValueError, match="target_kl"):
+        train([("gaussian", "ve")], [5], target_kl=0.0, **kw)
+
+
+def _ppo_for(vec_kwargs=None, hidden=64):
+    """A fresh PPO model (and its VecNormalize) on the gaussian ve testbed, 2 actions, hidden×hidden MLPs."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from adaptive_core.tune.policy_train import make_vec_env
+    venv = make_vec_env([("gaussian", "ve")], [5], range(4), 1, "dummy", 0.1, 0)
+    vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
+    model = PPO("MlpPolicy", vecnorm, n_steps=64, batch_size=64, device="cpu",
+                policy_kwargs=dict(net_arch=dict(pi=[hidden, hidden], vf=[hidden, hidden])))
+    return model, vecnorm
+
+
+def _copy_policy(manifest_path, folder, drop_state=False):
+    """Copy a policy's manifest, ONNX and training state files into ``folder``; returns the new manifest path."""
+    import json
+    import shutil
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(manifest_path.read_text())
+    shutil.copy(manifest_path.parent / manifest["onnx_file"], folder / manifest["onnx_file"])
+    if manifest.get("training_state") and not drop_state:
+        shutil.copy(manifest_path.parent / manifest["training_state"]["file"],
+                    folder / manifest["training_state"]["file"])
+    if drop_state:
+        manifest["training_state"] = {}
+    out = folder / manifest_path.name
+    out.write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def test_exported_policy_carries_its_critic(tiny_training, tmp_path):
+    """``export_policy`` writes the PPO critic next to the actor (safetensors, sha256 in the manifest);
+    ``load_training_state`` puts exactly those weights into a fresh PPO model; a policy without one gives None;
+    a missing, altered or ill-fitting file is refused by name; sampling never reads it."""
+    from adaptive_core.tune.policy_train import CRITIC_PARAMETER_PREFIXES, load_training_state
+    torch.set_num_threads(1)
+    trained, _, _, path = tiny_training
+    entry = load_policy(path).manifest.training_state
+    assert entry["file"].endswith(".training_state.safetensors") and len(entry["sha256"]) == 64
+    model, vecnorm = _ppo_for()
+    assert load_training_state(model, path) == entry
+    want = {n: p for n, p in trained.policy.named_parameters() if n.startswith(CRITIC_PARAMETER_PREFIXES)}
+    got = dict(model.policy.named_parameters())
+    assert len(want) == 6 and all(torch.equal(got[n].detach(), p.detach()) for n, p in want.items())
+    assert load_training_state(model, _copy_policy(path, tmp_path / "none", drop_state=True)) is None
+    altered = _copy_policy(path, tmp_path / "altered")
+    state_file = altered.parent / entry["file"]
+    state_file.write_bytes(state_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="sha256"):
+        load_training_state(model, altered)
+    state_file.unlink()
+    with pytest.raises(ValueError, match="missing"):
+        load_training_state(model, altered)
+    narrow, _ = _ppo_for(hidden=32)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_training_state(narrow, path)
+    vecnorm.close()
+    tb = make_testbed("gaussian", "ve")
+    out = sample_adaptive(tb, tb.noise(range(2)), host_sigmas(tb, 5), nfe_budget=5, model_type="ve",
+                          controller=f"policy:{altered}")             # its training state file is gone
+    assert torch.isfinite(out).all()
+
+
+def test_policy_critic_fits_a_critic_and_keeps_the_actor(tiny_training, tmp_path):
+    """``policy-critic`` on a policy without a critic: only the critic learns (the ONNX actor, its sha256 and
+    its actions stay), the manifest then names the new training state, which a fine-tune loads; the command
+    refuses bad arguments and a reward it cannot know; the bundled policy's NFE weight is read from its record."""
+    from adaptive_core.tune.policy_critic import fit_critic, main, recorded_nfe_weight
+    from adaptive_core.tune.policy_train import load_training_state
+    torch.set_num_threads(1)
+    path = _copy_policy(tiny_training[3], tmp_path / "p", drop_state=True)
+    before = load_policy(path)
+    probe = (before._mean + before._std * np.random.default_rng(5).normal(size=(16, N_OBSERVATIONS)))
+    actions, sha = before.act(probe), before.manifest.sha256
+    entry, history = fit_critic(path, [("gaussian", "ve")], [5], timesteps=256, nfe_weight=0.1, n_envs=2,
+                                n_steps=64, batch_size=64, eval_seeds=range(20000, 20002), progress=False)
+    after = Policy(path)
+    assert after.manifest.sha256 == sha and np.array_equal(after.act(probe), actions)
+    assert after.manifest.training_state == entry and entry["critic_fit"]["decisions"] == 256
+    assert [u["timesteps"] for u in history["updates"]] == [128, 256]  # one update per rollout of 2 × 64 decisions
+    assert all(np.isfinite(u["explained_variance"]) and u["approx_kl"] >= 0 for u in history["updates"])
+    model, vecnorm = _ppo_for()
+    assert load_training_state(model, path)["sha256"] == entry["sha256"]
+    vecnorm.close()
+    with pytest.raises(SystemExit):
+        main(["--policy", str(path), "--timesteps", "0"])
+    with pytest.raises(SystemExit):                                   # tiny's record has no NFE weight
+        main(["--policy", str(path), "--timesteps", "64", "--no-progress"])
+    from pathlib import Path
+    bundled = Path(__file__).resolve().parents[1] / "policies" / "ppo_ve_flow.json"
+    assert recorded_nfe_weight(load_policy(bundled).manifest) == pytest.approx(0.115)
+
+
+def test_fine_tuning_from_a_checkpoint_uses_the_given_seed(tiny_training, tmp_path):
+    """``policy --init <zip> --seed N``: PPO.load re-seeds with the checkpoint's own seed, so the run re-seeds
+    with N afterwards; two seeds give different episodes, the same seed the same ones."""
+    from adaptive_core.tune.policy_train import save_vecnorm_stats, train
+    torch.set_num_threads(1)
+    model, vecnorm, _, _ = tiny_training
+    zip_path = tmp_path / "tiny.zip"
+    model.save(str(zip_path))
+    save_vecnorm_stats(vecnorm, zip_path.with_suffix(".vecnorm.npz"))
+    kw = dict(timesteps=64, n_envs=1, n_steps=64, batch_size=64, n_epochs=1, train_seeds=range(64),
+              eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=zip_path)
+    runs = [train([("gaussian", "ve"), ("gaussian", "flow")], [5, 6], seed=s, **kw)[2]["episodes"] for s in (0, 1, 0)]
+    assert runs[0] == runs[2] and runs[0] != runs[1]

@@ -247,24 +247,17 @@ def main(argv) -> int:
                     help="name:model_type,... (default: the teacher's training testbeds from its manifest)")
     ap.add_argument("--budgets", default=None, help="comma-separated NFE budgets (default: the teacher's)")
     args = ap.parse_args(argv)
-    from .policy_env import TRAIN_BUDGETS, TRAINED_CFG_SCALES, configs_of
-    from .policy_train import parse_specs
+    from .policy_env import configs_of
+    from .policy_train import policy_training_cells
     if args.seeds < 1 or args.rounds < 0 or args.epochs < 1 or args.dagger_epochs < 1:
         ap.error("--seeds, --epochs and --dagger-epochs must be at least 1 and --rounds at least 0")
     torch.set_num_threads(1)
     teacher = load_policy(args.teacher)
-    trained_on = teacher.manifest.trained_on or {}
-    if args.testbeds:
-        specs = parse_specs(args.testbeds)
-    elif trained_on.get("testbeds"):
-        specs = [tuple(t.rsplit("-", 1)) for t in trained_on["testbeds"]]
-    else:
-        ap.error("the teacher's manifest names no training testbeds: give --testbeds")
-    budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
-               else [int(b) for b in trained_on.get("budgets", TRAIN_BUDGETS)])
-    if min(budgets) < 1:
-        ap.error(f"budgets must be at least 1, got {budgets}")
-    configs = configs_of(specs, trained_on.get("cfg_scales", TRAINED_CFG_SCALES))
+    try:
+        specs, budgets, cfg_scales = policy_training_cells(teacher.manifest, args.testbeds, args.budgets)
+    except ValueError as e:
+        ap.error(f"teacher: {e}")
+    configs = configs_of(specs, cfg_scales)
     hidden = [int(h) for h in args.hidden.split(",") if h]
     start = time.time()
     student, history = distill(teacher, configs, budgets, range(args.seeds), rounds=args.rounds, epochs=args.epochs,

@@ -62,17 +62,23 @@ SELECT_BY = {"geomean": "geomean", "worst-cell": "worst"}
 #: evaluation).
 CELL_SAMPLINGS = ("default", "worst-cell")
 #: Initial log-std of the step and order actions when ``policy --init`` starts from a policy manifest, which
-#: carries no exploration noise: about where the bundled policy's PPO members ended (step −3.95 to −4.07, order
-#: −1.66 to −1.95).  A fine-tune then resumes at the noise level training had reached; a fresh run's −1.0/−0.7
-#: swamps the trained decisions (the fine-tune in docs/policy/README.md, section 2, lost its gain that way).
-FINE_TUNE_LOG_STD_INIT = (-4.0, -1.8)
-#: Decisions of critic warm-up when ``policy --init`` starts from a policy manifest: the manifest has no value
-#: function, and PPO's first updates against a fresh critic's advantages can pull a trained actor off its
-#: policy, so for these decisions only the critic learns (the actor, action noise included, is frozen).  It
-#: helped in one of three runs at learning rate 1e-3; fine-tuning from a manifest stays slower and less stable
-#: than from a checkpoint (docs/policy/README.md, section 2).
+#: carries no exploration noise.  The bundled policy's PPO members ended near step −4.0, order −1.8; a fresh
+#: run's −1.0/−0.7 swamps the trained decisions (the first fine-tune in docs/policy/README.md, section 2, lost
+#: its gain that way).  The step noise is e^−3 rather than e^−4: the policy gradient only sees about a noise
+#: width around the current actions, and at e^−4 one update moved the actions by several widths (approximate
+#: KL 0.5–3.7 per update at learning rate 1e-3) in a direction set mostly by which images the rollout drew;
+#: at e^−3 and 3e-4 it was 0.03–0.1 and no run fell below its start (section 2).
+FINE_TUNE_LOG_STD_INIT = (-3.0, -1.8)
+#: Decisions of critic warm-up when ``policy --init`` starts from a policy manifest without a training state
+#: (no critic: ``policy-critic`` fits one): PPO's first updates against a fresh critic's advantages can pull a
+#: trained actor off its policy, so for these decisions only the critic learns (the actor, action noise
+#: included, is frozen).  It helped in one of three runs at learning rate 1e-3; without a shipped critic,
+#: fine-tuning from a manifest stays slower and less stable than from a checkpoint (docs/policy/README.md,
+#: section 2).
 FINE_TUNE_CRITIC_WARMUP = 512
 WORST_CELL_MIX = 0.5
+#: SB3's ``train/*`` statistics of each PPO update that ``train`` keeps in ``history["updates"]``.
+UPDATE_STATISTICS = ("explained_variance", "approx_kl", "clip_fraction", "value_loss", "policy_gradient_loss")
 
 
 def ratio_summary(policy_res: dict, heur_res: dict) -> dict:
@@ -115,13 +121,16 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
           cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
-          critic_warmup: int = 0):
+          critic_warmup: int = 0, target_kl: float | None = None):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
-    pooled RMSE ratio to the heuristic, and its −log as the evaluation reward).
+    pooled RMSE ratio to the heuristic, and its −log as the evaluation reward), and what SB3 logged for each PPO
+    update (``updates``: timestep and :data:`UPDATE_STATISTICS`, e.g. the critic's explained variance of the
+    returns, 1 − Var[R − V] / Var[R], and the approximate KL divergence of the policy's step).
     ``init``: an SB3 zip (+ ``.vecnorm.npz``) to fine-tune from, or a policy manifest (``.json``, e.g. a bundled
-    policy): then the actor and observation statistics come from its ONNX graph (:func:`load_policy_actor`) and
-    the critic starts fresh (the command line then starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`).
+    policy): then the actor and observation statistics come from its ONNX graph (:func:`load_policy_actor`), the
+    critic from its training state if it has one (:func:`load_training_state`; else it starts fresh), and the
+    command line starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`.
     ``cfg_scales``, ``order_action``, ``trained_seed_pool``, ``reference_steps``, ``reward_scale``,
     ``error_reward``, ``min_lambda_progress``: see :class:`~.policy_env.SamplingEnv`.
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
@@ -137,9 +146,13 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     (:func:`worst_cell_weights` with ``cell_sharpness``, mixed half and half with the default draw), so training
     time goes where the worst-cell target is missed; ``history["cell_weights"]`` records them.
     ``critic_warmup``: for this many first decisions only the critic learns, the actor and its action noise stay
-    frozen (for an ``init`` without a trained critic)."""
+    frozen (for an ``init`` without a trained critic).
+    ``target_kl``: SB3's early stop of an update's epochs once its approximate KL divergence from the rollout's
+    policy passes 1.5 × this (the KL-adaptive step of Schulman et al. 2017; None: all epochs)."""
     if critic_warmup < 0:
         raise ValueError(f"critic_warmup must be ≥ 0 decisions, got {critic_warmup}")
+    if target_kl is not None and not target_kl > 0:
+        raise ValueError(f"target_kl must be > 0 (or None), got {target_kl}")
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {tuple(SELECT_BY)}, got {select_by!r}")
     if cell_sampling not in CELL_SAMPLINGS:
@@ -158,12 +171,14 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         load_vecnorm_stats(vecnorm, Path(init).with_suffix(".vecnorm.npz"))
         model = PPO.load(str(init), env=vecnorm, tensorboard_log=str(logdir) if logdir else None, device="cpu",
                          custom_objects={"n_steps": n_steps, "batch_size": batch_size, "n_epochs": n_epochs,
-                                         "learning_rate": lr, "ent_coef": ent_coef})
+                                         "learning_rate": lr, "ent_coef": ent_coef, "target_kl": target_kl})
+        model.set_random_seed(seed)       # PPO.load re-seeds with the checkpoint's own seed: use this run's
     else:
         if from_manifest:
             graph = policy_actor_weights(init)
             hidden = int(graph["policy_net.0.weight"].shape[0])
         model = PPO("MlpPolicy", vecnorm, learning_rate=lr, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+                    target_kl=target_kl,
                     gamma=1.0, gae_lambda=0.95, ent_coef=ent_coef, seed=seed, device="cpu", verbose=0,
                     tensorboard_log=str(logdir) if logdir else None,
                     policy_kwargs=dict(net_arch=dict(pi=[hidden, hidden], vf=[hidden, hidden]),
@@ -173,10 +188,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                 model.policy.log_std[1] = float(order_log_std_init)
         if from_manifest:
             load_policy_actor(model, vecnorm, init, graph)
+            state = load_training_state(model, init)
     references: dict = {}
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
-    history = {"episodes": [], "evals": []}
+    history = {"episodes": [], "evals": [], "updates": []}
     best: dict = {}
 
     def evaluate(step: int, episodes: int) -> dict:
@@ -213,11 +229,25 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
                 for prm in actor:
                     prm.requires_grad_(False)
 
-        def _on_step(self) -> bool:
+        def record_update(self) -> None:
+            # what SB3 logged for the last update (kept until the next rollout's log dump)
+            logged = self.logger.name_to_value
+            if "train/explained_variance" in logged and (not history["updates"] or
+                                                         history["updates"][-1]["timesteps"] != self.num_timesteps):
+                history["updates"].append({"timesteps": int(self.num_timesteps),
+                                           **{k: float(logged[f"train/{k}"]) for k in UPDATE_STATISTICS
+                                              if f"train/{k}" in logged}})
+
+        def _on_rollout_start(self) -> None:
+            self.record_update()
+            # the update after a rollout learns from its decisions: the actor joins from the first rollout that
+            # starts at or past the warm-up
             if self.actor_frozen and self.num_timesteps >= critic_warmup:
                 self.actor_frozen = False
                 for prm in actor:
                     prm.requires_grad_(True)
+
+        def _on_step(self) -> bool:
             for info in self.locals.get("infos", []):
                 if "episode" in info:
                     self.episodes += 1
@@ -241,7 +271,10 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     model.learn(total_timesteps=timesteps, callback=cb, progress_bar=progress, reset_num_timesteps=init is None,
                 tb_log_name=run_name)
     history["train_seconds"] = time.time() - t0
+    cb.record_update()
     history["critic_warmup"] = int(critic_warmup)
+    if from_manifest:
+        history["training_state"] = state is not None
     for prm in actor:
         prm.requires_grad_(True)
     summ = evaluate(model.num_timesteps, cb.episodes)
@@ -384,6 +417,70 @@ def load_policy_actor(model, vecnorm, manifest_path: Path, graph: dict | None = 
                            f"{np.abs(got - want).max():.3g}")
 
 
+#: Format tag of a policy's training state file (:func:`save_training_state`).
+TRAINING_STATE_FORMAT = "ado-ppo-training-state/1"
+#: The SB3 parameters of the critic, which a policy's training state file carries (the ONNX graph has the actor).
+CRITIC_PARAMETER_PREFIXES = ("mlp_extractor.value_net.", "value_net.")
+
+
+def training_state_path(onnx_path: Path) -> Path:
+    """Where a policy's training state goes: ``<stem>.training_state.safetensors`` next to its ONNX actor."""
+    return Path(onnx_path).with_name(Path(onnx_path).stem + ".training_state.safetensors")
+
+
+def save_training_state(model, path: Path, made_by: str) -> dict:
+    """Write the critic of a PPO ``model`` (SB3's value MLP and value head), which a policy's ONNX actor lacks, as
+    safetensors, so that ``policy --init <manifest>`` can fine-tune the shipped actor with the critic it was
+    trained with instead of a fresh one.  PPO's advantages are returns minus the critic's values (Schulman et
+    al. 2017); with a fresh critic they are mostly noise, and the fine-tunes from a manifest in
+    docs/policy/README.md (section 2) took hundreds of episodes or collapsed.  The optimizer state is not kept
+    (a fine-tune that also started from Adam moments gathered on the training testbeds collapsed at its first
+    update, one with fresh moments did not).  ``made_by`` says how the critic was obtained.  Returns
+    the manifest's ``training_state`` entry (file name, sha256, format, contents)."""
+    from safetensors.torch import save_file
+    tensors = {name: prm.detach().cpu().float().clone().contiguous()
+               for name, prm in model.policy.named_parameters() if name.startswith(CRITIC_PARAMETER_PREFIXES)}
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": TRAINING_STATE_FORMAT})
+    return {"file": path.name, "sha256": sha256_of_file(path), "format": TRAINING_STATE_FORMAT, "made_by": made_by,
+            "contents": "the PPO critic (SB3 mlp_extractor.value_net.*, value_net.*; it reads the observation "
+                        "normalised as the actor does); read by `python -m adaptive_core.tune policy --init`, "
+                        "never at sampling time"}
+
+
+def load_training_state(model, manifest_path: Path) -> dict | None:
+    """Copy a policy's critic (:func:`save_training_state`, named by its manifest's ``training_state``) into a PPO
+    ``model`` whose actor came from the same policy.  Returns the manifest entry, or None when the policy has no
+    training state.  A missing file, a wrong sha256, another format, or tensors that do not fit the model's
+    critic raise ValueError naming the problem."""
+    from safetensors import safe_open
+
+    from ..policy import PolicyManifest
+    manifest_path = Path(manifest_path)
+    entry = PolicyManifest.from_json(manifest_path.read_text()).training_state
+    if not entry:
+        return None
+    path = manifest_path.parent / str(entry.get("file", ""))
+    if not entry.get("file") or not path.is_file():
+        raise ValueError(f"{manifest_path}: its training state file {path.name!r} is missing")
+    if sha256_of_file(path) != entry.get("sha256"):
+        raise ValueError(f"{path}: sha256 does not match the manifest's training_state (corrupt or replaced)")
+    with safe_open(str(path), framework="pt") as f:
+        fmt = (f.metadata() or {}).get("format")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if fmt != TRAINING_STATE_FORMAT:
+        raise ValueError(f"{path}: training state format {fmt!r}, expected {TRAINING_STATE_FORMAT!r}")
+    critic = {n: p for n, p in model.policy.named_parameters() if n.startswith(CRITIC_PARAMETER_PREFIXES)}
+    shapes = {n: tuple(p.shape) for n, p in critic.items()}
+    got = {n: tuple(t.shape) for n, t in tensors.items()}
+    if got != shapes:
+        raise ValueError(f"{path}: the critic's tensors {got} do not fit the PPO model's {shapes}")
+    with torch.no_grad():
+        for name, prm in critic.items():
+            prm.copy_(tensors[name])
+    return entry
+
+
 def sb3_actions(model, vecnorm, obs: np.ndarray) -> np.ndarray:
     """SB3's deterministic actions for raw observations (VecNormalize applied as in training), [R, n_actions]."""
     act, _ = model.predict(vecnorm.normalize_obs(np.asarray(obs, dtype=np.float32)), deterministic=True)
@@ -419,7 +516,7 @@ def _export_verified(actor: nn.Module, onnx_path: Path, probe_mean: np.ndarray, 
 
 def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, trained_on: dict, training: dict,
                      metrics: dict, min_lambda_progress: float = 0.0, action_text: str = "a[0]",
-                     range_text: str = "the training mean") -> Path:
+                     range_text: str = "the training mean", training_state: dict | None = None) -> Path:
     """Write the manifest (``<stem>.json``) of the ONNX policy at ``onnx_path``: its sha256, the action mapping
     and fallback rule of :mod:`adaptive_core.policy`, and the given normalisation and records."""
     manifest = PolicyManifest(
@@ -436,7 +533,8 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
         fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
                   "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
                           f"ood_z * max(sqrt(var), std_floor) from {range_text}"},
-        trained_on=trained_on, training=training, metrics=metrics, format=MANIFEST_FORMAT)
+        trained_on=trained_on, training=training, metrics=metrics, training_state=training_state or {},
+        format=MANIFEST_FORMAT)
     out = onnx_path.with_suffix(".json")
     out.write_text(manifest.to_json() + "\n")
     return out
@@ -444,8 +542,9 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
 
 def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
                   min_lambda_progress: float = 0.0) -> Path:
-    """Write the deterministic actor as one ONNX file and its manifest (``<stem>.json``); the ONNX output must
-    equal SB3's deterministic actions on random observations to 1e-5.  Returns the manifest path."""
+    """Write the deterministic actor as one ONNX file, its training state (the critic, for fine-tuning from the
+    file: :func:`save_training_state`) and its manifest (``<stem>.json``); the ONNX output must equal SB3's
+    deterministic actions on random observations to 1e-5.  Returns the manifest path."""
     onnx_path = Path(onnx_path)
     n_actions = int(model.action_space.shape[0])
     _action_kind(n_actions)
@@ -456,8 +555,10 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
                      "formula": "clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)",
                      "mean": [float(v) for v in rms.mean], "var": [float(v) for v in rms.var],
                      "epsilon": float(vecnorm.epsilon), "clip_obs": float(vecnorm.clip_obs)}
+    state = save_training_state(model, training_state_path(onnx_path),
+                                made_by=f"the PPO model at export ({training.get('command', 'policy')})")
     return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=trained_on, training=training,
-                            metrics=metrics, min_lambda_progress=min_lambda_progress)
+                            metrics=metrics, min_lambda_progress=min_lambda_progress, training_state=state)
 
 
 class EnsembleActor(nn.Module):
@@ -596,7 +697,8 @@ def ensemble_main(argv) -> int:
 
 def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy") -> None:
     """Training episode reward (rolling mean) and held-out evaluation reward vs environment steps; the critic
-    warm-up (if any) shaded, the evaluation ``--keep-best`` exported (if any) ringed."""
+    warm-up (if any) shaded, the evaluation ``--keep-best`` exported (if any) ringed, and on a second axis the
+    critic's explained variance at each update (how much of the returns' spread it accounts for)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -618,7 +720,17 @@ def plot_learning_curve(history: dict, path: Path, title: str = "PPO step policy
     ax.set_xlabel("environment steps (decisions)")
     ax.set_ylabel("reward (> 0 beats the heuristic)")
     ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=9)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if history.get("updates"):
+        ax2 = ax.twinx()
+        steps = np.array([u["timesteps"] for u in history["updates"]], dtype=float)
+        ev = np.array([u.get("explained_variance", np.nan) for u in history["updates"]], dtype=float)
+        line, = ax2.plot(steps, np.clip(ev, -1.0, 1.0), color="0.45", lw=1, ls=":")
+        ax2.set_ylim(-1.05, 1.05)
+        ax2.set_ylabel("critic: explained variance of the returns", fontsize=8, color="0.35")
+        handles.append(line)
+        labels.append("critic's explained variance at each update (right axis)")
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -634,6 +746,25 @@ def parse_specs(text: str) -> list[tuple[str, str]]:
             raise ValueError(f"testbed {item!r}: expected NAME:ve or NAME:flow")
         specs.append((name, mt))
     return specs
+
+
+def policy_training_cells(manifest, testbeds: str | None = None, budgets: str | None = None):
+    """(testbed specs, NFE budgets, CFG scales) to run a policy on again (``policy-distill``, ``policy-critic``):
+    ``testbeds`` ("name:model_type,...") and ``budgets`` ("5,6,...") where given, else those of the policy
+    manifest's ``trained_on``.  ValueError when neither names testbeds, or a budget is below 1."""
+    from .policy_env import TRAIN_BUDGETS, TRAINED_CFG_SCALES
+    trained_on = manifest.trained_on or {}
+    if testbeds:
+        specs = parse_specs(testbeds)
+    elif trained_on.get("testbeds"):
+        specs = [tuple(t.rsplit("-", 1)) for t in trained_on["testbeds"]]
+    else:
+        raise ValueError("the policy's manifest names no training testbeds: give --testbeds")
+    cells = ([int(b) for b in budgets.split(",")] if budgets
+             else [int(b) for b in trained_on.get("budgets", TRAIN_BUDGETS)])
+    if min(cells) < 1:
+        raise ValueError(f"budgets must be at least 1, got {cells}")
+    return specs, cells, tuple(trained_on.get("cfg_scales", TRAINED_CFG_SCALES))
 
 
 def main(argv) -> int:
@@ -667,13 +798,16 @@ def main(argv) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--ent-coef", type=float, default=0.0)
     ap.add_argument("--log-std-init", type=float, default=None,
-                    help="initial log-std of the step action (default -1.0; -4.0 from an --init manifest)")
+                    help="initial log-std of the step action (default -1.0; -3.0 from an --init manifest)")
     ap.add_argument("--order-log-std-init", type=float, default=None,
                     help="initial log-std of the solver-order action, which acts past |a| ≥ 0.5 and so explores "
                          "wider (default -0.7; -1.8 from an --init manifest)")
     ap.add_argument("--critic-warmup", type=int, default=None,
-                    help="first decisions in which only the critic learns (default 0; 512 from an --init manifest, "
-                         "which has no critic)")
+                    help="first decisions in which only the critic learns (default 0; 512 from an --init manifest "
+                         "without a training state, i.e. no critic)")
+    ap.add_argument("--target-kl", type=float, default=None,
+                    help="stop an update's epochs once its approximate KL divergence passes 1.5x this (SB3's "
+                         "target_kl; default: none, all epochs)")
     ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
@@ -695,7 +829,8 @@ def main(argv) -> int:
                          "in training and at run time (the image is decided at high noise)")
     ap.add_argument("--init", type=Path, default=None,
                     help="what to fine-tune from: an SB3 zip (build/), or a policy manifest such as "
-                         "policies/ppo_ve_flow.json (its actor and statistics; the critic starts fresh)")
+                         "policies/ppo_ve_flow.json (its actor and statistics, and its critic if the manifest names "
+                         "a training state; else the critic starts fresh)")
     ap.add_argument("--name", default="ppo_policy", help="policy name: policies are <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies",
                     help="where the ONNX + manifest go (policies/ to bundle)")
@@ -715,10 +850,18 @@ def main(argv) -> int:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
         args.order_log_std_init = FINE_TUNE_LOG_STD_INIT[1] if from_manifest else -0.7
+    with_state = False     # a manifest with a training state brings its critic: no warm-up by default
+    if from_manifest and args.init.is_file():
+        try:
+            with_state = bool(json.loads(args.init.read_text()).get("training_state"))
+        except (OSError, json.JSONDecodeError):
+            pass           # train() loads the manifest again and names what is wrong with it
     if args.critic_warmup is None:
-        args.critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest else 0
+        args.critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest and not with_state else 0
     if args.critic_warmup < 0:
         ap.error(f"--critic-warmup must be ≥ 0, got {args.critic_warmup}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        ap.error(f"--target-kl must be > 0, got {args.target_kl}")
     torch.set_num_threads(1)
     specs = parse_specs(args.testbeds)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -746,7 +889,7 @@ def main(argv) -> int:
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
         init=args.init, run_name=args.name, keep_best=args.keep_best, select_by=args.select_by,
         cell_sampling=args.cell_sampling, cell_sharpness=args.cell_sharpness, critic_warmup=args.critic_warmup,
-        **env_args)
+        target_kl=args.target_kl, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
@@ -766,6 +909,7 @@ def main(argv) -> int:
                         "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
                         "error_reward": args.error_reward, "cell_sampling": args.cell_sampling,
                         "cell_sharpness": args.cell_sharpness, "critic_warmup": args.critic_warmup,
+                        "target_kl": args.target_kl,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": REWARD_TEXT[args.error_reward] + " + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
