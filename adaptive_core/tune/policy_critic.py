@@ -11,8 +11,8 @@ critic of the PPO model it exports next to the actor (its *training state*), but
 2. it samples on the policy's training configurations (from its manifest, or ``--testbeds``) with the
    fine-tuning action noise, and for all ``--timesteps`` decisions only the critic learns: the actor is held
    exactly as shipped (a critic warm-up, ``policy --critic-warmup``, that lasts the whole run);
-3. the critic (and the optimizer's moment estimates: :func:`~.policy_train.save_training_state`) is written
-   as ``<stem>.training_state.safetensors`` next to the policy, and the manifest's ``training_state`` names it
+3. the critic (:func:`~.policy_train.save_training_state`; not the optimizer's state) is written as
+   ``<stem>.training_state.safetensors`` next to the policy, and the manifest's ``training_state`` names it
    with its sha256.  The actor and its ONNX file are not changed.
 
 Run it again to continue fitting from the state already there.

@@ -67,7 +67,7 @@ CELL_SAMPLINGS = ("default", "worst-cell")
 #: its gain that way).  The step noise is e^−3 rather than e^−4: the policy gradient only sees about a noise
 #: width around the current actions, and at e^−4 one update moved the actions by several widths (approximate
 #: KL 0.5–3.7 per update at learning rate 1e-3) in a direction set mostly by which images the rollout drew;
-#: at e^−3 and 3e-4 it was 0.03–0.1 and no run fell below its start (section 2).
+#: at e^−3 and 3e-4 it was 0.02–0.1 and none of six seeds collapsed (section 2).
 FINE_TUNE_LOG_STD_INIT = (-3.0, -1.8)
 #: Decisions of critic warm-up when ``policy --init`` starts from a policy manifest without a training state
 #: (no critic: ``policy-critic`` fits one): PPO's first updates against a fresh critic's advantages can pull a
@@ -432,11 +432,12 @@ def save_training_state(model, path: Path, made_by: str) -> dict:
     """Write the critic of a PPO ``model`` (SB3's value MLP and value head), which a policy's ONNX actor lacks, as
     safetensors, so that ``policy --init <manifest>`` can fine-tune the shipped actor with the critic it was
     trained with instead of a fresh one.  PPO's advantages are returns minus the critic's values (Schulman et
-    al. 2017); with a fresh critic they are mostly noise, and the fine-tunes from a manifest in
-    docs/policy/README.md (section 2) took hundreds of episodes or collapsed.  The optimizer state is not kept
-    (a fine-tune that also started from Adam moments gathered on the training testbeds collapsed at its first
-    update, one with fresh moments did not).  ``made_by`` says how the critic was obtained.  Returns
-    the manifest's ``training_state`` entry (file name, sha256, format, contents)."""
+    al. 2017); the fine-tunes from a manifest with a fresh critic in docs/policy/README.md (section 2) took
+    hundreds of episodes or collapsed.  A shipped critic makes a fine-tune from the file start as one from the
+    checkpoint does, though on a new testbed it explains little of the returns at first.  The optimizer state
+    is not kept: a fine-tune that also started from Adam moments gathered during the critic fit fell at its
+    first update (section 2).  ``made_by`` says how the critic was obtained.  Returns the manifest's
+    ``training_state`` entry (file name, sha256, format, contents)."""
     from safetensors.torch import save_file
     tensors = {name: prm.detach().cpu().float().clone().contiguous()
                for name, prm in model.policy.named_parameters() if name.startswith(CRITIC_PARAMETER_PREFIXES)}
