@@ -753,8 +753,8 @@ def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from adaptive_core.tune.policy_train import (load_policy_actor, load_training_state, make_vec_env, sb3_actions,
-                                                 train)
+    from adaptive_core.tune.policy_train import (FINE_TUNE_CRITIC_WARMUP, load_policy_actor, load_training_state,
+                                                 make_vec_env, sb3_actions, train)
     torch.set_num_threads(1)
     bundled = Path(__file__).resolve().parents[1] / "policies" / "ppo_ve_flow.json"
     for path in (bundled, tiny_training[3]):
@@ -775,6 +775,12 @@ def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
                                     n_epochs=1, train_seeds=range(4), eval_seeds=range(20000, 20002),
                                     eval_every=10 ** 9, progress=False, init=tiny_training[3])
     assert model.num_timesteps >= 64 and history["evals"]
+    # with its critic loaded no warm-up by default; a manifest without one warms the critic up first
+    assert history["training_state"] and history["critic_warmup"] == 0
+    _, _, bare = train([("gaussian", "ve")], [5], timesteps=64, n_envs=1, n_steps=64, batch_size=64, n_epochs=1,
+                       train_seeds=range(4), eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False,
+                       init=_copy_policy(tiny_training[3], tmp_path / "bare", drop_state=True))
+    assert not bare["training_state"] and bare["critic_warmup"] == FINE_TUNE_CRITIC_WARMUP
 
 
 def test_critic_warmup_keeps_the_actor_frozen(tiny_training):

@@ -61,8 +61,8 @@ def fit_critic(manifest_path: Path, specs, budgets, *, timesteps: int = CRITIC_T
     history)."""
     from ..policy import Policy, PolicyManifest
     from .policy_env import TRAINED_CFG_SCALES
-    from .policy_train import (FINE_TUNE_LOG_STD_INIT, policy_actor_weights, save_training_state, train,
-                               training_state_path)
+    from .policy_train import (FINE_TUNE_LOG_STD_INIT, actor_layers, policy_actor_weights, save_training_state,
+                               train, training_state_path)
     if timesteps < 1:
         raise ValueError(f"timesteps must be at least 1, got {timesteps}")
     manifest_path = Path(manifest_path)
@@ -77,8 +77,7 @@ def fit_critic(manifest_path: Path, specs, budgets, *, timesteps: int = CRITIC_T
                               cfg_scales=TRAINED_CFG_SCALES if cfg_scales is None else cfg_scales,
                               min_lambda_progress=policy.min_lambda_progress, logdir=logdir, progress=progress,
                               run_name=f"critic_{policy.name}")
-    net, head = model.policy.mlp_extractor.policy_net, model.policy.action_net
-    for layer, name in [(net[0], "policy_net.0"), (net[2], "policy_net.2"), (head, "action_net")]:
+    for layer, name in actor_layers(model):
         if not (np.array_equal(layer.weight.detach().numpy(), shipped[f"{name}.weight"])
                 and np.array_equal(layer.bias.detach().numpy(), shipped[f"{name}.bias"])):
             raise RuntimeError(f"{name} moved while only the critic was to learn")

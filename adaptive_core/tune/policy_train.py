@@ -121,7 +121,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
           cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
-          critic_warmup: int = 0, target_kl: float | None = None):
+          critic_warmup: int | None = None, target_kl: float | None = None):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward), and what SB3 logged for each PPO
@@ -146,10 +146,11 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     (:func:`worst_cell_weights` with ``cell_sharpness``, mixed half and half with the default draw), so training
     time goes where the worst-cell target is missed; ``history["cell_weights"]`` records them.
     ``critic_warmup``: for this many first decisions only the critic learns, the actor and its action noise stay
-    frozen (for an ``init`` without a trained critic).
+    frozen (for an ``init`` without a trained critic).  None: :data:`FINE_TUNE_CRITIC_WARMUP` from a policy
+    manifest without a training state, else 0.
     ``target_kl``: SB3's early stop of an update's epochs once its approximate KL divergence from the rollout's
     policy passes 1.5 × this (the KL-adaptive step of Schulman et al. 2017; None: all epochs)."""
-    if critic_warmup < 0:
+    if critic_warmup is not None and critic_warmup < 0:
         raise ValueError(f"critic_warmup must be ≥ 0 decisions, got {critic_warmup}")
     if target_kl is not None and not target_kl > 0:
         raise ValueError(f"target_kl must be > 0 (or None), got {target_kl}")
@@ -167,6 +168,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
     from_manifest = init is not None and Path(init).suffix == ".json"
+    state = None                        # a manifest's training state (its critic), once loaded
     if init is not None and not from_manifest:
         load_vecnorm_stats(vecnorm, Path(init).with_suffix(".vecnorm.npz"))
         model = PPO.load(str(init), env=vecnorm, tensorboard_log=str(logdir) if logdir else None, device="cpu",
@@ -189,6 +191,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         if from_manifest:
             load_policy_actor(model, vecnorm, init, graph)
             state = load_training_state(model, init)
+    if critic_warmup is None:
+        critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest and state is None else 0
     references: dict = {}
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
@@ -384,14 +388,20 @@ def policy_actor_weights(manifest_path: Path) -> dict:
     return out
 
 
+def actor_layers(model) -> list[tuple[nn.Linear, str]]:
+    """The linear layers of an SB3 PPO model's actor (64-64 tanh MLP, then the action layer), each with the name
+    of its weights in a policy graph (:data:`ACTOR_INITIALISERS`: ``<name>.weight``, ``<name>.bias``)."""
+    net = model.policy.mlp_extractor.policy_net
+    return [(net[0], "policy_net.0"), (net[2], "policy_net.2"), (model.policy.action_net, "action_net")]
+
+
 def load_policy_actor(model, vecnorm, manifest_path: Path, graph: dict | None = None) -> None:
     """Copy a policy's ONNX actor into a fresh SB3 PPO ``model`` (64-64 tanh: the actor MLP and action layer)
     and its observation normalisation into ``vecnorm`` (mean; var = 1/inv_std² − ε), then check that SB3's
     deterministic actions equal the ONNX policy's to 1e-4 on 64 probe rows.  The critic and the action noise are
-    left as they are: fine-tuning starts from the shipped behaviour with a fresh value estimate."""
+    left as they are (:func:`load_training_state` copies a shipped critic)."""
     graph = policy_actor_weights(manifest_path) if graph is None else graph
-    net, head = model.policy.mlp_extractor.policy_net, model.policy.action_net
-    pairs = [(net[0], "policy_net.0"), (net[2], "policy_net.2"), (head, "action_net")]
+    pairs = actor_layers(model)
     for layer, name in pairs:
         w, b = graph[f"{name}.weight"], graph[f"{name}.bias"]
         if tuple(layer.weight.shape) != w.shape or tuple(layer.bias.shape) != b.shape:
@@ -851,15 +861,7 @@ def main(argv) -> int:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
         args.order_log_std_init = FINE_TUNE_LOG_STD_INIT[1] if from_manifest else -0.7
-    with_state = False     # a manifest with a training state brings its critic: no warm-up by default
-    if from_manifest and args.init.is_file():
-        try:
-            with_state = bool(json.loads(args.init.read_text()).get("training_state"))
-        except (OSError, json.JSONDecodeError):
-            pass           # train() loads the manifest again and names what is wrong with it
-    if args.critic_warmup is None:
-        args.critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest and not with_state else 0
-    if args.critic_warmup < 0:
+    if args.critic_warmup is not None and args.critic_warmup < 0:
         ap.error(f"--critic-warmup must be ≥ 0, got {args.critic_warmup}")
     if args.target_kl is not None and not args.target_kl > 0:
         ap.error(f"--target-kl must be > 0, got {args.target_kl}")
@@ -909,7 +911,7 @@ def main(argv) -> int:
                         "gamma": 1.0, "gae_lambda": 0.95, "ent_coef": args.ent_coef, "log_std_init": args.log_std_init,
                         "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
                         "error_reward": args.error_reward, "cell_sampling": args.cell_sampling,
-                        "cell_sharpness": args.cell_sharpness, "critic_warmup": args.critic_warmup,
+                        "cell_sharpness": args.cell_sharpness, "critic_warmup": history["critic_warmup"],
                         "target_kl": args.target_kl,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": REWARD_TEXT[args.error_reward] + " + nfe_weight * (budget - NFE) / budget, at the end",
@@ -1042,8 +1044,10 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "DeterministicActor", "EnsembleActor", "FINE_TUNE_CRITIC_WARMUP",
-           "FINE_TUNE_LOG_STD_INIT", "SB3Decider", "SELECT_BY", "default_storage", "ensemble_main",
-           "episodes_to_final", "export_ensemble", "export_policy", "join_study", "load_checkpoint",
-           "load_policy_actor", "main", "plot_learning_curve", "policy_actor_weights", "ratio_summary",
-           "read_vecnorm_stats", "sb3_actions", "search", "study_main", "train", "worst_cell_weights"]
+__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "CRITIC_PARAMETER_PREFIXES", "DeterministicActor", "EnsembleActor",
+           "FINE_TUNE_CRITIC_WARMUP", "FINE_TUNE_LOG_STD_INIT", "SB3Decider", "SELECT_BY", "TRAINING_STATE_FORMAT",
+           "UPDATE_STATISTICS", "actor_layers", "default_storage", "ensemble_main", "episodes_to_final",
+           "export_ensemble", "export_policy", "join_study", "load_checkpoint", "load_policy_actor",
+           "load_training_state", "main", "plot_learning_curve", "policy_actor_weights", "policy_training_cells",
+           "ratio_summary", "read_vecnorm_stats", "save_training_state", "sb3_actions", "search", "study_main",
+           "train", "training_state_path", "worst_cell_weights"]
