@@ -935,3 +935,101 @@ def test_fine_tuning_from_a_checkpoint_uses_the_given_seed(tiny_training, tmp_pa
               eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=zip_path)
     runs = [train([("gaussian", "ve"), ("gaussian", "flow")], [5, 6], seed=s, **kw)[2]["episodes"] for s in (0, 1, 0)]
     assert runs[0] == runs[2] and runs[0] != runs[1]
+
+
+def test_paired_environments_run_the_same_episodes():
+    """``make_vec_env(paired=True)``: copies 2j and 2j + 1 draw the same configuration, noise seed and budget for
+    their k-th episodes whatever actions they take; the two pairs draw different sequences; an odd count is
+    refused."""
+    pytest.importorskip("stable_baselines3")
+    from adaptive_core.tune.policy_train import make_vec_env
+    torch.set_num_threads(1)
+    venv = make_vec_env([("gaussian", "flow"), ("gmm_digits", "ve")], [5, 6, 8], range(64), 4, "dummy", 0.1, 3,
+                        paired=True)
+    venv.reset()
+    rng = np.random.default_rng(0)
+    ended = {e: [] for e in range(4)}
+    for _ in range(48):
+        _, _, dones, infos = venv.step(rng.uniform(-1, 1, (4, 2)).astype(np.float32))
+        for e, info in enumerate(infos):
+            if dones[e]:
+                ended[e].append((info["episode_index"], info["config"], info["noise_seed"], info["budget"]))
+    venv.close()
+    for a, b in ((0, 1), (2, 3)):
+        n = min(len(ended[a]), len(ended[b]))
+        assert n >= 5 and ended[a][:n] == ended[b][:n]
+    assert [k[0] for k in ended[0]] == list(range(len(ended[0])))
+    assert ended[0][:5] != ended[2][:5]
+    with pytest.raises(ValueError, match="even number"):
+        make_vec_env([("gaussian", "flow")], [5], range(4), 3, "dummy", 0.1, 0, paired=True)
+
+
+def test_paired_advantage_is_the_return_minus_the_twins():
+    """:class:`PairedEpisodes`: every decision of an episode gets R − R' (its twin's return), divided by the
+    root mean square over the paired decisions; decisions whose episode or twin has not ended get 0 and keep SB3's critic
+    target; a twin that ends in a later rollout pairs up then."""
+    from adaptive_core.tune.policy_train import PairedEpisodes
+    paired = PairedEpisodes(2)
+    paired.start_rollout(4)
+    # env 0: episode 0 on rows 0-1 (return 1.0), episode 1 on rows 2-3 (not ended)
+    # env 1: episode 0 on rows 0-2 (return 0.4), episode 1 on row 3 (return 0.9)
+    paired.record(0, [{"episode_index": 0}, {"episode_index": 0}], [0.0, 0.0], [False, False])
+    paired.record(1, [{"episode_index": 0}, {"episode_index": 0}], [1.0, 0.0], [True, False])
+    paired.record(2, [{"episode_index": 1}, {"episode_index": 0}], [0.0, 0.4], [False, True])
+    paired.record(3, [{"episode_index": 1}, {"episode_index": 1}], [0.0, 0.9], [False, True])
+    sb3 = np.full((4, 2), 7.0)
+    adv, targets, mask = paired.advantages(sb3)
+    assert mask.tolist() == [[True, True], [True, True], [False, True], [False, False]]
+    raw = np.array([[0.6, -0.6], [0.6, -0.6], [0.0, -0.6], [0.0, 0.0]])
+    np.testing.assert_allclose(adv, raw / np.sqrt(np.mean(raw[mask] ** 2)))
+    np.testing.assert_allclose(targets, [[1.0, 0.4], [1.0, 0.4], [7.0, 0.4], [7.0, 7.0]])
+    assert set(paired.returns) == {(1, 1)}          # the used pair is forgotten, the unmatched one kept
+    paired.start_rollout(2)
+    paired.record(0, [{"episode_index": 1}, {"episode_index": 2}], [0.5, 0.0], [True, False])
+    paired.record(1, [{"episode_index": 2}, {"episode_index": 2}], [0.0, 0.0], [False, False])
+    adv, targets, mask = paired.advantages(np.zeros((2, 2)))
+    assert mask.tolist() == [[True, False], [False, False]] and adv.tolist() == [[-1.0, 0.0], [0.0, 0.0]]
+    assert targets[0, 0] == 0.5
+    with pytest.raises(ValueError, match="even number"):
+        PairedEpisodes(3)
+
+
+def test_training_with_the_paired_baseline(tiny_training):
+    """``train(baseline="pairs")``: the update uses :class:`PairedEpisodes`' advantages (0 on the unpaired
+    decisions, unit root mean square on the others; SB3's own normalisation off) and the history says how many decisions
+    were paired; an odd number of environments or a re-weighted draw is refused."""
+    from adaptive_core.tune.policy_train import train
+    torch.set_num_threads(1)
+    kw = dict(timesteps=128, n_envs=2, n_steps=64, batch_size=64, n_epochs=1, train_seeds=range(8),
+              eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=tiny_training[3],
+              baseline="pairs")
+    model, _, history = train([("gaussian", "ve"), ("gaussian", "flow")], [5, 6], **kw)
+    assert model.normalize_advantage is False
+    (_, share), = history["paired_share"]
+    adv = model.rollout_buffer.advantages
+    assert 0.5 < share < 1.0 and (adv != 0).mean() == pytest.approx(share)
+    assert np.sqrt(np.mean(adv[adv != 0] ** 2)) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="even number"):
+        train([("gaussian", "ve")], [5], **{**kw, "n_envs": 3})
+    with pytest.raises(ValueError, match="default cell draw"):
+        train([("gaussian", "ve")], [5], cell_sampling="worst-cell", **kw)
+
+
+def test_tune_actor_head_keeps_the_hidden_layers(tiny_training):
+    """``tune_actor="head"``: fine-tuning moves the actor's output layer (and noise) but not its hidden layers,
+    and the critic still learns; an unknown choice is refused."""
+    from adaptive_core.tune.policy_train import train
+    torch.set_num_threads(1)
+    kw = dict(timesteps=128, n_envs=2, n_steps=64, batch_size=64, n_epochs=2, train_seeds=range(8),
+              eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=tiny_training[3],
+              log_std_init=-1.0)
+    start = {k: v.clone() for k, v in train([("gaussian", "ve")], [5], timesteps=0, **{k: v for k, v in kw.items()
+                                            if k != "timesteps"})[0].policy.state_dict().items()}
+    model, _, _ = train([("gaussian", "ve")], [5], tune_actor="head", **kw)
+    after = model.policy.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], start[k])}
+    assert not any(k.startswith("mlp_extractor.policy_net") for k in moved)
+    assert any(k.startswith("action_net") for k in moved) and any(k.startswith("value_net") for k in moved)
+    assert all(p.requires_grad for p in model.policy.parameters())   # released after training
+    with pytest.raises(ValueError, match="tune_actor"):
+        train([("gaussian", "ve")], [5], tune_actor="trunk", **kw)

@@ -224,6 +224,10 @@ class SamplingEnv(gym.Env):
         error_reward: the error terms of the reward, one of :data:`ERROR_REWARDS` (module docstring).
         min_lambda_progress: decisions before this share of the λ-span keep the heuristic's step and order and
             are not the policy's (:mod:`adaptive_core.policy`, "Where it acts"); the exported manifest says it.
+        draw_seed: None: each episode draws its configuration, noise seed and budget from the env's own RNG (seeded
+            by ``reset(seed=...)``).  An integer: from a separate RNG seeded with it, so two env copies given the
+            same ``draw_seed`` run the same sequence of episodes (the trainer's paired episodes; ``info`` numbers
+            them in ``episode_index``).
     """
 
     metadata = {"render_modes": []}
@@ -233,7 +237,7 @@ class SamplingEnv(gym.Env):
                  cfg_scales: Sequence[float] = TRAINED_CFG_SCALES, order_action: bool = True,
                  trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
                  reward_scale: str = "per-config", error_reward: str = "both",
-                 min_lambda_progress: float = 0.0) -> None:
+                 min_lambda_progress: float = 0.0, draw_seed: int | None = None) -> None:
         super().__init__()
         if not testbeds:
             raise ValueError("testbeds must name at least one (testbed, model type) pair")
@@ -259,6 +263,8 @@ class SamplingEnv(gym.Env):
         if not 0.0 <= float(min_lambda_progress) < 1.0:
             raise ValueError(f"min_lambda_progress must be in [0, 1), got {min_lambda_progress}")
         self.min_lambda_progress = float(min_lambda_progress)
+        self._draw_rng = None if draw_seed is None else np.random.default_rng(int(draw_seed))
+        self._episodes_started = 0
         self._reward_stats = np.zeros((len(self.configs), 3))   # per configuration: count, mean, M2 (Welford)
         self.action_kind = "share_and_order" if order_action else "share_of_remaining_lambda"
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (N_OBSERVATIONS,), np.float32)
@@ -386,21 +392,24 @@ class SamplingEnv(gym.Env):
         super().reset(seed=seed)
         self._stop_thread()
         options = options or {}
+        rng = self.np_random if self._draw_rng is None else self._draw_rng
         budget = None
         if "config" in options:
             k = int(options["config"])
         elif self._cell_probs is not None:
-            k, budget = self.cells[int(self.np_random.choice(len(self._cell_probs), p=self._cell_probs))]
+            k, budget = self.cells[int(rng.choice(len(self._cell_probs), p=self._cell_probs))]
         else:
-            group = self._spec_configs[int(self.np_random.integers(len(self.specs)))]
-            k = group[int(self.np_random.integers(len(group)))]
+            group = self._spec_configs[int(rng.integers(len(self.specs)))]
+            k = group[int(rng.integers(len(group)))]
         pool = self.seed_pool(k)
-        noise_seed = int(options.get("noise_seed", pool[int(self.np_random.integers(len(pool)))]))
+        noise_seed = int(options.get("noise_seed", pool[int(rng.integers(len(pool)))]))
         if "budget" in options:
             budget = int(options["budget"])
         elif budget is None:
-            budget = self.budgets[int(self.np_random.integers(len(self.budgets)))]
-        self._episode = {"config": k, "noise_seed": noise_seed, "budget": budget, "steps": 0}
+            budget = self.budgets[int(rng.integers(len(self.budgets)))]
+        self._episode = {"config": k, "noise_seed": noise_seed, "budget": budget, "steps": 0,
+                         "episode_index": self._episodes_started}
+        self._episodes_started += 1
         self._start_thread(k, noise_seed, budget)
         msg = self._next()
         if msg[0] != "obs":  # cannot happen for budgets ≥ 4

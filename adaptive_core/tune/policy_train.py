@@ -77,6 +77,10 @@ FINE_TUNE_LOG_STD_INIT = (-3.0, -1.8)
 #: section 2).
 FINE_TUNE_CRITIC_WARMUP = 512
 WORST_CELL_MIX = 0.5
+#: Baselines of the advantages (``train(baseline=...)``, ``--baseline``): SB3's critic, or paired episodes.
+BASELINES = ("critic", "pairs")
+#: What of the actor learns (``train(tune_actor=...)``, ``--tune-actor``): all layers, or the output layer.
+TUNE_ACTOR = ("all", "head")
 #: SB3's ``train/*`` statistics of each PPO update that ``train`` keeps in ``history["updates"]``.
 UPDATE_STATISTICS = ("explained_variance", "approx_kl", "clip_fraction", "value_loss", "policy_gradient_loss")
 
@@ -101,15 +105,89 @@ def worst_cell_weights(per_testbed: dict, sharpness: float) -> dict:
     return {tb: {b: math.exp(sharpness * (v - top)) for b, v in cells.items()} for tb, cells in logs.items()}
 
 
-def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int, **env_kwargs):
+def make_vec_env(specs, budgets, seeds, n_envs: int, vec: str, nfe_weight: float, seed: int,
+                 paired: bool = False, **env_kwargs):
     """``n_envs`` monitored SamplingEnv copies in a DummyVecEnv or SubprocVecEnv (``env_kwargs``: the other
-    :class:`~.policy_env.SamplingEnv` arguments)."""
-    from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
+    :class:`~.policy_env.SamplingEnv` arguments), seeded as SB3's ``make_vec_env`` seeds them (copy i resets
+    with ``seed + i``).  ``paired``: copies 2j and 2j + 1 share a ``draw_seed``, so their k-th episodes are the
+    same image, budget and CFG (:class:`PairedEpisodes`)."""
+    from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    if paired and n_envs % 2:
+        raise ValueError(f"paired episodes need an even number of environments, got n_envs={n_envs}")
+    kwargs = dict(testbeds=specs, budgets=budgets, seeds=seeds, nfe_weight=nfe_weight, **env_kwargs)
+
+    def make(rank: int):
+        draw_seed = int(np.random.SeedSequence([int(seed), rank // 2]).generate_state(1)[0]) if paired else None
+
+        def init():
+            env = SamplingEnv(**kwargs, draw_seed=draw_seed)
+            env.action_space.seed(seed + rank)
+            return Monitor(env)
+        return init
+
     cls = SubprocVecEnv if vec == "subproc" else DummyVecEnv
-    return sb3_make_vec_env(SamplingEnv, n_envs=n_envs, seed=seed, vec_env_cls=cls,
-                            env_kwargs=dict(testbeds=specs, budgets=budgets, seeds=seeds, nfe_weight=nfe_weight,
-                                            **env_kwargs))
+    venv = cls([make(i) for i in range(n_envs)])
+    venv.seed(seed)
+    return venv
+
+
+class PairedEpisodes:
+    """Advantages from paired episodes instead of the critic: environment copies 2j and 2j + 1 run the same
+    sequence of images (:func:`make_vec_env` with ``paired=True``), and every decision of an episode gets the
+    advantage R − R', where R is its episode's return and R' that of the same image's episode in the partner
+    copy: the leave-one-out baseline of REINFORCE with several samples per input (Kool et al. 2019, "Buy 4
+    REINFORCE samples, get a baseline for free!"; with two samples).  R' does not depend on this episode's
+    actions, so the estimate stays unbiased, and it removes what the image itself contributes to the return,
+    which a critic cannot learn on a testbed it has not seen (its explained variance there is about 0,
+    docs/policy/README.md, section 2).
+
+    The return is the episode's terminal reward (the env's reward is 0 before the end, and γ = 1).  A decision
+    whose episode, or whose partner's episode, has not ended by the end of the rollout gets advantage 0 (it
+    does not move the actor); the critic's regression target is left to SB3 there.  The advantages of a rollout
+    are divided by their root mean square over the paired decisions: PPO's advantage normalisation without the
+    masked ones (so SB3's own must be off), and without subtracting the mean, which is 0 in expectation."""
+
+    def __init__(self, n_envs: int) -> None:
+        if n_envs < 2 or n_envs % 2:
+            raise ValueError(f"paired episodes need an even number (≥ 2) of environments, got {n_envs}")
+        self.n_envs = int(n_envs)
+        self.rows: np.ndarray | None = None      # episode index of each buffer row [n_steps, n_envs]
+        self.returns: dict[tuple[int, int], float] = {}   # (env, episode index) → return, until both partners end
+
+    def start_rollout(self, n_steps: int) -> None:
+        """A new rollout of ``n_steps`` rows per environment begins."""
+        self.rows = np.full((int(n_steps), self.n_envs), -1, dtype=np.int64)
+
+    def record(self, pos: int, infos, rewards, dones) -> None:
+        """Row ``pos`` of the rollout: each environment's episode index (from ``info["episode_index"]``) and, for
+        one that ended, its return."""
+        for e, info in enumerate(infos):
+            if "episode_index" not in info:
+                raise ValueError("paired episodes need SamplingEnv's info['episode_index']")
+            k = int(info["episode_index"])
+            self.rows[pos, e] = k
+            if dones[e]:
+                self.returns[(e, k)] = float(rewards[e])
+
+    def advantages(self, sb3_returns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(advantages, critic targets, paired mask) for the rows recorded, each [n_steps, n_envs]: R − R' divided
+        by its root mean square over the paired rows, and R, where both episodes ended; 0 and ``sb3_returns``
+        elsewhere.  Forgets the pairs it has used."""
+        adv = np.zeros(self.rows.shape)
+        targets = np.array(sb3_returns, dtype=np.float64, copy=True)
+        mask = np.zeros(self.rows.shape, dtype=bool)
+        for (pos, e), k in np.ndenumerate(self.rows):
+            own, other = self.returns.get((e, int(k))), self.returns.get((e ^ 1, int(k)))
+            if k >= 0 and own is not None and other is not None:
+                adv[pos, e], targets[pos, e], mask[pos, e] = own - other, own, True
+        rms = float(np.sqrt(np.mean(np.square(adv[mask])))) if mask.any() else 0.0
+        if rms > 0:
+            adv[mask] /= rms
+        for e, k in [key for key in self.returns if key[0] % 2 == 0]:
+            if (e + 1, k) in self.returns:
+                del self.returns[(e, k)], self.returns[(e + 1, k)]
+        return adv, targets, mask
 
 
 def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy", seed: int = 0,
@@ -121,7 +199,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
           cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
-          critic_warmup: int | None = None, target_kl: float | None = None):
+          critic_warmup: int | None = None, target_kl: float | None = None, baseline: str = "critic",
+          tune_actor: str = "all"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward), and what SB3 logged for each PPO
@@ -149,7 +228,16 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     frozen (for an ``init`` without a trained critic).  None: :data:`FINE_TUNE_CRITIC_WARMUP` from a policy
     manifest without a training state, else 0.
     ``target_kl``: SB3's early stop of an update's epochs once its approximate KL divergence from the rollout's
-    policy passes 1.5 × this (the KL-adaptive step of Schulman et al. 2017; None: all epochs)."""
+    policy passes 1.5 × this (the KL-adaptive step of Schulman et al. 2017; None: all epochs).
+    ``baseline``: what the advantages subtract, one of :data:`BASELINES`: ``"critic"`` (SB3's GAE with the
+    value network) or ``"pairs"`` (:class:`PairedEpisodes`: environment copies run each image twice and each
+    episode's return is compared with its twin's; needs an even ``n_envs`` and the default cell draw);
+    ``history["paired_share"]`` then records, per rollout, the share of decisions that had a finished twin.
+    ``tune_actor``: what of the actor learns, one of :data:`TUNE_ACTOR`: ``"all"``, or ``"head"``: only its
+    output layer and action noise, the hidden layers held fixed (last-layer fine-tuning: a few hundred weights
+    to fit from a few hundred episodes instead of some five thousand; Kumar et al. 2022, "Fine-Tuning can
+    Distort Pretrained Features and Underperform Out-of-Distribution", find it holds up better off the
+    training distribution)."""
     if critic_warmup is not None and critic_warmup < 0:
         raise ValueError(f"critic_warmup must be ≥ 0 decisions, got {critic_warmup}")
     if target_kl is not None and not target_kl > 0:
@@ -158,6 +246,14 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
         raise ValueError(f"select_by must be one of {tuple(SELECT_BY)}, got {select_by!r}")
     if cell_sampling not in CELL_SAMPLINGS:
         raise ValueError(f"cell_sampling must be one of {CELL_SAMPLINGS}, got {cell_sampling!r}")
+    if tune_actor not in TUNE_ACTOR:
+        raise ValueError(f"tune_actor must be one of {TUNE_ACTOR}, got {tune_actor!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    paired = PairedEpisodes(n_envs) if baseline == "pairs" else None
+    if paired is not None and cell_sampling != "default":
+        raise ValueError("baseline 'pairs' needs the default cell draw: re-weighting the draw mid-run would give "
+                         "twin environments different episodes")
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecNormalize
@@ -165,7 +261,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
                       reference_steps=reference_steps, reward_scale=reward_scale, error_reward=error_reward,
                       min_lambda_progress=min_lambda_progress)
-    venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, **env_kwargs)
+    venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, paired=paired is not None,
+                        **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
     from_manifest = init is not None and Path(init).suffix == ".json"
     state = None                        # a manifest's training state (its critic), once loaded
@@ -192,11 +289,15 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
             load_policy_actor(model, vecnorm, init, graph)
             state = load_training_state(model, init)
     if critic_warmup is None:
-        critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest and state is None else 0
+        critic_warmup = FINE_TUNE_CRITIC_WARMUP if from_manifest and state is None and paired is None else 0
+    if paired is not None:
+        model.normalize_advantage = False   # PairedEpisodes normalises over the paired decisions only
     references: dict = {}
     eval_kwargs = dict(cfg_scales=tuple(cfg_scales), reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, budgets, eval_seeds, references, **eval_kwargs)
     history = {"episodes": [], "evals": [], "updates": []}
+    if paired is not None:
+        history["paired_share"] = []
     best: dict = {}
 
     def evaluate(step: int, episodes: int) -> dict:
@@ -221,6 +322,10 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     actor = [*model.policy.mlp_extractor.policy_net.parameters(), *model.policy.action_net.parameters(),
              model.policy.log_std]
+    # what of the actor learns once it is released (tune_actor): all of it, or its output layer and noise
+    learning = actor if tune_actor == "all" else [*model.policy.action_net.parameters(), model.policy.log_std]
+    for prm in actor:
+        prm.requires_grad_(any(prm is q for q in learning))
 
     class Callback(BaseCallback):
         def __init__(self):
@@ -244,14 +349,27 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
         def _on_rollout_start(self) -> None:
             self.record_update()
+            if paired is not None:
+                paired.start_rollout(self.model.n_steps)
             # the update after a rollout learns from its decisions: the actor joins from the first rollout that
             # starts at or past the warm-up
             if self.actor_frozen and self.num_timesteps >= critic_warmup:
                 self.actor_frozen = False
-                for prm in actor:
+                for prm in learning:
                     prm.requires_grad_(True)
 
+        def _on_rollout_end(self) -> None:
+            if paired is not None:
+                buf = self.model.rollout_buffer
+                adv, targets, mask = paired.advantages(buf.returns)
+                buf.advantages[:] = adv
+                buf.returns[:] = targets
+                history["paired_share"].append((int(self.num_timesteps), float(mask.mean())))
+
         def _on_step(self) -> bool:
+            if paired is not None:   # before SB3 adds this step's row at rollout_buffer.pos
+                paired.record(self.model.rollout_buffer.pos, self.locals["infos"], self.locals["rewards"],
+                              self.locals["dones"])
             for info in self.locals.get("infos", []):
                 if "episode" in info:
                     self.episodes += 1
@@ -819,6 +937,13 @@ def main(argv) -> int:
     ap.add_argument("--target-kl", type=float, default=None,
                     help="stop an update's epochs once its approximate KL divergence passes 1.5x this (SB3's "
                          "target_kl; default: none, all epochs)")
+    ap.add_argument("--baseline", choices=BASELINES, default="critic",
+                    help="advantage baseline: SB3's critic (GAE), or 'pairs': environments run each image twice "
+                         "and compare the two returns (even --n-envs; for fine-tuning on a new testbed, where a "
+                         "critic explains little)")
+    ap.add_argument("--tune-actor", choices=TUNE_ACTOR, default="all",
+                    help="what of the actor learns: all layers, or 'head': its output layer and action noise only "
+                         "(the hidden layers of the --init policy are kept)")
     ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
@@ -865,6 +990,10 @@ def main(argv) -> int:
         ap.error(f"--critic-warmup must be ≥ 0, got {args.critic_warmup}")
     if args.target_kl is not None and not args.target_kl > 0:
         ap.error(f"--target-kl must be > 0, got {args.target_kl}")
+    if args.baseline == "pairs" and (args.n_envs < 2 or args.n_envs % 2):
+        ap.error(f"--baseline pairs needs an even --n-envs (≥ 2), got {args.n_envs}")
+    if args.baseline == "pairs" and args.cell_sampling != "default":
+        ap.error("--baseline pairs needs --cell-sampling default")
     torch.set_num_threads(1)
     specs = parse_specs(args.testbeds)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -892,7 +1021,7 @@ def main(argv) -> int:
         ent_coef=args.ent_coef, log_std_init=args.log_std_init, logdir=args.logdir, progress=not args.no_progress,
         init=args.init, run_name=args.name, keep_best=args.keep_best, select_by=args.select_by,
         cell_sampling=args.cell_sampling, cell_sharpness=args.cell_sharpness, critic_warmup=args.critic_warmup,
-        target_kl=args.target_kl, **env_args)
+        target_kl=args.target_kl, baseline=args.baseline, tune_actor=args.tune_actor, **env_args)
     build = repo / "build" / "policy_checkpoints"
     build.mkdir(parents=True, exist_ok=True)
     ckpt = build / f"{args.name}.zip"
@@ -912,7 +1041,8 @@ def main(argv) -> int:
                         "order_log_std_init": args.order_log_std_init, "reward_scale": args.reward_scale,
                         "error_reward": args.error_reward, "cell_sampling": args.cell_sampling,
                         "cell_sharpness": args.cell_sharpness, "critic_warmup": history["critic_warmup"],
-                        "target_kl": args.target_kl,
+                        "target_kl": args.target_kl, "baseline": args.baseline,
+                        "tune_actor": args.tune_actor,
                         "net_arch": [64, 64], "activation": "tanh"},
                 "reward": REWARD_TEXT[args.error_reward] + " + nfe_weight * (budget - NFE) / budget, at the end",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
@@ -971,7 +1101,7 @@ def search(args, specs, budgets, eval_seeds, repo: Path, env_args: dict) -> int:
                               seed=args.seed + trial.number, train_seeds=range(args.train_seeds),
                               eval_seeds=eval_seeds, eval_every=args.eval_every, batch_size=args.batch_size,
                               logdir=None, progress=False, cell_sampling=args.cell_sampling,
-                              cell_sharpness=args.cell_sharpness, **params, **env_args)
+                              cell_sharpness=args.cell_sharpness, baseline=args.baseline, **params, **env_args)
         return history["final"]["ratio"][SELECT_BY[args.select_by]]
 
     study.optimize(objective, n_trials=args.trials)
@@ -1044,10 +1174,10 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["ACTOR_INITIALISERS", "CELL_SAMPLINGS", "CRITIC_PARAMETER_PREFIXES", "DeterministicActor", "EnsembleActor",
-           "FINE_TUNE_CRITIC_WARMUP", "FINE_TUNE_LOG_STD_INIT", "SB3Decider", "SELECT_BY", "TRAINING_STATE_FORMAT",
-           "UPDATE_STATISTICS", "actor_layers", "default_storage", "ensemble_main", "episodes_to_final",
+__all__ = ["ACTOR_INITIALISERS", "BASELINES", "CELL_SAMPLINGS", "CRITIC_PARAMETER_PREFIXES", "DeterministicActor", "EnsembleActor",
+           "FINE_TUNE_CRITIC_WARMUP", "FINE_TUNE_LOG_STD_INIT", "PairedEpisodes", "SB3Decider", "SELECT_BY",
+           "TRAINING_STATE_FORMAT", "TUNE_ACTOR", "UPDATE_STATISTICS", "actor_layers", "default_storage", "ensemble_main", "episodes_to_final",
            "export_ensemble", "export_policy", "join_study", "load_checkpoint", "load_policy_actor",
-           "load_training_state", "main", "plot_learning_curve", "policy_actor_weights", "policy_training_cells",
+           "load_training_state", "main", "make_vec_env", "plot_learning_curve", "policy_actor_weights", "policy_training_cells",
            "ratio_summary", "read_vecnorm_stats", "save_training_state", "sb3_actions", "search", "study_main",
            "train", "training_state_path", "worst_cell_weights"]
