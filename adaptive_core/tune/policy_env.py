@@ -227,7 +227,7 @@ class SamplingEnv(gym.Env):
         draw_seed: None: each episode draws its configuration, noise seed and budget from the env's own RNG (seeded
             by ``reset(seed=...)``).  An integer: from a separate RNG seeded with it, so two env copies given the
             same ``draw_seed`` run the same sequence of episodes (the trainer's paired episodes; ``info`` numbers
-            them in ``episode_index``).
+            them in ``episode_index``).  A seeded ``reset`` starts the sequence (and the numbering) over.
     """
 
     metadata = {"render_modes": []}
@@ -263,7 +263,8 @@ class SamplingEnv(gym.Env):
         if not 0.0 <= float(min_lambda_progress) < 1.0:
             raise ValueError(f"min_lambda_progress must be in [0, 1), got {min_lambda_progress}")
         self.min_lambda_progress = float(min_lambda_progress)
-        self._draw_rng = None if draw_seed is None else np.random.default_rng(int(draw_seed))
+        self._draw_seed = None if draw_seed is None else int(draw_seed)
+        self._draw_rng = None if draw_seed is None else np.random.default_rng(self._draw_seed)
         self._episodes_started = 0
         self._reward_stats = np.zeros((len(self.configs), 3))   # per configuration: count, mean, M2 (Welford)
         self.action_kind = "share_and_order" if order_action else "share_of_remaining_lambda"
@@ -391,6 +392,10 @@ class SamplingEnv(gym.Env):
         and ``budget``."""
         super().reset(seed=seed)
         self._stop_thread()
+        if seed is not None:   # a seeded reset starts over: the same seed gives the same episodes and infos
+            self._episodes_started = 0
+            if self._draw_seed is not None:
+                self._draw_rng = np.random.default_rng(self._draw_seed)
         options = options or {}
         rng = self.np_random if self._draw_rng is None else self._draw_rng
         budget = None
