@@ -1020,16 +1020,14 @@ def test_tune_actor_head_keeps_the_hidden_layers(tiny_training):
     and the critic still learns; an unknown choice is refused."""
     from adaptive_core.tune.policy_train import train
     torch.set_num_threads(1)
-    kw = dict(timesteps=128, n_envs=2, n_steps=64, batch_size=64, n_epochs=2, train_seeds=range(8),
-              eval_seeds=range(20000, 20002), eval_every=10 ** 9, progress=False, init=tiny_training[3],
-              log_std_init=-1.0)
-    start = {k: v.clone() for k, v in train([("gaussian", "ve")], [5], timesteps=0, **{k: v for k, v in kw.items()
-                                            if k != "timesteps"})[0].policy.state_dict().items()}
-    model, _, _ = train([("gaussian", "ve")], [5], tune_actor="head", **kw)
+    kw = dict(n_envs=2, n_steps=64, batch_size=64, n_epochs=2, train_seeds=range(8), eval_seeds=range(20000, 20002),
+              eval_every=10 ** 9, progress=False, init=tiny_training[3], log_std_init=-1.0)
+    start = train([("gaussian", "ve")], [5], timesteps=0, **kw)[0].policy.state_dict()   # as loaded
+    model, _, _ = train([("gaussian", "ve")], [5], timesteps=128, tune_actor="head", **kw)
     after = model.policy.state_dict()
     moved = {k for k in after if not torch.equal(after[k], start[k])}
     assert not any(k.startswith("mlp_extractor.policy_net") for k in moved)
     assert any(k.startswith("action_net") for k in moved) and any(k.startswith("value_net") for k in moved)
     assert all(p.requires_grad for p in model.policy.parameters())   # released after training
     with pytest.raises(ValueError, match="tune_actor"):
-        train([("gaussian", "ve")], [5], tune_actor="trunk", **kw)
+        train([("gaussian", "ve")], [5], timesteps=128, tune_actor="trunk", **kw)

@@ -1174,10 +1174,11 @@ def study_main(argv) -> int:
     return 0
 
 
-__all__ = ["ACTOR_INITIALISERS", "BASELINES", "CELL_SAMPLINGS", "CRITIC_PARAMETER_PREFIXES", "DeterministicActor", "EnsembleActor",
-           "FINE_TUNE_CRITIC_WARMUP", "FINE_TUNE_LOG_STD_INIT", "PairedEpisodes", "SB3Decider", "SELECT_BY",
-           "TRAINING_STATE_FORMAT", "TUNE_ACTOR", "UPDATE_STATISTICS", "actor_layers", "default_storage", "ensemble_main", "episodes_to_final",
-           "export_ensemble", "export_policy", "join_study", "load_checkpoint", "load_policy_actor",
-           "load_training_state", "main", "make_vec_env", "plot_learning_curve", "policy_actor_weights", "policy_training_cells",
-           "ratio_summary", "read_vecnorm_stats", "save_training_state", "sb3_actions", "search", "study_main",
-           "train", "training_state_path", "worst_cell_weights"]
+__all__ = ["ACTOR_INITIALISERS", "BASELINES", "CELL_SAMPLINGS", "CRITIC_PARAMETER_PREFIXES", "DeterministicActor",
+           "EnsembleActor", "FINE_TUNE_CRITIC_WARMUP", "FINE_TUNE_LOG_STD_INIT", "PairedEpisodes", "SB3Decider",
+           "SELECT_BY", "TRAINING_STATE_FORMAT", "TUNE_ACTOR", "UPDATE_STATISTICS", "actor_layers", "default_storage",
+           "ensemble_main", "episodes_to_final", "export_ensemble", "export_policy", "join_study", "load_checkpoint",
+           "load_policy_actor", "load_training_state", "main", "make_vec_env", "plot_learning_curve",
+           "policy_actor_weights", "policy_training_cells", "ratio_summary", "read_vecnorm_stats",
+           "save_training_state", "sb3_actions", "search", "study_main", "train", "training_state_path",
+           "worst_cell_weights"]
