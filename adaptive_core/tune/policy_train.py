@@ -551,6 +551,12 @@ TRAINING_STATE_FORMAT = "ado-ppo-training-state/1"
 CRITIC_PARAMETER_PREFIXES = ("mlp_extractor.value_net.", "value_net.")
 
 
+def critic_parameters(model) -> dict:
+    """The parameters of an SB3 PPO model's critic (value MLP and value head, :data:`CRITIC_PARAMETER_PREFIXES`)
+    by name: what a policy's training state file carries."""
+    return {n: p for n, p in model.policy.named_parameters() if n.startswith(CRITIC_PARAMETER_PREFIXES)}
+
+
 def training_state_path(onnx_path: Path) -> Path:
     """Where a policy's training state goes: ``<stem>.training_state.safetensors`` next to its ONNX actor."""
     return Path(onnx_path).with_name(Path(onnx_path).stem + ".training_state.safetensors")
@@ -568,7 +574,7 @@ def save_training_state(model, path: Path, made_by: str) -> dict:
     ``training_state`` entry (file name, sha256, format, contents)."""
     from safetensors.torch import save_file
     tensors = {name: prm.detach().cpu().float().clone().contiguous()
-               for name, prm in model.policy.named_parameters() if name.startswith(CRITIC_PARAMETER_PREFIXES)}
+               for name, prm in critic_parameters(model).items()}
     path = Path(path)
     save_file(tensors, str(path), metadata={"format": TRAINING_STATE_FORMAT})
     return {"file": path.name, "sha256": sha256_of_file(path), "format": TRAINING_STATE_FORMAT, "made_by": made_by,
@@ -599,7 +605,7 @@ def load_training_state(model, manifest_path: Path) -> dict | None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if fmt != TRAINING_STATE_FORMAT:
         raise ValueError(f"{path}: training state format {fmt!r}, expected {TRAINING_STATE_FORMAT!r}")
-    critic = {n: p for n, p in model.policy.named_parameters() if n.startswith(CRITIC_PARAMETER_PREFIXES)}
+    critic = critic_parameters(model)
     shapes = {n: tuple(p.shape) for n, p in critic.items()}
     got = {n: tuple(t.shape) for n, t in tensors.items()}
     if got != shapes:
@@ -1176,9 +1182,9 @@ def study_main(argv) -> int:
 
 __all__ = ["ACTOR_INITIALISERS", "BASELINES", "CELL_SAMPLINGS", "CRITIC_PARAMETER_PREFIXES", "DeterministicActor",
            "EnsembleActor", "FINE_TUNE_CRITIC_WARMUP", "FINE_TUNE_LOG_STD_INIT", "PairedEpisodes", "SB3Decider",
-           "SELECT_BY", "TRAINING_STATE_FORMAT", "TUNE_ACTOR", "UPDATE_STATISTICS", "actor_layers", "default_storage",
-           "ensemble_main", "episodes_to_final", "export_ensemble", "export_policy", "join_study", "load_checkpoint",
-           "load_policy_actor", "load_training_state", "main", "make_vec_env", "plot_learning_curve",
-           "policy_actor_weights", "policy_training_cells", "ratio_summary", "read_vecnorm_stats",
-           "save_training_state", "sb3_actions", "search", "study_main", "train", "training_state_path",
-           "worst_cell_weights"]
+           "SELECT_BY", "TRAINING_STATE_FORMAT", "TUNE_ACTOR", "UPDATE_STATISTICS", "actor_layers",
+           "critic_parameters", "default_storage", "ensemble_main", "episodes_to_final", "export_ensemble",
+           "export_policy", "join_study", "load_checkpoint", "load_policy_actor", "load_training_state", "main",
+           "make_vec_env", "plot_learning_curve", "policy_actor_weights", "policy_training_cells", "ratio_summary",
+           "read_vecnorm_stats", "save_training_state", "sb3_actions", "search", "study_main", "train",
+           "training_state_path", "worst_cell_weights"]
