@@ -1031,3 +1031,116 @@ def test_tune_actor_head_keeps_the_hidden_layers(tiny_training):
     assert all(p.requires_grad for p in model.policy.parameters())   # released after training
     with pytest.raises(ValueError, match="tune_actor"):
         train([("gaussian", "ve")], [5], timesteps=128, tune_actor="trunk", **kw)
+
+
+def test_tune_actor_bias_moves_only_the_output_bias(tiny_training):
+    """``tune_actor="bias"``: of the actor, only the output layer's bias (one offset per action) and the action
+    noise learn; the critic still learns."""
+    from adaptive_core.tune.policy_train import train
+    torch.set_num_threads(1)
+    kw = dict(n_envs=2, n_steps=64, batch_size=64, n_epochs=2, train_seeds=range(8), eval_seeds=range(20000, 20002),
+              eval_every=10 ** 9, progress=False, init=tiny_training[3], log_std_init=-1.0)
+    start = train([("gaussian", "ve")], [5], timesteps=0, **kw)[0].policy.state_dict()
+    model, _, _ = train([("gaussian", "ve")], [5], timesteps=128, tune_actor="bias", **kw)
+    after = model.policy.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], start[k])}
+    assert {"action_net.bias", "log_std"} <= moved
+    assert not any(k.startswith("mlp_extractor.policy_net") or k == "action_net.weight" for k in moved)
+    assert any(k.startswith("value_net") for k in moved)
+
+
+def test_step_offset_policy_shifts_only_decided_steps(tiny_training):
+    """``StepOffsetPolicy`` adds its offset to a₀ of the rows the policy decides, clipped to [−1, 1]; a row out of
+    the training range keeps the heuristic's action 0; a non-finite offset is refused."""
+    from adaptive_core.tune.policy_calibrate import StepOffsetPolicy
+    policy = load_policy(tiny_training[3])
+    rows = policy._mean + policy._std * np.random.default_rng(1).normal(size=(8, N_OBSERVATIONS))
+    rows[3, 0] = policy._mean[0] + 100 * policy._std[0]            # out of range: falls back
+    base, reasons = policy.decide(rows)
+    shifted, reasons2 = StepOffsetPolicy(policy, 0.3).decide(rows)
+    assert reasons2 == reasons and reasons[3] is not None
+    ok = np.array([r is None for r in reasons])
+    assert np.allclose(shifted[ok, 0], np.clip(base[ok, 0] + 0.3, -1, 1))
+    assert np.array_equal(shifted[:, 1:], base[:, 1:]) and np.all(shifted[3] == 0)
+    assert StepOffsetPolicy(policy, 0.3).min_lambda_progress == policy.min_lambda_progress
+    with pytest.raises(ValueError, match="finite"):
+        StepOffsetPolicy(policy, float("nan"))
+
+
+def test_choose_offset_takes_the_parabola_peak():
+    from adaptive_core.tune.policy_calibrate import choose_offset
+    x = np.array([-0.1, -0.05, 0.0, 0.05, 0.1])
+    assert choose_offset(x, 1 - (x + 0.03) ** 2) == (pytest.approx(-0.03), "parabola peak")
+    assert choose_offset(x, 1 - (x - 0.5) ** 2)[0] == pytest.approx(0.1)          # peak outside: the range's end
+    assert choose_offset(x, (x - 0.02) ** 2) == (pytest.approx(-0.1), "best candidate")   # no maximum
+    assert choose_offset([0.0, 0.1], [0.2, 0.1]) == (0.0, "best candidate")
+
+
+def test_paired_returns_equal_the_env_episode_returns(tiny_training):
+    """The search's batched returns are the training environment's: each image, run as one env episode with
+    the offset policy's actions, gets the same reward; every offset runs the same images."""
+    pytest.importorskip("gymnasium")
+    from adaptive_core.tune.policy_calibrate import StepOffsetPolicy, draw_images, paired_returns
+    from adaptive_core.tune.policy_env import SamplingEnv
+    torch.set_num_threads(1)
+    policy = load_policy(tiny_training[3])
+    env = SamplingEnv([("gaussian", "ve"), ("gaussian", "flow")], [5, 6], seeds=range(8), nfe_weight=0.1,
+                      reward_scale="none")
+    images = draw_images(env, 5, np.random.default_rng(0))
+    assert len(set(images)) == 5
+    offsets = [-0.2, 0.0, 0.2]
+    returns = paired_returns(policy, env, images, offsets)
+    assert returns.shape == (3, 5) and np.isfinite(returns).all()
+    for j, offset in enumerate(offsets):
+        decider = StepOffsetPolicy(policy, offset)
+        for i, (k, seed, budget) in enumerate(images):
+            obs, _ = env.reset(options={"config": k, "noise_seed": seed, "budget": budget})
+            done = False
+            while not done:
+                action, _ = decider.decide(obs.reshape(1, -1).astype(np.float64))
+                obs, _, done, _, info = env.step(action[0].astype(np.float32))
+            assert info["reward_raw"] == pytest.approx(returns[j, i], rel=1e-4, abs=1e-6)
+    env.close()
+    with pytest.raises(ValueError, match="training pool has"):
+        draw_images(env, 10 ** 6, np.random.default_rng(0))
+
+
+def test_policy_calibrate_writes_the_offset_policy(tiny_training, tmp_path):
+    """``policy-calibrate`` end to end on a tiny search: the written graph's actions are the source's with the
+    chosen offset on a₀; its manifest records the search and names a copy of the critic, which a fine-tune
+    loads; the before/after evaluation is that of the two policies; bad arguments are refused."""
+    from adaptive_core.tune.policy_calibrate import main
+    from adaptive_core.tune.policy_train import load_training_state
+    torch.set_num_threads(1)
+    src = _copy_policy(tiny_training[3], tmp_path / "src")
+    out_dir = tmp_path / "out"
+    assert main(["--policy", str(src), "--testbeds", "gaussian:ve", "--budgets", "5", "--episodes", "6",
+                 "--offsets=-0.2,0,0.2", "--eval-seeds", "4", "--nfe-weight", "0.1", "--name", "cal",
+                 "--out-dir", str(out_dir)]) == 0
+    record = json.loads((out_dir / "cal_calibration.json").read_text())
+    assert record["episodes"] == 6 and len(record["images"]) == 2 and len(record["mean_returns"]) == 3
+    assert -0.2 <= record["chosen_offset"] <= 0.2 and (out_dir / "cal_calibration.png").stat().st_size > 0
+    new, old = load_policy(out_dir / "cal.json"), load_policy(src)
+    rows = old._mean + old._std * np.random.default_rng(2).normal(size=(32, N_OBSERVATIONS))
+    want = old.act(rows)
+    want[:, 0] = np.clip(want[:, 0] + record["chosen_offset"], -1, 1)
+    assert np.allclose(new.act(rows), want, atol=1e-5)
+    assert new.manifest.training["calibration"]["chosen_offset"] == record["chosen_offset"]
+    assert new.manifest.training_state["file"] == "cal.training_state.safetensors"
+    model, vecnorm = _ppo_for()
+    assert load_training_state(model, out_dir / "cal.json") is not None
+    vecnorm.close()
+    from adaptive_core.tune.policy_env import evaluate_controller
+    from adaptive_core.tune.policy_train import ratio_summary
+    seeds = list(range(20000, 20004))
+    heur = evaluate_controller(None, [("gaussian", "ve")], [5], seeds)
+    after = ratio_summary(evaluate_controller(new, [("gaussian", "ve")], [5], seeds), heur)
+    assert record["eval_after"]["rmse_ratio_geomean"] == pytest.approx(after["geomean"], rel=1e-4)
+    for bad in (["--episodes", "2"], ["--offsets=0"], ["--offsets=-2,0,2"], ["--testbeds", "gaussian"]):
+        args = ["--policy", str(src), "--testbeds", "gaussian:ve", "--nfe-weight", "0.1", "--name", "x",
+                "--out-dir", str(out_dir), *bad]
+        with pytest.raises(SystemExit):
+            main(args)
+    with pytest.raises(ValueError, match="overwrite"):
+        from adaptive_core.tune.policy_calibrate import write_offset_policy
+        write_offset_policy(src, 0.1, src.parent / load_policy(src).manifest.onnx_file, {})

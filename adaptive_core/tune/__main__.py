@@ -4,7 +4,8 @@
 ``python -m adaptive_core.tune policy-eval ...`` (measure it), ``python -m adaptive_core.tune policy-ensemble ...``
 (export the mean of trained policies as one), ``python -m adaptive_core.tune policy-distill ...`` (train one
 small policy to imitate another, e.g. an ensemble), ``python -m adaptive_core.tune policy-critic ...`` (fit the
-critic that fine-tuning a policy file starts from) and ``python -m adaptive_core.tune policy-study ...`` (the
+critic that fine-tuning a policy file starts from), ``python -m adaptive_core.tune policy-calibrate ...`` (fit a
+policy's step offset to a new model by a paired line search) and ``python -m adaptive_core.tune policy-study ...`` (the
 trials of a shared Optuna search)."""
 from __future__ import annotations
 
@@ -88,12 +89,12 @@ def monitor_main(argv) -> int:
 
 def main(argv=None) -> int:
     """Dispatch ``monitor``, ``monitor-eval``, ``policy``, ``policy-eval``, ``policy-study``, ``policy-ensemble``,
-    ``policy-distill`` and ``policy-critic``."""
+    ``policy-distill``, ``policy-critic`` and ``policy-calibrate``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval", "policy-study",
-                                       "policy-ensemble", "policy-distill", "policy-critic"):
+                                       "policy-ensemble", "policy-distill", "policy-critic", "policy-calibrate"):
         print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval,policy-study,policy-ensemble,"
-              "policy-distill,policy-critic} [options]   (-h after the command)")
+              "policy-distill,policy-critic,policy-calibrate} [options]   (-h after the command)")
         return 2
     if argv[0] == "policy-study":
         from .policy_train import study_main
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
     if argv[0] == "policy-distill":
         from .policy_distill import main as distill_main
         return distill_main(argv[1:])
+    if argv[0] == "policy-calibrate":
+        from .policy_calibrate import main as calibrate_main
+        return calibrate_main(argv[1:])
     if argv[0] == "policy-critic":
         from .policy_critic import main as critic_main
         return critic_main(argv[1:])

@@ -79,8 +79,9 @@ FINE_TUNE_CRITIC_WARMUP = 512
 WORST_CELL_MIX = 0.5
 #: Baselines of the advantages (``train(baseline=...)``, ``--baseline``): SB3's critic, or paired episodes.
 BASELINES = ("critic", "pairs")
-#: What of the actor learns (``train(tune_actor=...)``, ``--tune-actor``): all layers, or the output layer.
-TUNE_ACTOR = ("all", "head")
+#: What of the actor learns (``train(tune_actor=...)``, ``--tune-actor``): all layers, the output layer, or the
+#: output layer's bias (one offset per action).
+TUNE_ACTOR = ("all", "head", "bias")
 #: SB3's ``train/*`` statistics of each PPO update that ``train`` keeps in ``history["updates"]``.
 UPDATE_STATISTICS = ("explained_variance", "approx_kl", "clip_fraction", "value_loss", "policy_gradient_loss")
 
@@ -237,7 +238,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     output layer and action noise, the hidden layers held fixed (last-layer fine-tuning: for the 64-wide MLP,
     130 weights to fit from a few hundred episodes instead of 5 442; Kumar et al. 2022, "Fine-Tuning can
     Distort Pretrained Features and Underperform Out-of-Distribution", find it holds up better off the
-    training distribution)."""
+    training distribution), or ``"bias"``: only the output layer's bias and the action noise, i.e. one offset
+    per action added to every decision (bias-only fine-tuning, Ben Zaken et al. 2022, "BitFit")."""
     if critic_warmup is not None and critic_warmup < 0:
         raise ValueError(f"critic_warmup must be ≥ 0 decisions, got {critic_warmup}")
     if target_kl is not None and not target_kl > 0:
@@ -323,7 +325,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     actor = [*model.policy.mlp_extractor.policy_net.parameters(), *model.policy.action_net.parameters(),
              model.policy.log_std]
     # what of the actor learns once it is released (tune_actor): all of it, or its output layer and noise
-    learning = actor if tune_actor == "all" else [*model.policy.action_net.parameters(), model.policy.log_std]
+    learning = {"all": actor, "head": [*model.policy.action_net.parameters(), model.policy.log_std],
+                "bias": [model.policy.action_net.bias, model.policy.log_std]}[tune_actor]
     for prm in actor:
         prm.requires_grad_(any(prm is q for q in learning))
 
@@ -948,8 +951,9 @@ def main(argv) -> int:
                          "and compare the two returns (even --n-envs; for fine-tuning on a new testbed, where a "
                          "critic explains little)")
     ap.add_argument("--tune-actor", choices=TUNE_ACTOR, default="all",
-                    help="what of the actor learns: all layers, or 'head': its output layer and action noise only "
-                         "(the hidden layers of the --init policy are kept)")
+                    help="what of the actor learns: all layers; 'head': its output layer and action noise only "
+                         "(the hidden layers of the --init policy are kept); 'bias': the output layer's bias and "
+                         "the action noise only (one offset per action)")
     ap.add_argument("--reward-scale", choices=("per-config", "none"), default="per-config",
                     help="divide each episode's reward by its configuration's running reward std (policy_env)")
     ap.add_argument("--error-reward", choices=ERROR_REWARDS, default="both",
