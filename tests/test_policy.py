@@ -1123,7 +1123,10 @@ def test_policy_calibrate_writes_the_offset_policy(tiny_training, tmp_path):
     new, old = load_policy(out_dir / "cal.json"), load_policy(src)
     rows = old._mean + old._std * np.random.default_rng(2).normal(size=(32, N_OBSERVATIONS))
     want = old.act(rows)
-    want[:, 0] = np.clip(want[:, 0] + record["chosen_offset"], -1, 1)
+    assert record["written_offset"] == (0.0 if record["kept_source"] else record["chosen_offset"])
+    assert record["kept_source"] == (record["eval_after"]["rmse_ratio_geomean"]
+                                     > record["eval_before"]["rmse_ratio_geomean"])
+    want[:, 0] = np.clip(want[:, 0] + record["written_offset"], -1, 1)
     assert np.allclose(new.act(rows), want, atol=1e-5)
     assert new.manifest.training["calibration"]["chosen_offset"] == record["chosen_offset"]
     assert new.manifest.training_state["file"] == "cal.training_state.safetensors"
@@ -1134,8 +1137,12 @@ def test_policy_calibrate_writes_the_offset_policy(tiny_training, tmp_path):
     from adaptive_core.tune.policy_train import ratio_summary
     seeds = list(range(20000, 20004))
     heur = evaluate_controller(None, [("gaussian", "ve")], [5], seeds)
-    after = ratio_summary(evaluate_controller(new, [("gaussian", "ve")], [5], seeds), heur)
+    from adaptive_core.tune.policy_calibrate import StepOffsetPolicy
+    after = ratio_summary(evaluate_controller(StepOffsetPolicy(old, record["chosen_offset"]), [("gaussian", "ve")],
+                                              [5], seeds), heur)
     assert record["eval_after"]["rmse_ratio_geomean"] == pytest.approx(after["geomean"], rel=1e-4)
+    written = ratio_summary(evaluate_controller(new, [("gaussian", "ve")], [5], seeds), heur)["geomean"]
+    assert written == pytest.approx(min(after["geomean"], record["eval_before"]["rmse_ratio_geomean"]), rel=1e-4)
     for bad in (["--episodes", "2"], ["--offsets=0"], ["--offsets=-2,0,2"], ["--testbeds", "gaussian"]):
         args = ["--policy", str(src), "--testbeds", "gaussian:ve", "--nfe-weight", "0.1", "--name", "x",
                 "--out-dir", str(out_dir), *bad]

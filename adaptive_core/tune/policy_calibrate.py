@@ -3,9 +3,9 @@ step action, by a paired line search.
 
 A policy moved to a model it was not trained on mostly needs its steps a little longer or shorter overall. On the
 left-out flow UNet (docs/policy/README.md, section 2) adding −0.03 to every step action (steps 4 % shorter) took
-the left-out policy's evaluation reward from 0.109 to 0.138 on 256 seeds, about what PPO fine-tunes reached, and
-PPO moved that offset by only 0.012 in 190 episodes: its gradient comes from action noise spread over every
-decision, while the returns change by flips of a few images. A direct search on that one number is cheaper.
+the left-out policy's evaluation reward from 0.109 to 0.138 on 256 held-out seeds. PPO on that one number
+(``policy --tune-actor bias``) moved it by about 0.012 in 50–150 episodes: its gradient comes from action noise
+spread over every decision, while the returns change by flips of a few images. A direct search is cheaper.
 
 1. ``--episodes`` policy episodes are split over the candidate offsets (``--offsets``); every candidate runs the
    *same* images (noise seed, CFG scale, budget, drawn from the training pool as :class:`SamplingEnv` draws
@@ -16,7 +16,11 @@ decision, while the returns change by flips of a few images. A direct search on 
 2. The mean returns are rugged in the offset (one flip of one image moves a candidate's mean), so the offset
    chosen is the peak of a least-squares parabola through them, within the searched range; where the parabola
    opens upwards, the best candidate.
-3. The policy is written again with the offset added to the bias of its step output: the ONNX graph is the same
+3. The policy before and after (the chosen offset) is evaluated on held-out seeds against the heuristic, as
+   ``policy`` evaluates during training; where the offset makes it worse there, the source's offset (0) is
+   kept, as ``policy --keep-best`` keeps the best evaluated policy. (So the held-out seeds take part in the
+   choice: measure the result on other seeds, e.g. ``policy-eval`` on 30000–30255.)
+4. The policy is written again with the offset added to the bias of its step output: the ONNX graph is the same
    but for that one number (checked: its actions are the source's plus the offset, clipped to [−1, 1]); the
    manifest records the search, and the source's training state (critic) is copied along, so ``policy --init``
    can go on from the calibrated file with PPO.
@@ -31,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 #: Candidate offsets of the step action (a₀; the step is scaled by 4^offset) searched by default: steps up to
-#: 15 % shorter or longer than the policy's.
-DEFAULT_OFFSETS = (-0.1, -0.075, -0.05, -0.025, 0.0, 0.025, 0.05, 0.075, 0.1)
-#: Policy episodes of the search by default (spread over the offsets).
-DEFAULT_EPISODES = 96
+#: 13 % shorter or longer than the policy's, in steps of 4 %.
+DEFAULT_OFFSETS = (-0.09, -0.06, -0.03, 0.0, 0.03, 0.06, 0.09)
+#: Policy episodes of the search by default (14 images for each default offset).
+DEFAULT_EPISODES = 98
 
 
 class StepOffsetPolicy:
@@ -167,8 +171,9 @@ def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EP
               eval_seeds=range(20000, 20064)) -> dict:
     """Search the step offset of the policy at ``manifest_path`` on ``specs`` × ``budgets`` with ``episodes``
     policy episodes (module docstring). Returns the search's record: offsets, images, each offset's mean return
-    and its paired standard error against offset 0 (or the first offset), the chosen offset and the held-out
-    evaluation (RMSE ratio to the heuristic on ``eval_seeds``) of the policy before and after."""
+    and its paired standard error against offset 0 (or the first offset), the chosen offset, the held-out
+    evaluation (RMSE ratio to the heuristic on ``eval_seeds``) of the policy before and with it, and the offset to
+    write (``written_offset``: the chosen one, or 0 where it evaluated worse, ``kept_source``)."""
     from ..policy import Policy
     from .policy_env import TRAINED_CFG_SCALES, SamplingEnv, evaluate_controller
     from .policy_train import ratio_summary
@@ -200,10 +205,12 @@ def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EP
     before = ratio_summary(evaluate_controller(policy, specs, budgets, list(eval_seeds), references, **kw), heur)
     after = ratio_summary(evaluate_controller(StepOffsetPolicy(policy, chosen), specs, budgets, list(eval_seeds),
                                              references, **kw), heur)
+    worse = after["geomean"] > before["geomean"]
     return {"offsets": offsets, "episodes": n_images * len(offsets), "images": [list(i) for i in images],
             "image_keys": [env.configs[k].key for k, _, _ in images], "mean_returns": means.tolist(),
             "paired_se_vs": offsets[base], "paired_se": paired_se.tolist(), "chosen_offset": chosen,
-            "chosen_by": how, "seed": int(seed), "search_seconds": round(search_seconds, 1),
+            "chosen_by": how, "written_offset": 0.0 if worse else chosen, "kept_source": bool(worse),
+            "seed": int(seed), "search_seconds": round(search_seconds, 1),
             "error_reward": error_reward, "nfe_weight": float(nfe_weight), "eval_seeds": [min(eval_seeds),
                                                                                          max(eval_seeds) + 1],
             "eval_before": {"rmse_ratio_geomean": before["geomean"], "rmse_ratio_worst": before["worst"],
@@ -232,7 +239,8 @@ def plot_calibration(record: dict, path: Path, title: str) -> None:
     b, a = record["eval_before"]["eval_reward"], record["eval_after"]["eval_reward"]
     ax.set_xlabel("step action offset (step × 4^offset)")
     ax.set_ylabel("mean episode return")
-    ax.set_title(f"{title}\nheld-out evaluation reward {b:.3f} → {a:.3f}", fontsize=10)
+    kept = "; worse, source kept" if record.get("kept_source") else ""
+    ax.set_title(f"{title}\nheld-out evaluation reward {b:.3f} → {a:.3f}{kept}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +310,7 @@ def main(argv) -> int:
         ap.error(str(e))
     record["source"] = {"policy": str(policy.path), "sha256": policy.manifest.sha256}
     record["command"] = "python -m adaptive_core.tune policy-calibrate " + " ".join(argv)
-    out = write_offset_policy(policy.path, record["chosen_offset"], args.out_dir / f"{args.name}.onnx",
+    out = write_offset_policy(policy.path, record["written_offset"], args.out_dir / f"{args.name}.onnx",
                               {k: v for k, v in record.items() if k not in ("images", "image_keys")})
     plot = args.plot or args.out_dir / f"{args.name}_calibration.png"
     plot_calibration(record, plot, f"policy-calibrate {policy.name} on {args.testbeds}")
@@ -310,7 +318,9 @@ def main(argv) -> int:
     print(f"offsets {record['offsets']}\nmean returns {np.round(record['mean_returns'], 4).tolist()}\n"
           f"chosen offset {record['chosen_offset']:+.4f} ({record['chosen_by']}); {record['episodes']} episodes, "
           f"{record['search_seconds']:.0f} s\nheld-out evaluation reward {record['eval_before']['eval_reward']:.4f} "
-          f"→ {record['eval_after']['eval_reward']:.4f}\nwrote {out}, {plot}")
+          f"→ {record['eval_after']['eval_reward']:.4f}"
+          + ("; worse there, so the source's offset is kept" if record["kept_source"] else "")
+          + f"\nwrote {out} (offset {record['written_offset']:+.4f}), {plot}")
     return 0
 
 
