@@ -1115,7 +1115,7 @@ def test_policy_calibrate_writes_the_offset_policy(tiny_training, tmp_path):
     src = _copy_policy(tiny_training[3], tmp_path / "src")
     out_dir = tmp_path / "out"
     assert main(["--policy", str(src), "--testbeds", "gaussian:ve", "--budgets", "5", "--episodes", "6",
-                 "--offsets=-0.2,0,0.2", "--eval-seeds", "4", "--nfe-weight", "0.1", "--name", "cal",
+                 "--offsets=-0.2,0,0.2", "--eval-seeds", "4", "--nfe-weight", "0.1", "--name", "cal", "--scan-eval",
                  "--out-dir", str(out_dir)]) == 0
     record = json.loads((out_dir / "cal_calibration.json").read_text())
     assert record["episodes"] == 6 and len(record["images"]) == 2 and len(record["mean_returns"]) == 3
@@ -1141,6 +1141,7 @@ def test_policy_calibrate_writes_the_offset_policy(tiny_training, tmp_path):
     after = ratio_summary(evaluate_controller(StepOffsetPolicy(old, record["chosen_offset"]), [("gaussian", "ve")],
                                               [5], seeds), heur)
     assert record["eval_after"]["rmse_ratio_geomean"] == pytest.approx(after["geomean"], rel=1e-4)
+    assert record["eval_reward_by_offset"]["0"] == pytest.approx(record["eval_before"]["eval_reward"], rel=1e-6)
     written = ratio_summary(evaluate_controller(new, [("gaussian", "ve")], [5], seeds), heur)["geomean"]
     assert written == pytest.approx(min(after["geomean"], record["eval_before"]["rmse_ratio_geomean"]), rel=1e-4)
     for bad in (["--episodes", "2"], ["--offsets=0"], ["--offsets=-2,0,2"], ["--testbeds", "gaussian"]):

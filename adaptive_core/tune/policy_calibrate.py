@@ -168,12 +168,14 @@ def write_offset_policy(source: Path, offset: float, out_onnx: Path, record: dic
 
 def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EPISODES, offsets=DEFAULT_OFFSETS,
               seed: int = 0, nfe_weight: float, error_reward: str = "both", cfg_scales=None,
-              eval_seeds=range(20000, 20064)) -> dict:
+              eval_seeds=range(20000, 20064), scan_eval: bool = False) -> dict:
     """Search the step offset of the policy at ``manifest_path`` on ``specs`` × ``budgets`` with ``episodes``
     policy episodes (module docstring). Returns the search's record: offsets, images, each offset's mean return
     and its paired standard error against offset 0 (or the first offset), the chosen offset, the held-out
     evaluation (RMSE ratio to the heuristic on ``eval_seeds``) of the policy before and with it, and the offset to
-    write (``written_offset``: the chosen one, or 0 where it evaluated worse, ``kept_source``)."""
+    write (``written_offset``: the chosen one, or 0 where it evaluated worse, ``kept_source``). ``scan_eval``
+    also evaluates every candidate offset on the held-out seeds (``eval_reward_by_offset``): a diagnostic of how
+    finely that evaluation resolves the policy, not used in the choice."""
     from ..policy import Policy
     from .policy_env import TRAINED_CFG_SCALES, SamplingEnv, evaluate_controller
     from .policy_train import ratio_summary
@@ -206,6 +208,12 @@ def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EP
     after = ratio_summary(evaluate_controller(StepOffsetPolicy(policy, chosen), specs, budgets, list(eval_seeds),
                                              references, **kw), heur)
     worse = after["geomean"] > before["geomean"]
+    scan = {}
+    if scan_eval:
+        for offset in offsets:
+            summ = ratio_summary(evaluate_controller(StepOffsetPolicy(policy, offset), specs, budgets,
+                                                     list(eval_seeds), references, **kw), heur)
+            scan[f"{offset:g}"] = float(-np.log(summ["geomean"]))
     return {"offsets": offsets, "episodes": n_images * len(offsets), "images": [list(i) for i in images],
             "image_keys": [env.configs[k].key for k, _, _ in images], "mean_returns": means.tolist(),
             "paired_se_vs": offsets[base], "paired_se": paired_se.tolist(), "chosen_offset": chosen,
@@ -217,7 +225,7 @@ def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EP
                             "eval_reward": float(-np.log(before["geomean"]))},
             "eval_after": {"rmse_ratio_geomean": after["geomean"], "rmse_ratio_worst": after["worst"],
                            "eval_reward": float(-np.log(after["geomean"]))},
-            "per_testbed_after": after["per_testbed"]}
+            "per_testbed_after": after["per_testbed"], **({"eval_reward_by_offset": scan} if scan_eval else {})}
 
 
 def plot_calibration(record: dict, path: Path, title: str) -> None:
@@ -236,6 +244,13 @@ def plot_calibration(record: dict, path: Path, title: str) -> None:
         ax.plot(xs, np.polyval(c, xs), "--", color="gray", label="least-squares parabola")
     ax.axvline(record["chosen_offset"], color="C3", label=f"chosen {record['chosen_offset']:+.3f} "
                                                         f"({record['chosen_by']})")
+    scan = record.get("eval_reward_by_offset")
+    if scan:
+        ax2 = ax.twinx()
+        ax2.plot([float(k) for k in scan], list(scan.values()), "s-", color="C2", ms=4,
+                 label="held-out evaluation reward")
+        ax2.set_ylabel("held-out evaluation reward", color="C2")
+        ax2.legend(fontsize=8, loc="lower left")
     b, a = record["eval_before"]["eval_reward"], record["eval_after"]["eval_reward"]
     ax.set_xlabel("step action offset (step × 4^offset)")
     ax.set_ylabel("mean episode return")
@@ -279,6 +294,9 @@ def main(argv) -> int:
     ap.add_argument("--error-reward", default="both", help="the reward's error terms (see `policy --error-reward`)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the image draw")
     ap.add_argument("--eval-seeds", type=int, default=64, help="held-out seeds (from 20000) of the before/after check")
+    ap.add_argument("--scan-eval", action="store_true",
+                    help="also evaluate every candidate offset on the held-out seeds (a diagnostic, drawn in the "
+                         "plot; not used in the choice)")
     ap.add_argument("--name", required=True, help="name of the calibrated policy (<out-dir>/<name>.onnx/.json)")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies")
     ap.add_argument("--plot", type=Path, default=None, help="PNG of the search (default <out-dir>/<name>_calibration.png)")
@@ -305,7 +323,7 @@ def main(argv) -> int:
     try:
         record = calibrate(policy.path, specs, budgets, episodes=args.episodes, offsets=offsets, seed=args.seed,
                            nfe_weight=nfe_weight, error_reward=args.error_reward,
-                           eval_seeds=range(20000, 20000 + args.eval_seeds))
+                           eval_seeds=range(20000, 20000 + args.eval_seeds), scan_eval=args.scan_eval)
     except ValueError as e:
         ap.error(str(e))
     record["source"] = {"policy": str(policy.path), "sha256": policy.manifest.sha256}
