@@ -44,7 +44,8 @@ DEFAULT_EPISODES = 98
 class StepOffsetPolicy:
     """A loaded :class:`~adaptive_core.policy.Policy` whose step action (a₀) is shifted by ``offset`` before the
     clip to [−1, 1]; rows that fall back to the heuristic stay at action 0. Everything else (action mapping,
-    ``min_lambda_progress``) is the wrapped policy's."""
+    ``min_lambda_progress``) is the wrapped policy's. Written to a file, this is a change of the output layer's
+    bias alone (bias-only fine-tuning, Ben Zaken et al. 2022, "BitFit")."""
 
     def __init__(self, policy, offset: float) -> None:
         if not np.isfinite(offset):
@@ -114,7 +115,9 @@ def paired_returns(policy, env, images, offsets) -> np.ndarray:
 def choose_offset(offsets, mean_returns) -> tuple[float, str]:
     """The offset at the peak of the least-squares parabola through (offset, mean return), kept inside the
     searched range, and how it was chosen; the best candidate where the parabola has no maximum (opens upwards
-    or is flat) or fewer than three offsets were searched."""
+    or is flat) or fewer than three offsets were searched. A second-order response surface (Box and Wilson 1951,
+    "On the Experimental Attainment of Optimum Conditions") smooths over single candidates that one image's
+    flip moved."""
     x, y = np.asarray(offsets, dtype=np.float64), np.asarray(mean_returns, dtype=np.float64)
     if len(x) >= 3:
         a, b, _ = np.polyfit(x, y, 2)
@@ -148,7 +151,8 @@ def write_offset_policy(source: Path, offset: float, out_onnx: Path, record: dic
     onnx.save(graph, str(out_onnx))
     manifest = PolicyManifest.from_json(src.path.read_text())
     manifest.onnx_file, manifest.sha256 = out_onnx.name, sha256_of_file(out_onnx)
-    manifest.training = {**manifest.training, "calibration": record}
+    earlier = manifest.training.get("calibration")   # a calibrated policy calibrated again keeps the record
+    manifest.training = {**manifest.training, "calibration": {**record, **({"earlier": earlier} if earlier else {})}}
     if manifest.training_state:
         from .policy_train import training_state_path
         state = training_state_path(out_onnx)
