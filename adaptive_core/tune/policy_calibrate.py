@@ -80,10 +80,12 @@ def draw_images(env, n: int, rng: np.random.Generator) -> list[tuple[int, int, i
     return sorted(out)
 
 
-def paired_returns(policy, env, images, offsets) -> np.ndarray:
+def paired_returns(policy, env, images, offsets, progress: bool = False) -> np.ndarray:
     """[len(offsets), len(images)] episode returns (the reward of ``env``, unscaled) of ``policy`` with each step
     offset on the same images; the images of one configuration and budget run as one batch (decisions are per
-    image, so each gets its own result)."""
+    image, so each gets its own result). ``progress``: a bar over the batches."""
+    from tqdm.auto import tqdm
+
     from ..sampler import sample_adaptive
     from ..trace import Trace
     from .policy_env import class_labels, host_grid, rmse_per_sample
@@ -91,6 +93,7 @@ def paired_returns(policy, env, images, offsets) -> np.ndarray:
     groups: dict = {}
     for i, (k, seed, budget) in enumerate(images):
         groups.setdefault((k, budget), []).append((i, seed))
+    bar = tqdm(total=len(groups) * len(offsets), desc="calibration runs", unit="batch", disable=not progress)
     for (k, budget), members in groups.items():
         cols, seeds = [i for i, _ in members], [s for _, s in members]
         env._prepare(k)
@@ -109,6 +112,8 @@ def paired_returns(policy, env, images, offsets) -> np.ndarray:
             for b, (col, err, err_h) in enumerate(zip(cols, rmse, heur)):
                 out[j, col] = (env.error_gain(k, budget, float(err), float(err_h))
                                + env.nfe_weight * (budget - trace.sample_nfe(b)) / budget)
+            bar.update()
+    bar.close()
     return out
 
 
@@ -172,7 +177,7 @@ def write_offset_policy(source: Path, offset: float, out_onnx: Path, record: dic
 
 def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EPISODES, offsets=DEFAULT_OFFSETS,
               seed: int = 0, nfe_weight: float, error_reward: str = "both", cfg_scales=None,
-              eval_seeds=range(20000, 20064), scan_eval: bool = False) -> dict:
+              eval_seeds=range(20000, 20064), scan_eval: bool = False, progress: bool = False) -> dict:
     """Search the step offset of the policy at ``manifest_path`` on ``specs`` × ``budgets`` with ``episodes``
     policy episodes (module docstring). Returns the search's record: offsets, images, each offset's mean return
     and its paired standard error against offset 0 (or the first offset), the chosen offset, the held-out
@@ -198,7 +203,7 @@ def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EP
     n_images = episodes // len(offsets)
     images = draw_images(env, n_images, np.random.default_rng(seed))
     t0 = time.time()
-    returns = paired_returns(policy, env, images, offsets)
+    returns = paired_returns(policy, env, images, offsets, progress=progress)
     search_seconds = time.time() - t0
     means = returns.mean(1)
     chosen, how = choose_offset(offsets, means)
@@ -301,6 +306,7 @@ def main(argv) -> int:
     ap.add_argument("--scan-eval", action="store_true",
                     help="also evaluate every candidate offset on the held-out seeds (a diagnostic, drawn in the "
                          "plot; not used in the choice)")
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--name", required=True, help="name of the calibrated policy (<out-dir>/<name>.onnx/.json)")
     ap.add_argument("--out-dir", type=Path, default=repo / "build" / "policies")
     ap.add_argument("--plot", type=Path, default=None, help="PNG of the search (default <out-dir>/<name>_calibration.png)")
@@ -327,7 +333,8 @@ def main(argv) -> int:
     try:
         record = calibrate(policy.path, specs, budgets, episodes=args.episodes, offsets=offsets, seed=args.seed,
                            nfe_weight=nfe_weight, error_reward=args.error_reward,
-                           eval_seeds=range(20000, 20000 + args.eval_seeds), scan_eval=args.scan_eval)
+                           eval_seeds=range(20000, 20000 + args.eval_seeds), scan_eval=args.scan_eval,
+                           progress=not args.no_progress)
     except ValueError as e:
         ap.error(str(e))
     record["source"] = {"policy": str(policy.path), "sha256": policy.manifest.sha256}
