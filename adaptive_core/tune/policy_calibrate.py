@@ -96,10 +96,7 @@ def paired_returns(policy, env, images, offsets, progress: bool = False) -> np.n
     bar = tqdm(total=len(groups) * len(offsets), desc="calibration runs", unit="batch", disable=not progress)
     for (k, budget), members in groups.items():
         cols, seeds = [i for i, _ in members], [s for _, s in members]
-        env._prepare(k)
-        x_all, ref_all, _, index = env._data[k]
-        rows = [index[s] for s in seeds]
-        x, ref = x_all[rows], ref_all[rows]
+        x, ref = env.noise_and_reference_of(k, seeds)
         tb = env.testbeds[k]
         heur = np.array([env.heuristic_rmse(k, s, budget) for s in seeds])
         for j, offset in enumerate(offsets):
@@ -209,27 +206,25 @@ def calibrate(manifest_path: Path, specs, budgets, *, episodes: int = DEFAULT_EP
     chosen, how = choose_offset(offsets, means)
     base = int(np.argmin(np.abs(np.asarray(offsets))))
     diff = returns - returns[base]
-    paired_se = diff.std(1, ddof=1) / np.sqrt(max(1, n_images)) if n_images > 1 else np.full(len(offsets), np.nan)
+    paired_se = diff.std(1, ddof=1) / np.sqrt(n_images) if n_images > 1 else np.full(len(offsets), np.nan)
     references: dict = {}
-    kw = dict(cfg_scales=tuple(cfg_scales))
-    heur = evaluate_controller(None, specs, budgets, list(eval_seeds), references, **kw)
-    before = ratio_summary(evaluate_controller(policy, specs, budgets, list(eval_seeds), references, **kw), heur)
-    after = ratio_summary(evaluate_controller(StepOffsetPolicy(policy, chosen), specs, budgets, list(eval_seeds),
-                                             references, **kw), heur)
+    seeds, cfg = list(eval_seeds), dict(cfg_scales=tuple(cfg_scales))
+    heur = evaluate_controller(None, specs, budgets, seeds, references, **cfg)
+
+    def held_out(controller) -> dict:
+        return ratio_summary(evaluate_controller(controller, specs, budgets, seeds, references, **cfg), heur)
+
+    before, after = held_out(policy), held_out(StepOffsetPolicy(policy, chosen))
     worse = after["geomean"] > before["geomean"]
-    scan = {}
-    if scan_eval:
-        for offset in offsets:
-            summ = ratio_summary(evaluate_controller(StepOffsetPolicy(policy, offset), specs, budgets,
-                                                     list(eval_seeds), references, **kw), heur)
-            scan[f"{offset:g}"] = float(-np.log(summ["geomean"]))
+    scan = {f"{o:g}": float(-np.log(held_out(StepOffsetPolicy(policy, o))["geomean"])) for o in offsets} \
+        if scan_eval else {}
     return {"offsets": offsets, "episodes": n_images * len(offsets), "images": [list(i) for i in images],
             "image_keys": [env.configs[k].key for k, _, _ in images], "mean_returns": means.tolist(),
             "paired_se_vs": offsets[base], "paired_se": paired_se.tolist(), "chosen_offset": chosen,
             "chosen_by": how, "written_offset": 0.0 if worse else chosen, "kept_source": bool(worse),
             "seed": int(seed), "search_seconds": round(search_seconds, 1),
-            "error_reward": error_reward, "nfe_weight": float(nfe_weight), "eval_seeds": [min(eval_seeds),
-                                                                                         max(eval_seeds) + 1],
+            "error_reward": error_reward, "nfe_weight": float(nfe_weight),
+            "eval_seeds": [min(seeds), max(seeds) + 1],
             "eval_before": {"rmse_ratio_geomean": before["geomean"], "rmse_ratio_worst": before["worst"],
                             "eval_reward": float(-np.log(before["geomean"]))},
             "eval_after": {"rmse_ratio_geomean": after["geomean"], "rmse_ratio_worst": after["worst"],

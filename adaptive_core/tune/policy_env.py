@@ -338,11 +338,12 @@ class SamplingEnv(gym.Env):
             _SHARED[key] = (x, ref, heur, {int(s): i for i, s in enumerate(pool)})
         self._data[k] = _SHARED[key]
 
-    def _noise_and_reference(self, k: int, seed: int):
+    def noise_and_reference_of(self, k: int, seeds: Sequence[int]):
+        """(noise, reference solution) of configuration k for ``seeds`` of its training pool, one row each."""
         self._prepare(k)
         x, ref, _, index = self._data[k]
-        i = index[int(seed)]
-        return x[i:i + 1], ref[i:i + 1]
+        rows = [index[int(s)] for s in seeds]
+        return x[rows], ref[rows]
 
     def heuristic_rmse(self, k: int, seed: int, budget: int) -> float:
         """RMSE of ADO's default controller for configuration k, noise seed and budget."""
@@ -359,7 +360,7 @@ class SamplingEnv(gym.Env):
 
     def _start_thread(self, k: int, seed: int, budget: int) -> None:
         tb = self.testbeds[k]
-        x, _ = self._noise_and_reference(k, seed)
+        x, _ = self.noise_and_reference_of(k, [seed])
         if self.configs[k].trained:
             tb.set_labels(class_labels([seed]))
         decider = _ThreadDecider(self.min_lambda_progress)
@@ -439,7 +440,7 @@ class SamplingEnv(gym.Env):
         self._thread.join()
         self._thread, self._decider = None, None
         k, seed, budget = self._episode["config"], self._episode["noise_seed"], self._episode["budget"]
-        rmse = float(rmse_per_sample(out, self._noise_and_reference(k, seed)[1])[0])
+        rmse = float(rmse_per_sample(out, self.noise_and_reference_of(k, [seed])[1])[0])
         heur = self.heuristic_rmse(k, seed, budget)
         reward = self.error_gain(k, budget, rmse, heur) + self.nfe_weight * (budget - nfe) / budget
         info = {**self._episode, "rmse": rmse, "rmse_heuristic": heur, "nfe": nfe,

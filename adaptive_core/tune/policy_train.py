@@ -324,7 +324,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     actor = [*model.policy.mlp_extractor.policy_net.parameters(), *model.policy.action_net.parameters(),
              model.policy.log_std]
-    # what of the actor learns once it is released (tune_actor): all of it, or its output layer and noise
+    # what of the actor learns once it is released (tune_actor): all of it, its output layer and noise, or the
+    # output layer's bias and noise
     learning = {"all": actor, "head": [*model.policy.action_net.parameters(), model.policy.log_std],
                 "bias": [model.policy.action_net.bias, model.policy.log_std]}[tune_actor]
     for prm in actor:
