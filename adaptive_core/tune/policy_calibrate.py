@@ -139,8 +139,7 @@ def write_offset_policy(source: Path, offset: float, out_onnx: Path, record: dic
     from ..learned import sha256_of_file
     from ..policy import Policy, PolicyManifest
     from .policy_train import policy_actor_weights
-    policy_actor_weights(source)   # a single-actor graph (an ensemble is refused with advice), checked
-    src = Policy(source)
+    src = policy_actor_weights(source)["policy"]   # checked, and a single-actor graph (an ensemble is refused)
     out_onnx = Path(out_onnx)
     if out_onnx.resolve() == (src.path.parent / src.manifest.onnx_file).resolve():
         raise ValueError(f"{out_onnx}: the calibrated policy must not overwrite its source")
