@@ -1067,6 +1067,27 @@ def test_step_offset_policy_shifts_only_decided_steps(tiny_training):
         StepOffsetPolicy(policy, float("nan"))
 
 
+def test_early_step_cap_limits_only_early_longer_steps(tiny_training):
+    """``EarlyStepCapPolicy`` lowers a₀ to the cap on decided rows before the λ-progress limit, leaves shorter
+    steps, later rows, the order action and fallback rows alone, and refuses a bad limit."""
+    from adaptive_core.policy import LAMBDA_PROGRESS_INDEX
+    from adaptive_core.tune.policy_calibrate import EarlyStepCapPolicy
+    policy = load_policy(tiny_training[3])
+    rows = policy._mean + policy._std * np.random.default_rng(2).normal(size=(32, N_OBSERVATIONS))
+    rows[:, LAMBDA_PROGRESS_INDEX] = np.linspace(0.0, 0.6, 32)
+    rows[1, 0] = policy._mean[0] + 100 * policy._std[0]            # out of range: falls back
+    base, reasons = policy.decide(rows)
+    capped, reasons2 = EarlyStepCapPolicy(policy, 0.3, -0.05).decide(rows)
+    assert reasons2 == reasons and reasons[1] is not None and np.all(capped[1] == 0)
+    early = (rows[:, LAMBDA_PROGRESS_INDEX] < 0.3) & np.array([r is None for r in reasons])
+    assert np.allclose(capped[early, 0], np.minimum(base[early, 0], -0.05))
+    assert np.array_equal(capped[~early, 0], base[~early, 0]) and np.array_equal(capped[:, 1:], base[:, 1:])
+    assert (base[early, 0] > -0.05).any() and (capped[early, 0] < base[early, 0]).any()   # the cap bites
+    for bad in [(0.0, 0.1), (1.5, 0.1), (0.2, 1.5), (0.2, float("nan"))]:
+        with pytest.raises(ValueError, match="must be in"):
+            EarlyStepCapPolicy(policy, *bad)
+
+
 def test_choose_offset_takes_the_parabola_peak():
     from adaptive_core.tune.policy_calibrate import choose_offset
     x = np.array([-0.1, -0.05, 0.0, 0.05, 0.1])

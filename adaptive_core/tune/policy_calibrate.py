@@ -64,6 +64,35 @@ class StepOffsetPolicy:
         return actions, reasons
 
 
+class EarlyStepCapPolicy:
+    """A loaded :class:`~adaptive_core.policy.Policy` whose step action a₀ is capped at ``max_step_action`` on
+    the decided rows whose ``lambda_progress`` is below ``below_lambda_progress``: a trust region around the
+    heuristic's step (TRPO's bounded policy change, Schulman et al. 2015) in the high-noise window where an
+    image's class and layout are decided ("critical windows", Li & Chen 2024).  Shorter steps stay allowed.
+    A diagnostic wrapper, as :class:`StepOffsetPolicy` (docs/policy/README.md, "What would move the misses")."""
+
+    def __init__(self, policy, below_lambda_progress: float, max_step_action: float) -> None:
+        if not 0.0 < below_lambda_progress <= 1.0:
+            raise ValueError(f"below_lambda_progress must be in (0, 1], got {below_lambda_progress}")
+        if not -1.0 <= max_step_action <= 1.0:
+            raise ValueError(f"max_step_action must be in [-1, 1], got {max_step_action}")
+        self.policy = policy
+        self.below_lambda_progress, self.max_step_action = float(below_lambda_progress), float(max_step_action)
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def decide(self, observation: np.ndarray):
+        """(actions, fallback reasons) of the wrapped policy with a₀ capped on the early rows it decides."""
+        from ..policy import LAMBDA_PROGRESS_INDEX
+        actions, reasons = self.policy.decide(observation)
+        actions = np.array(actions, dtype=np.float64)
+        early = np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < self.below_lambda_progress
+        rows = early & np.array([r is None for r in reasons])
+        actions[rows, 0] = np.minimum(actions[rows, 0], self.max_step_action)
+        return actions, reasons
+
+
 def draw_images(env, n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
     """``n`` distinct (configuration index, noise seed, budget) draws of ``env`` (a :class:`SamplingEnv`): the
     configuration and budget as its default episode draw has them, the seed from that configuration's training
@@ -347,5 +376,5 @@ def main(argv) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_EPISODES", "DEFAULT_OFFSETS", "StepOffsetPolicy", "calibrate", "choose_offset", "draw_images",
+__all__ = ["DEFAULT_EPISODES", "DEFAULT_OFFSETS", "EarlyStepCapPolicy", "StepOffsetPolicy", "calibrate", "choose_offset", "draw_images",
            "main", "paired_returns", "parse_offsets", "plot_calibration", "write_offset_policy"]
