@@ -376,5 +376,6 @@ def main(argv) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_EPISODES", "DEFAULT_OFFSETS", "EarlyStepCapPolicy", "StepOffsetPolicy", "calibrate", "choose_offset", "draw_images",
-           "main", "paired_returns", "parse_offsets", "plot_calibration", "write_offset_policy"]
+__all__ = ["DEFAULT_EPISODES", "DEFAULT_OFFSETS", "EarlyStepCapPolicy", "StepOffsetPolicy", "calibrate",
+           "choose_offset", "draw_images", "main", "paired_returns", "parse_offsets", "plot_calibration",
+           "write_offset_policy"]
