@@ -41,7 +41,23 @@ DEFAULT_OFFSETS = (-0.09, -0.06, -0.03, 0.0, 0.03, 0.06, 0.09)
 DEFAULT_EPISODES = 98
 
 
-class StepOffsetPolicy:
+class _DecidedRowsWrapper:
+    """Base of the wrappers below: a loaded :class:`~adaptive_core.policy.Policy` whose other attributes pass
+    through, with the wrapped policy's decision split into what a wrapper changes."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def _decided(self, observation: np.ndarray):
+        """(a float64 copy of the wrapped policy's actions, its fallback reasons, the mask of decided rows)."""
+        actions, reasons = self.policy.decide(observation)
+        return np.array(actions, dtype=np.float64), reasons, np.array([r is None for r in reasons])
+
+
+class StepOffsetPolicy(_DecidedRowsWrapper):
     """A loaded :class:`~adaptive_core.policy.Policy` whose step action (a₀) is shifted by ``offset`` before the
     clip to [−1, 1]; rows that fall back to the heuristic stay at action 0. Everything else (action mapping,
     ``min_lambda_progress``) is the wrapped policy's. Written to a file, this is a change of the output layer's
@@ -50,21 +66,17 @@ class StepOffsetPolicy:
     def __init__(self, policy, offset: float) -> None:
         if not np.isfinite(offset):
             raise ValueError(f"step offset must be finite, got {offset}")
-        self.policy, self.offset = policy, float(offset)
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
+        super().__init__(policy)
+        self.offset = float(offset)
 
     def decide(self, observation: np.ndarray):
         """(actions, fallback reasons) of the wrapped policy with a₀ + offset on the rows it decides."""
-        actions, reasons = self.policy.decide(observation)
-        actions = np.array(actions, dtype=np.float64)
-        decided = np.array([r is None for r in reasons])
+        actions, reasons, decided = self._decided(observation)
         actions[decided, 0] = np.clip(actions[decided, 0] + self.offset, -1.0, 1.0)
         return actions, reasons
 
 
-class EarlyStepCapPolicy:
+class EarlyStepCapPolicy(_DecidedRowsWrapper):
     """A loaded :class:`~adaptive_core.policy.Policy` whose step action a₀ is capped at ``max_step_action`` on
     the decided rows whose ``lambda_progress`` is below ``below_lambda_progress``: a trust region around the
     heuristic's step (TRPO's bounded policy change, Schulman et al. 2015) in the high-noise window where an
@@ -76,19 +88,14 @@ class EarlyStepCapPolicy:
             raise ValueError(f"below_lambda_progress must be in (0, 1], got {below_lambda_progress}")
         if not -1.0 <= max_step_action <= 1.0:
             raise ValueError(f"max_step_action must be in [-1, 1], got {max_step_action}")
-        self.policy = policy
+        super().__init__(policy)
         self.below_lambda_progress, self.max_step_action = float(below_lambda_progress), float(max_step_action)
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
 
     def decide(self, observation: np.ndarray):
         """(actions, fallback reasons) of the wrapped policy with a₀ capped on the early rows it decides."""
         from ..policy import LAMBDA_PROGRESS_INDEX
-        actions, reasons = self.policy.decide(observation)
-        actions = np.array(actions, dtype=np.float64)
-        early = np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < self.below_lambda_progress
-        rows = early & np.array([r is None for r in reasons])
+        actions, reasons, decided = self._decided(observation)
+        rows = decided & (np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < self.below_lambda_progress)
         actions[rows, 0] = np.minimum(actions[rows, 0], self.max_step_action)
         return actions, reasons
 
