@@ -31,6 +31,13 @@ picture: the "critical windows" of Li & Chen 2024 and the phase transition of Sc
 2024), and longer steps there made a few images flip in the measurements (docs/policy/README.md); training uses
 the same rule, so the policy learns the later steps only.
 
+**A cap on the early steps** (``early_step_cap`` in the manifest's action, absent by default: ``{"below_lambda_progress":
+p, "max_step_action": a}``): on the rows the policy decides before the share p of the λ-span, a₀ is capped at a, so
+those steps are at most ``exp(action_scale · a)`` times the heuristic's (shorter ones stay allowed).  Where
+``min_lambda_progress`` hands the early steps to the heuristic, the cap keeps them with the policy within a trust
+region around the heuristic (TRPO's bounded policy change, Schulman et al. 2015).  Training applies the same cap
+(``policy --early-step-cap``), so PPO learns the steps it may take.
+
 **Fallback rule** (:meth:`Policy.decide`): an observation row falls back to the heuristic step (a = 0) when any
 entry is non-finite or lies more than ``ood_z`` standard deviations (std floored at ``std_floor``) from the
 mean of the observations seen in training (the manifest's normalisation statistics).  The sampler writes each
@@ -65,6 +72,8 @@ ACTION_KINDS = {"share_of_remaining_lambda": 1, "share_and_order": 2}
 ORDER_DEAD_ZONE = 0.5
 #: Index of ``lambda_progress`` in an observation row (the ``min_lambda_progress`` rule reads it).
 LAMBDA_PROGRESS_INDEX = OBSERVATION_NAMES.index("lambda_progress")
+#: Keys of the manifest's ``action.early_step_cap`` (see the module docstring, "A cap on the early steps").
+EARLY_STEP_CAP_KEYS = ("below_lambda_progress", "max_step_action")
 #: Fallback rule defaults: |z| > OOD_Z with std floored at STD_FLOOR.
 OOD_Z = 6.0
 STD_FLOOR = 0.05
@@ -94,6 +103,40 @@ def order_delta_from_action(action, dead_zone: float = ORDER_DEAD_ZONE) -> np.nd
     return np.where(a <= -dead_zone, -1, np.where(a >= dead_zone, 1, 0)).astype(np.int64)
 
 
+def check_early_step_cap(cap) -> tuple[float, float] | None:
+    """The early-step cap as (below_lambda_progress, max_step_action), checked: None stays None; a mapping with
+    :data:`EARLY_STEP_CAP_KEYS` (the manifest's form) or a pair is accepted.  Raises ValueError unless
+    0 < below_lambda_progress ≤ 1 and −1 ≤ max_step_action ≤ 1 (module docstring, "A cap on the early steps";
+    a trust region around the heuristic's step, Schulman et al. 2015)."""
+    if cap is None:
+        return None
+    try:
+        below, most = (cap[k] for k in EARLY_STEP_CAP_KEYS) if isinstance(cap, dict) else cap
+        below, most = float(below), float(most)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"early_step_cap must be {{{', '.join(EARLY_STEP_CAP_KEYS)}}} or a pair of numbers, "
+                         f"got {cap!r}") from None
+    if not 0.0 < below <= 1.0:
+        raise ValueError(f"early_step_cap: below_lambda_progress must be in (0, 1], got {below}")
+    if not -1.0 <= most <= 1.0:
+        raise ValueError(f"early_step_cap: max_step_action must be in [-1, 1], got {most}")
+    return below, most
+
+
+def cap_early_step_actions(actions: np.ndarray, observation: np.ndarray, decided: np.ndarray, cap) -> np.ndarray:
+    """``actions`` [B, n_actions] (a float64 copy) with the step action a₀ capped at ``cap``'s max_step_action on
+    the ``decided`` rows whose ``lambda_progress`` is below its below_lambda_progress; other rows and the order
+    action unchanged (module docstring, "A cap on the early steps").  ``cap``: see :func:`check_early_step_cap`."""
+    out = np.array(actions, dtype=np.float64).reshape(len(decided), -1)
+    cap = check_early_step_cap(cap)
+    if cap is None:
+        return out
+    with np.errstate(invalid="ignore"):   # (a NaN progress compares False: its row is not capped)
+        rows = np.asarray(decided, dtype=bool) & (np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < cap[0])
+    out[rows, 0] = np.minimum(out[rows, 0], cap[1])
+    return out
+
+
 def policy_observation(features, estimates, base_share) -> np.ndarray:
     """The policy's observation rows [B, N_OBSERVATIONS] (float32) from the features [B, 14], the monitor's
     (remaining, reference) RMSE estimates ([B] each) and the heuristic's base share [B]."""
@@ -120,7 +163,8 @@ class PolicyManifest(JsonManifest):
         observation_names: the input columns (must equal :data:`OBSERVATION_NAMES`).
         normalisation: ``{"applied_in_graph": true, "mean", "var", "epsilon", "clip_obs"}`` (SB3 VecNormalize).
         action: the mapping ``{"kind": "share_and_order" | "share_of_remaining_lambda", "action_scale",
-            "min_share", "order_dead_zone", "formula"}`` (see the module docstring).
+            "min_share", "order_dead_zone", "min_lambda_progress", "formula"}`` and, where training capped the early
+            steps, ``"early_step_cap"`` (see the module docstring).
         fallback: ``{"ood_z", "std_floor", "rule"}``.
         trained_on: ``{"testbeds": [...], "model_types": [...], "budgets": [...]}``.
         training, metrics: configuration and evaluation numbers (provenance).
@@ -155,7 +199,7 @@ class Policy:
 
     :meth:`act` gives the deterministic actions; :meth:`decide` adds the out-of-range fallback (what the
     sampler calls).  Attributes: ``manifest``, ``path``, ``name``, ``action_scale``, ``min_share``,
-    ``min_lambda_progress``.
+    ``min_lambda_progress``, ``early_step_cap`` (None, or (below_lambda_progress, max_step_action)).
     """
 
     def __init__(self, manifest_path: str | Path, device: str = "cpu") -> None:
@@ -185,6 +229,10 @@ class Policy:
         if not 0.0 <= self.min_lambda_progress < 1.0:
             raise PolicyLoadError(f"{self.path}: min_lambda_progress must be in [0, 1), got "
                                   f"{self.min_lambda_progress}")
+        try:
+            self.early_step_cap = check_early_step_cap(m.action.get("early_step_cap"))
+        except ValueError as e:
+            raise PolicyLoadError(f"{self.path}: {e}") from None
         if self._mean.shape != (N_OBSERVATIONS,) or self._std.shape != (N_OBSERVATIONS,):
             raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
         self.ood_z = float(m.fallback.get("ood_z", OOD_Z))

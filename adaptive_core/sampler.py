@@ -500,13 +500,14 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     that image's plan is re-laid from it (uniform in σ^{1/ρ}, as the first plan).  Rows whose observation is out
     of the training range keep the heuristic step (the policy's ``decide`` says so) and the trace notes it.
     Rows before the policy's ``min_lambda_progress`` share of the λ-span keep the heuristic's step and order
-    without asking it (:mod:`adaptive_core.policy`, "Where it acts").
+    without asking it (:mod:`adaptive_core.policy`, "Where it acts"); on the rows it decides before its
+    ``early_step_cap`` share, the step action is capped (:func:`adaptive_core.policy.cap_early_step_actions`).
     A policy with a second action also picks the solver order of the step
     (:func:`adaptive_core.policy.order_delta_from_action`).
     Returns (λ_next [B], decision labels [B] or None, order change [B] or None).
     """
-    from .policy import (LAMBDA_PROGRESS_INDEX, ORDER_DEAD_ZONE, order_delta_from_action, policy_observation,
-                         share_from_action)
+    from .policy import (LAMBDA_PROGRESS_INDEX, ORDER_DEAD_ZONE, cap_early_step_actions, order_delta_from_action,
+                         policy_observation, share_from_action)
     B = lam_acc.shape[0]
     free = eligible & (plan_idx < n_intervals)   # the last evaluation is forced onto the end point
     if not free.any():
@@ -523,6 +524,9 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     rows = np.flatnonzero(free)
     actions, reasons = policy.decide(obs[rows])
     actions = np.asarray(actions, dtype=np.float64).reshape(len(rows), -1)   # [rows, n_actions]
+    cap = getattr(policy, "early_step_cap", None)
+    if cap is not None:
+        actions = cap_early_step_actions(actions, obs[rows], np.array([r is None for r in reasons]), cap)
     share = share_from_action(base[rows], actions[:, 0], float(getattr(policy, "action_scale")),
                               float(getattr(policy, "min_share")))
     order_delta = None

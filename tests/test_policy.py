@@ -637,6 +637,95 @@ def test_env_decisions_start_at_min_lambda_progress():
     assert counts[0.2] < counts[0.0]
 
 
+class _Capped(_Recording):
+    """A constant controller with an early-step cap, as a loaded policy whose manifest has one; it records the rows
+    it is asked."""
+
+    def __init__(self, value, early_step_cap):
+        super().__init__(value, 0.0)
+        self.early_step_cap = early_step_cap
+
+
+@pytest.mark.parametrize("model_type", ["ve", "flow"])
+def test_sampler_caps_the_early_steps_of_a_capped_policy(model_type):
+    """With early_step_cap (0.3, 0) the longest steps (a₀ = 1) are cut to the heuristic's on the decisions before
+    30% of the λ-span: those decisions are still the policy's, the σ taken up to the first later decision are the
+    heuristic's, and the run departs from it after; without the cap the first decision already departs."""
+    tb = make_testbed("gaussian", model_type)
+    x = tb.noise(range(1))
+    grid = host_sigmas(tb, 10)
+    runs, capped = {}, _Capped(1.0, (0.3, 0.0))
+    for name, ctl in [("heuristic", None), ("capped", capped), ("uncapped", _Constant(1.0))]:
+        runs[name] = Trace()
+        sample_adaptive(tb, x, grid, model_type=model_type, controller=ctl, trace=runs[name])
+    heur = runs["heuristic"].sigmas_taken(0)
+    assert runs["uncapped"].sigmas_taken(0)[:2] != heur[:2]
+    progress = np.concatenate(capped.asked)[:, OBSERVATION_NAMES.index("lambda_progress")]
+    n_early = int((progress < 0.3).sum())
+    assert 1 <= n_early < len(progress) and (progress[:n_early] < 0.3).all()
+    assert [r.decision for r in runs["capped"].samples[0][1:n_early + 1]] == ["policy"] * n_early
+    assert runs["capped"].sigmas_taken(0)[:n_early + 1] == heur[:n_early + 1]
+    assert runs["capped"].sigmas_taken(0) != heur
+
+
+def test_early_step_cap_in_the_manifest(tmp_path, tiny_training):
+    """A manifest's early_step_cap reaches the loaded policy (None when absent) and the sampler applies it: the run
+    equals the uncapped file under :class:`EarlyStepCapPolicy`; a bad cap is refused; the trainer's export and the
+    ensemble export write it, and an ensemble of members trained under different caps is refused."""
+    from adaptive_core.tune.policy_calibrate import EarlyStepCapPolicy
+    plain = load_policy(_write_policy(tmp_path / "a", _Tanh(), "plain"))
+    capped = load_policy(_write_policy(tmp_path / "b", _Tanh(), "capped",
+                                       early_step_cap={"below_lambda_progress": 1.0, "max_step_action": -0.5}))
+    assert plain.early_step_cap is None and capped.early_step_cap == (1.0, -0.5)
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise(range(3))
+    grid = host_sigmas(tb, 8)
+    outs = [sample_adaptive(tb, x, grid, model_type="ve", controller=c)
+            for c in (capped, EarlyStepCapPolicy(plain, 1.0, -0.5), plain)]
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    for bad in ({"below_lambda_progress": 0.0, "max_step_action": 0.1}, {"below_lambda_progress": 0.2,
+                "max_step_action": 2.0}, {"below_lambda_progress": 0.2}, "0.2,0.1"):
+        with pytest.raises(PolicyLoadError, match="early_step_cap"):
+            Policy(_write_policy(tmp_path / "c", _Tanh(), "bad", early_step_cap=bad))
+    from adaptive_core.tune.policy_train import ensemble_main, export_policy, save_vecnorm_stats
+    model, vecnorm, _, _ = tiny_training
+    members = []
+    for name, cap in [("m1", (0.2, 0.15)), ("m2", (0.2, 0.15)), ("m3", (0.25, 0.15))]:
+        path = export_policy(model, vecnorm, tmp_path / "members" / f"{name}.onnx", trained_on={}, training={},
+                             metrics={}, early_step_cap=cap)
+        assert load_policy(path).early_step_cap == cap
+        model.save(str(tmp_path / "members" / f"{name}.zip"))
+        save_vecnorm_stats(vecnorm, tmp_path / "members" / f"{name}.vecnorm.npz")
+        members.append(str(tmp_path / "members" / f"{name}.zip"))
+    common = ["--members-dir", str(tmp_path / "members"), "--out-dir", str(tmp_path / "ens")]
+    assert ensemble_main(["--members", ",".join(members[:2]), "--name", "ens", *common]) == 0
+    assert load_policy(tmp_path / "ens" / "ens.json").early_step_cap == (0.2, 0.15)
+    with pytest.raises(SystemExit):
+        ensemble_main(["--members", ",".join(members), "--name", "mixed", *common])
+
+
+def test_env_applies_the_early_step_cap():
+    """SamplingEnv(early_step_cap=(1, −1)) caps every step action at −1, so always answering +1 runs the same
+    episode as always answering −1; without the cap the two differ."""
+    pytest.importorskip("gymnasium")
+    from adaptive_core.tune.policy_env import SamplingEnv
+    kw = dict(testbeds=[("gaussian", "ve")], budgets=[8], seeds=range(4), reward_scale="none")
+    for cap, same in [((1.0, -1.0), True), (None, False)]:
+        env = SamplingEnv(early_step_cap=cap, **kw)
+        episodes = []
+        for a0 in (1.0, -1.0):
+            obs, _ = env.reset(seed=3)
+            done, steps, reward = False, 0, 0.0
+            while not done:
+                obs, reward, done, _, _ = env.step(np.array([a0, 0.0], np.float32))
+                steps += 1
+            episodes.append((steps, reward))
+        env.close()
+        assert (episodes[0] == episodes[1]) is same, (cap, episodes)
+    with pytest.raises(ValueError, match="early_step_cap"):
+        SamplingEnv(early_step_cap=(0.2, 3.0), **kw)
+
+
 def test_ensemble_export_is_the_mean_of_its_members(tiny_training, tmp_path):
     """policy-ensemble: one ONNX whose actions are the mean of the members' SB3 deterministic actions, with the
     fallback range the intersection of theirs; fewer than two members or a missing statistics file is refused."""

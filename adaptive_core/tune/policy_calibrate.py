@@ -81,23 +81,21 @@ class EarlyStepCapPolicy(_DecidedRowsWrapper):
     the decided rows whose ``lambda_progress`` is below ``below_lambda_progress``: a trust region around the
     heuristic's step (TRPO's bounded policy change, Schulman et al. 2015) in the high-noise window where an
     image's class and layout are decided ("critical windows", Li & Chen 2024).  Shorter steps stay allowed.
-    A diagnostic wrapper, as :class:`StepOffsetPolicy` (docs/policy/README.md, "What would move the misses")."""
+    A diagnostic wrapper, as :class:`StepOffsetPolicy` (docs/policy/README.md, "What would move the misses"): it
+    caps a policy trained without the cap, where ``policy --early-step-cap`` trains under it
+    (:func:`adaptive_core.policy.cap_early_step_actions`)."""
 
     def __init__(self, policy, below_lambda_progress: float, max_step_action: float) -> None:
-        if not 0.0 < below_lambda_progress <= 1.0:
-            raise ValueError(f"below_lambda_progress must be in (0, 1], got {below_lambda_progress}")
-        if not -1.0 <= max_step_action <= 1.0:
-            raise ValueError(f"max_step_action must be in [-1, 1], got {max_step_action}")
+        from ..policy import check_early_step_cap
+        self.cap = check_early_step_cap((below_lambda_progress, max_step_action))
         super().__init__(policy)
-        self.below_lambda_progress, self.max_step_action = float(below_lambda_progress), float(max_step_action)
+        self.below_lambda_progress, self.max_step_action = self.cap
 
     def decide(self, observation: np.ndarray):
         """(actions, fallback reasons) of the wrapped policy with a₀ capped on the early rows it decides."""
-        from ..policy import LAMBDA_PROGRESS_INDEX
+        from ..policy import cap_early_step_actions
         actions, reasons, decided = self._decided(observation)
-        rows = decided & (np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < self.below_lambda_progress)
-        actions[rows, 0] = np.minimum(actions[rows, 0], self.max_step_action)
-        return actions, reasons
+        return cap_early_step_actions(actions, observation, decided, self.cap), reasons
 
 
 def draw_images(env, n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:

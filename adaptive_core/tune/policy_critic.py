@@ -75,7 +75,8 @@ def fit_critic(manifest_path: Path, specs, budgets, *, timesteps: int = CRITIC_T
                               order_log_std_init=FINE_TUNE_LOG_STD_INIT[1], init=manifest_path,
                               critic_warmup=timesteps, error_reward=error_reward,
                               cfg_scales=TRAINED_CFG_SCALES if cfg_scales is None else cfg_scales,
-                              min_lambda_progress=policy.min_lambda_progress, logdir=logdir, progress=progress,
+                              min_lambda_progress=policy.min_lambda_progress,
+                              early_step_cap=policy.early_step_cap, logdir=logdir, progress=progress,
                               run_name=f"critic_{policy.name}")
     for layer, name in actor_layers(model):
         if not (np.array_equal(layer.weight.detach().numpy(), shipped[f"{name}.weight"])

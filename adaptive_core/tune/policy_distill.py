@@ -45,7 +45,8 @@ class ImitationRecorder:
     """A sampler controller that records each observation row it is asked about with the teacher's action on it.
 
     It acts as the teacher (``act=None``) or as ``act`` (a function raw observation rows → actions, the student
-    during DAgger), with the teacher's action mapping (scale, minimum share, order dead zone, first λ-progress).
+    during DAgger), with the teacher's action mapping (scale, minimum share, order dead zone, first λ-progress,
+    early-step cap).
     Rows the teacher would not decide (outside its training range) fall back to the heuristic for both, and are
     not recorded."""
 
@@ -55,6 +56,7 @@ class ImitationRecorder:
         self.action_scale, self.min_share = teacher.action_scale, teacher.min_share
         self.order_dead_zone = getattr(teacher, "order_dead_zone", 0.5)
         self.min_lambda_progress = getattr(teacher, "min_lambda_progress", 0.0)
+        self.early_step_cap = getattr(teacher, "early_step_cap", None)
         self.observations: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
 
@@ -223,6 +225,7 @@ def export_student(student: DeterministicActor, teacher, onnx_path: Path, *, tra
                                 "student is asked where the teacher would be)"}
     return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=teacher.manifest.trained_on,
                             training=training, metrics=metrics, min_lambda_progress=teacher.min_lambda_progress,
+                            early_step_cap=getattr(teacher, "early_step_cap", None),
                             range_text="the teacher's training range centre")
 
 

@@ -60,7 +60,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from ..policy import ACTION_KINDS, ACTION_SCALE, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE
+from ..policy import ACTION_KINDS, ACTION_SCALE, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE, check_early_step_cap
 from ..sampler import sample_adaptive
 from ..testbeds import TRAINED_TESTBED_NAMES, make_testbed
 
@@ -193,8 +193,9 @@ class _ThreadDecider:
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "training-env"
 
-    def __init__(self, min_lambda_progress: float = 0.0) -> None:
+    def __init__(self, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
         self.min_lambda_progress = float(min_lambda_progress)
+        self.early_step_cap = early_step_cap   # applied by the sampler to the env's action, as at run time
         self.obs_q: queue.Queue = queue.Queue()
         self.act_q: queue.Queue = queue.Queue()
 
@@ -224,6 +225,9 @@ class SamplingEnv(gym.Env):
         error_reward: the error terms of the reward, one of :data:`ERROR_REWARDS` (module docstring).
         min_lambda_progress: decisions before this share of the λ-span keep the heuristic's step and order and
             are not the policy's (:mod:`adaptive_core.policy`, "Where it acts"); the exported manifest says it.
+        early_step_cap: None, or (below_lambda_progress, max_step_action): the sampler caps the step action of
+            decisions before that share of the λ-span, as it does at run time (:mod:`adaptive_core.policy`, "A cap
+            on the early steps"); the agent's action is kept as it chose it, the episode runs the capped one.
         draw_seed: None: each episode draws its configuration, noise seed and budget from the env's own RNG (seeded
             by ``reset(seed=...)``).  An integer: from a separate RNG seeded with it, so two env copies given the
             same ``draw_seed`` run the same sequence of episodes (the trainer's paired episodes; ``info`` numbers
@@ -237,7 +241,7 @@ class SamplingEnv(gym.Env):
                  cfg_scales: Sequence[float] = TRAINED_CFG_SCALES, order_action: bool = True,
                  trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
                  reward_scale: str = "per-config", error_reward: str = "both",
-                 min_lambda_progress: float = 0.0, draw_seed: int | None = None) -> None:
+                 min_lambda_progress: float = 0.0, draw_seed: int | None = None, early_step_cap=None) -> None:
         super().__init__()
         if not testbeds:
             raise ValueError("testbeds must name at least one (testbed, model type) pair")
@@ -263,6 +267,7 @@ class SamplingEnv(gym.Env):
         if not 0.0 <= float(min_lambda_progress) < 1.0:
             raise ValueError(f"min_lambda_progress must be in [0, 1), got {min_lambda_progress}")
         self.min_lambda_progress = float(min_lambda_progress)
+        self.early_step_cap = check_early_step_cap(early_step_cap)
         self._draw_seed = None if draw_seed is None else int(draw_seed)
         self._draw_rng = None if draw_seed is None else np.random.default_rng(self._draw_seed)
         self._episodes_started = 0
@@ -363,7 +368,7 @@ class SamplingEnv(gym.Env):
         x, _ = self.noise_and_reference_of(k, [seed])
         if self.configs[k].trained:
             tb.set_labels(class_labels([seed]))
-        decider = _ThreadDecider(self.min_lambda_progress)
+        decider = _ThreadDecider(self.min_lambda_progress, self.early_step_cap)
 
         def run():
             torch.set_num_threads(1)

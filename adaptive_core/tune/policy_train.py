@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..learned import sha256_of_file
-from ..policy import (ACTION_KINDS, ACTION_SCALE, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES,
-                      OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest)
+from ..policy import (ACTION_KINDS, ACTION_SCALE, EARLY_STEP_CAP_KEYS, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS,
+                      OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest, check_early_step_cap)
 from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
                          SamplingEnv, configs_of, evaluate_controller)
 
@@ -45,8 +45,9 @@ class SB3Decider:
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "sb3-ppo"
 
-    def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0) -> None:
+    def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
         self.model, self.vecnorm, self.min_lambda_progress = model, vecnorm, float(min_lambda_progress)
+        self.early_step_cap = early_step_cap   # applied by the sampler, as to a loaded policy
 
     def decide(self, observation: np.ndarray):
         """Deterministic PPO actions [B, n_actions] for raw observation rows."""
@@ -200,7 +201,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
           cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
-          critic_warmup: int | None = None, target_kl: float | None = None, baseline: str = "critic",
+          early_step_cap=None, critic_warmup: int | None = None, target_kl: float | None = None, baseline: str = "critic",
           tune_actor: str = "all"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
@@ -212,7 +213,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     critic from its training state if it has one (:func:`load_training_state`; else it starts fresh), and the
     command line starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`.
     ``cfg_scales``, ``order_action``, ``trained_seed_pool``, ``reference_steps``, ``reward_scale``,
-    ``error_reward``, ``min_lambda_progress``: see :class:`~.policy_env.SamplingEnv`.
+    ``error_reward``, ``min_lambda_progress``, ``early_step_cap``: see :class:`~.policy_env.SamplingEnv` (the
+    periodic evaluations apply them too).
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
     because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore.
@@ -262,7 +264,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     torch.manual_seed(seed)
     env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
                       reference_steps=reference_steps, reward_scale=reward_scale, error_reward=error_reward,
-                      min_lambda_progress=min_lambda_progress)
+                      min_lambda_progress=min_lambda_progress, early_step_cap=early_step_cap)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, paired=paired is not None,
                         **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
@@ -304,7 +306,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
-        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress), specs, budgets, eval_seeds,
+        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress, early_step_cap), specs, budgets, eval_seeds,
                                   references, **eval_kwargs)
         vecnorm.training = True
         summ = ratio_summary(res, heur)
@@ -654,21 +656,27 @@ def _export_verified(actor: nn.Module, onnx_path: Path, probe_mean: np.ndarray, 
 
 
 def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, trained_on: dict, training: dict,
-                     metrics: dict, min_lambda_progress: float = 0.0, action_text: str = "a[0]",
-                     range_text: str = "the training mean", training_state: dict | None = None) -> Path:
+                     metrics: dict, min_lambda_progress: float = 0.0, early_step_cap=None,
+                     action_text: str = "a[0]", range_text: str = "the training mean",
+                     training_state: dict | None = None) -> Path:
     """Write the manifest (``<stem>.json``) of the ONNX policy at ``onnx_path``: its sha256, the action mapping
-    and fallback rule of :mod:`adaptive_core.policy`, and the given normalisation and records."""
+    and fallback rule of :mod:`adaptive_core.policy`, and the given normalisation and records.  ``early_step_cap``
+    (None or (below_lambda_progress, max_step_action)) is written only where given."""
+    cap = check_early_step_cap(early_step_cap)
+    cap_entry = {} if cap is None else {"early_step_cap": dict(zip(EARLY_STEP_CAP_KEYS, cap))}
     manifest = PolicyManifest(
         onnx_file=onnx_path.name, sha256=sha256_of_file(onnx_path), observation_names=list(OBSERVATION_NAMES),
         normalisation=normalisation,
         action={"kind": _action_kind(n_actions), "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
                 **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}),
-                "min_lambda_progress": float(min_lambda_progress),
+                "min_lambda_progress": float(min_lambda_progress), **cap_entry,
                 "formula": f"share = clip(base_share * exp(action_scale * clip({action_text}, -1, 1)), min_share, 1); "
                            "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"
                            + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= order_dead_zone, "
                               "else 0 (the heuristic's)" if n_actions > 1 else "")
-                           + "; rows with lambda_progress < min_lambda_progress keep the heuristic's step and order"},
+                           + "; rows with lambda_progress < min_lambda_progress keep the heuristic's step and order"
+                           + ("" if cap is None else "; on decided rows with lambda_progress < early_step_cap."
+                              "below_lambda_progress, a[0] is first capped at early_step_cap.max_step_action")},
         fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
                   "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
                           f"ood_z * max(sqrt(var), std_floor) from {range_text}"},
@@ -680,7 +688,7 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
 
 
 def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
-                  min_lambda_progress: float = 0.0) -> Path:
+                  min_lambda_progress: float = 0.0, early_step_cap=None) -> Path:
     """Write the deterministic actor as one ONNX file, its training state (the critic, for fine-tuning from the
     file: :func:`save_training_state`) and its manifest (``<stem>.json``); the ONNX output must equal SB3's
     deterministic actions on random observations to 1e-5.  Returns the manifest path."""
@@ -697,7 +705,8 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
     state = save_training_state(model, training_state_path(onnx_path),
                                 made_by=f"the PPO model at export ({training.get('command', 'policy')})")
     return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=trained_on, training=training,
-                            metrics=metrics, min_lambda_progress=min_lambda_progress, training_state=state)
+                            metrics=metrics, min_lambda_progress=min_lambda_progress,
+                            early_step_cap=early_step_cap, training_state=state)
 
 
 class EnsembleActor(nn.Module):
@@ -763,11 +772,13 @@ def load_checkpoint(zip_path: Path):
     return PPO.load(str(zip_path), device="cpu"), stats
 
 
-def export_ensemble(checkpoints, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict) -> Path:
+def export_ensemble(checkpoints, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
+                    early_step_cap=None) -> Path:
     """Write the mean of several checkpoints' deterministic actors (:class:`EnsembleActor`) as one ONNX file and
     its manifest; the ONNX output must equal the mean of SB3's deterministic actions to 1e-5.  The manifest's
     normalisation, which only the fallback rule reads (each member normalises inside the graph), is the
     intersection of the members' in-range boxes, so a row falls back when any member has not seen its like.
+    ``early_step_cap``: the cap the members were trained under (their checkpoints do not record it).
     Returns the manifest path."""
     checkpoints = [Path(c) for c in checkpoints]
     if len(checkpoints) < 2:
@@ -795,7 +806,7 @@ def export_ensemble(checkpoints, onnx_path: Path, *, trained_on: dict, training:
                                 "intersection of the members' in-range boxes (fallback rule)"}
     return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=trained_on,
                             training={**training, "members": [c.stem for c in checkpoints]}, metrics=metrics,
-                            action_text="mean of the members' a[0]",
+                            early_step_cap=early_step_cap, action_text="mean of the members' a[0]",
                             range_text="mean, the centre of the members' common training range")
 
 
@@ -814,22 +825,26 @@ def ensemble_main(argv) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     members = [Path(m) for m in args.members.split(",") if m]
-    records, trained_on, seconds = {}, None, 0.0
+    records, trained_on, seconds, caps = {}, None, 0.0, set()
     for m in members:
         own = args.members_dir / f"{m.stem}.json"
         if own.is_file():
             man = json.loads(own.read_text())
+            caps.add(check_early_step_cap(man.get("action", {}).get("early_step_cap")))
             records[m.stem] = {"command": man["training"].get("command"),
                                "train_seconds": man["metrics"].get("train_seconds")}
             seconds += float(man["metrics"].get("train_seconds") or 0.0)
             trained_on = trained_on or man.get("trained_on")
         else:
             print(f"note: no manifest {own}: the member's training record is left out")
+    if len(caps) > 1:   # the mean of members trained under different caps has no one cap to run under
+        ap.error(f"the members were trained under different early-step caps: {sorted(caps, key=str)}")
     training = {"command": "python -m adaptive_core.tune policy-ensemble " + " ".join(argv),
                 "algorithm": "mean of PPO (stable-baselines3) policies", "member_training": records,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
     manifest = export_ensemble(members, args.out_dir / f"{args.name}.onnx", trained_on=trained_on or {},
-                               training=training, metrics={"train_seconds": round(seconds, 1)})
+                               training=training, metrics={"train_seconds": round(seconds, 1)},
+                               early_step_cap=caps.pop() if caps else None)
     print(f"wrote {manifest} ({len(members)} members)")
     return 0
 
@@ -885,6 +900,19 @@ def parse_specs(text: str) -> list[tuple[str, str]]:
             raise ValueError(f"testbed {item!r}: expected NAME:ve or NAME:flow")
         specs.append((name, mt))
     return specs
+
+
+def parse_early_step_cap(text: str) -> tuple[float, float]:
+    """"0.2,0.15" → (0.2, 0.15): (below_lambda_progress, max_step_action) of ``--early-step-cap``, checked by
+    :func:`adaptive_core.policy.check_early_step_cap` (argparse reports its message on bad input)."""
+    import argparse
+    try:
+        parts = [float(v) for v in text.split(",")]
+        if len(parts) != 2:
+            raise ValueError(f"expected two numbers P,A, got {len(parts)}")
+        return check_early_step_cap(parts)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def policy_training_cells(manifest, testbeds: str | None = None, budgets: str | None = None):
@@ -974,6 +1002,9 @@ def main(argv) -> int:
     ap.add_argument("--min-lambda-progress", type=float, default=0.0,
                     help="the policy acts only from this share of the λ-span on; earlier steps stay the heuristic's, "
                          "in training and at run time (the image is decided at high noise)")
+    ap.add_argument("--early-step-cap", type=parse_early_step_cap, default=None, metavar="P,A",
+                    help="cap the step action at A on the decisions before the share P of the λ-span (steps at most "
+                         "4^A times the heuristic's there), in training and at run time; e.g. 0.2,0.15")
     ap.add_argument("--init", type=Path, default=None,
                     help="what to fine-tune from: an SB3 zip (build/), or a policy manifest such as "
                          "policies/ppo_ve_flow.json (its actor and statistics, and its critic if the manifest names "
@@ -1019,7 +1050,8 @@ def main(argv) -> int:
     env_args = dict(cfg_scales=cfg_scales, order_action=not args.no_order_action,
                     trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps,
                     reward_scale=args.reward_scale, order_log_std_init=args.order_log_std_init,
-                    error_reward=args.error_reward, min_lambda_progress=args.min_lambda_progress)
+                    error_reward=args.error_reward, min_lambda_progress=args.min_lambda_progress,
+                    early_step_cap=args.early_step_cap)
     if not 0.0 <= args.min_lambda_progress < 1.0:
         ap.error(f"--min-lambda-progress must be in [0, 1), got {args.min_lambda_progress}")
     eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
@@ -1062,7 +1094,8 @@ def main(argv) -> int:
                   "configurations": [c.key for c in configs_of(specs, cfg_scales)]}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = export_policy(model, vecnorm, args.out_dir / f"{args.name}.onnx", trained_on=trained_on,
-                             training=training, metrics=metrics, min_lambda_progress=args.min_lambda_progress)
+                             training=training, metrics=metrics, min_lambda_progress=args.min_lambda_progress,
+                             early_step_cap=args.early_step_cap)
     curve = args.curve or args.out_dir / f"{args.name}_curve.png"
     plot_learning_curve(history, curve, f"PPO step policy {args.name}: {', '.join(trained_on['testbeds'])}")
     (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1, default=float) + "\n")
