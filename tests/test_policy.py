@@ -799,7 +799,7 @@ def test_distilled_student_imitates_its_teacher_on_its_own_runs():
 
 
 def test_distilled_policy_exports_loads_and_keeps_the_teachers_range(tiny_training, tmp_path):
-    """The exported student: ONNX equal to the PyTorch student, the teacher's fallback range and action mapping
+    """The exported student: ONNX equal to the PyTorch student, the teacher's fallback range, action mapping and cap
     in its manifest, and usable as ``controller="policy:<path>"`` within the budget."""
     from adaptive_core.tune.policy_distill import distill, export_student, fit_student, student_actions
     from adaptive_core.tune.policy_env import configs_of
@@ -820,6 +820,9 @@ def test_distilled_policy_exports_loads_and_keeps_the_teachers_range(tiny_traini
     assert torch.isfinite(out).all() and model_calls.calls <= 5
     with pytest.raises(ValueError, match="as many target rows"):
         fit_student(student, obs, np.zeros((3, 2)), epochs=1)
+    teacher.early_step_cap = (0.2, 0.15)                   # a teacher trained under a cap hands it on
+    capped = export_student(student, teacher, tmp_path / "capped.onnx", training={}, metrics={})
+    assert load_policy(capped).early_step_cap == (0.2, 0.15) and policy.early_step_cap is None
 
 
 def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):
