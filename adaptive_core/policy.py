@@ -31,12 +31,12 @@ picture: the "critical windows" of Li & Chen 2024 and the phase transition of Sc
 2024), and longer steps there made a few images flip in the measurements (docs/policy/README.md); training uses
 the same rule, so the policy learns the later steps only.
 
-**A cap on the early steps** (``early_step_cap`` in the manifest's action, absent by default: ``{"below_lambda_progress":
-p, "max_step_action": a}``): on the rows the policy decides before the share p of the λ-span, a₀ is capped at a, so
-those steps are at most ``exp(action_scale · a)`` times the heuristic's (shorter ones stay allowed).  Where
-``min_lambda_progress`` hands the early steps to the heuristic, the cap keeps them with the policy within a trust
-region around the heuristic (TRPO's bounded policy change, Schulman et al. 2015).  Training applies the same cap
-(``policy --early-step-cap``), so PPO learns the steps it may take.
+**A cap on the early steps** (``early_step_cap`` in the manifest's action, absent by default:
+``{"below_lambda_progress": p, "max_step_action": a}``): on the rows the policy decides before the share p of
+the λ-span, a₀ is capped at a, so those steps are at most ``exp(action_scale · a)`` times the heuristic's (shorter
+ones stay allowed).  Where ``min_lambda_progress`` hands the early steps to the heuristic, the cap keeps them with
+the policy within a trust region around the heuristic (TRPO's bounded policy change, Schulman et al. 2015).
+Training applies the same cap (``policy --early-step-cap``), so PPO learns the steps it may take.
 
 **Fallback rule** (:meth:`Policy.decide`): an observation row falls back to the heuristic step (a = 0) when any
 entry is non-finite or lies more than ``ood_z`` standard deviations (std floored at ``std_floor``) from the

@@ -671,7 +671,8 @@ def test_sampler_caps_the_early_steps_of_a_capped_policy(model_type):
 def test_early_step_cap_in_the_manifest(tmp_path, tiny_training):
     """A manifest's early_step_cap reaches the loaded policy (None when absent) and the sampler applies it: the run
     equals the uncapped file under :class:`EarlyStepCapPolicy`; a bad cap is refused; the trainer's export and the
-    ensemble export write it, and an ensemble of members trained under different caps is refused."""
+    ensemble export write it, an ensemble of members trained under different caps is refused, and fine-tuning from
+    a manifest reads its cap."""
     from adaptive_core.tune.policy_calibrate import EarlyStepCapPolicy
     plain = load_policy(_write_policy(tmp_path / "a", _Tanh(), "plain"))
     capped = load_policy(_write_policy(tmp_path / "b", _Tanh(), "capped",
@@ -702,6 +703,11 @@ def test_early_step_cap_in_the_manifest(tmp_path, tiny_training):
     assert load_policy(tmp_path / "ens" / "ens.json").early_step_cap == (0.2, 0.15)
     with pytest.raises(SystemExit):
         ensemble_main(["--members", ",".join(members), "--name", "mixed", *common])
+    from adaptive_core.tune.policy_train import manifest_early_step_cap   # what `policy --init` keeps
+    assert manifest_early_step_cap(tmp_path / "members" / "m3.json") == (0.25, 0.15)
+    assert manifest_early_step_cap(tmp_path / "a" / "plain.json") is None
+    with pytest.raises(ValueError, match="bad.json"):
+        manifest_early_step_cap(tmp_path / "c" / "bad.json")
 
 
 def test_env_applies_the_early_step_cap():

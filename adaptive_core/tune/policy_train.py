@@ -201,8 +201,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           reward_scale: str = "per-config", order_log_std_init: float | None = -0.7, run_name: str = "ppo",
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
           cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
-          early_step_cap=None, critic_warmup: int | None = None, target_kl: float | None = None, baseline: str = "critic",
-          tune_actor: str = "all"):
+          early_step_cap=None, critic_warmup: int | None = None, target_kl: float | None = None,
+          baseline: str = "critic", tune_actor: str = "all"):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward), and what SB3 logged for each PPO
@@ -306,8 +306,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
-        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress, early_step_cap), specs, budgets, eval_seeds,
-                                  references, **eval_kwargs)
+        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress, early_step_cap), specs, budgets,
+                                  eval_seeds, references, **eval_kwargs)
         vecnorm.training = True
         summ = ratio_summary(res, heur)
         history["evals"].append({"timesteps": step, "episodes": episodes, "rmse_ratio_geomean": summ["geomean"],
@@ -915,6 +915,19 @@ def parse_early_step_cap(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
+def manifest_early_step_cap(manifest_path: Path) -> tuple[float, float] | None:
+    """The early-step cap a policy manifest was trained under (None when it has none, or the file is missing:
+    ``train`` reports that), checked by :func:`adaptive_core.policy.check_early_step_cap`; ``policy --init`` keeps
+    it unless ``--early-step-cap`` is given.  ValueError names the file when its cap is malformed."""
+    path = Path(manifest_path)
+    if not path.is_file():
+        return None
+    try:
+        return check_early_step_cap(json.loads(path.read_text()).get("action", {}).get("early_step_cap"))
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def policy_training_cells(manifest, testbeds: str | None = None, budgets: str | None = None):
     """(testbed specs, NFE budgets, CFG scales) to run a policy on again (``policy-distill``, ``policy-critic``):
     ``testbeds`` ("name:model_type,...") and ``budgets`` ("5,6,...") where given, else those of the policy
@@ -1004,7 +1017,8 @@ def main(argv) -> int:
                          "in training and at run time (the image is decided at high noise)")
     ap.add_argument("--early-step-cap", type=parse_early_step_cap, default=None, metavar="P,A",
                     help="cap the step action at A on the decisions before the share P of the λ-span (steps at most "
-                         "4^A times the heuristic's there), in training and at run time; e.g. 0.2,0.15")
+                         "4^A times the heuristic's there), in training and at run time; e.g. 0.2,0.15 (default: "
+                         "the cap of an --init policy manifest, else none)")
     ap.add_argument("--init", type=Path, default=None,
                     help="what to fine-tune from: an SB3 zip (build/), or a policy manifest such as "
                          "policies/ppo_ve_flow.json (its actor and statistics, and its critic if the manifest names "
@@ -1024,6 +1038,13 @@ def main(argv) -> int:
     ap.add_argument("--study", default="ado_policy", help="Optuna study name (workers with the same name share it)")
     args = ap.parse_args(argv)
     from_manifest = args.init is not None and args.init.suffix == ".json"
+    if args.early_step_cap is None and from_manifest:   # a capped policy stays capped when fine-tuned
+        try:
+            args.early_step_cap = manifest_early_step_cap(args.init)
+        except ValueError as e:
+            ap.error(str(e))
+        if args.early_step_cap is not None:
+            print(f"note: training under the early-step cap of {args.init}: {args.early_step_cap}")
     if args.log_std_init is None:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
