@@ -126,14 +126,15 @@ def check_early_step_cap(cap) -> tuple[float, float] | None:
 def cap_early_step_actions(actions: np.ndarray, observation: np.ndarray, decided: np.ndarray, cap) -> np.ndarray:
     """``actions`` [B, n_actions] (a float64 copy) with the step action a₀ capped at ``cap``'s max_step_action on
     the ``decided`` rows whose ``lambda_progress`` is below its below_lambda_progress; other rows and the order
-    action unchanged (module docstring, "A cap on the early steps").  ``cap``: see :func:`check_early_step_cap`."""
+    action unchanged (module docstring, "A cap on the early steps").  ``cap``: None, or the pair
+    :func:`check_early_step_cap` returns (checked once where the cap is set, not on this per-decision path)."""
     out = np.array(actions, dtype=np.float64).reshape(len(decided), -1)
-    cap = check_early_step_cap(cap)
     if cap is None:
         return out
+    below, most = cap
     with np.errstate(invalid="ignore"):   # (a NaN progress compares False: its row is not capped)
-        rows = np.asarray(decided, dtype=bool) & (np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < cap[0])
-    out[rows, 0] = np.minimum(out[rows, 0], cap[1])
+        rows = np.asarray(decided, dtype=bool) & (np.asarray(observation)[:, LAMBDA_PROGRESS_INDEX] < below)
+    out[rows, 0] = np.minimum(out[rows, 0], most)
     return out
 
 

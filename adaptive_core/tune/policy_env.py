@@ -195,7 +195,7 @@ class _ThreadDecider:
 
     def __init__(self, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
         self.min_lambda_progress = float(min_lambda_progress)
-        self.early_step_cap = early_step_cap   # applied by the sampler to the env's action, as at run time
+        self.early_step_cap = early_step_cap   # (checked by the env) applied by the sampler, as at run time
         self.obs_q: queue.Queue = queue.Queue()
         self.act_q: queue.Queue = queue.Queue()
 

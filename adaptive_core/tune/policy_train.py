@@ -47,7 +47,7 @@ class SB3Decider:
 
     def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
         self.model, self.vecnorm, self.min_lambda_progress = model, vecnorm, float(min_lambda_progress)
-        self.early_step_cap = early_step_cap   # applied by the sampler, as to a loaded policy
+        self.early_step_cap = check_early_step_cap(early_step_cap)   # applied by the sampler, as to a loaded policy
 
     def decide(self, observation: np.ndarray):
         """Deterministic PPO actions [B, n_actions] for raw observation rows."""
