@@ -89,7 +89,6 @@ class EarlyStepCapPolicy(_DecidedRowsWrapper):
         from ..policy import check_early_step_cap
         self.cap = check_early_step_cap((below_lambda_progress, max_step_action))
         super().__init__(policy)
-        self.below_lambda_progress, self.max_step_action = self.cap
 
     def decide(self, observation: np.ndarray):
         """(actions, fallback reasons) of the wrapped policy with a₀ capped on the early rows it decides."""

@@ -830,7 +830,10 @@ def ensemble_main(argv) -> int:
         own = args.members_dir / f"{m.stem}.json"
         if own.is_file():
             man = json.loads(own.read_text())
-            caps.add(check_early_step_cap(man.get("action", {}).get("early_step_cap")))
+            try:
+                caps.add(manifest_early_step_cap(own))
+            except ValueError as e:
+                ap.error(str(e))
             records[m.stem] = {"command": man["training"].get("command"),
                                "train_seconds": man["metrics"].get("train_seconds")}
             seconds += float(man["metrics"].get("train_seconds") or 0.0)
