@@ -96,3 +96,50 @@ def test_trained_bench_runs_at_a_tiny_size(tmp_path):
     assert trained.fd_turn({"5": {"fd": 12.0}, "8": {"fd": 10.0}, "10": {"fd": 9.9}, "20": {"fd": 10.5}}) == 8
     with pytest.raises(ValueError, match="unknown peer"):
         trained.peers_for("ve", ["no_such_sampler"])
+
+
+def test_trained_oracle_fits_a_grid_that_policy_eval_reruns_on_its_own_seeds(tmp_path, capsys):
+    """The UNet's oracle grid (bench.trained_oracle): fitted with the reference in the loop on seeds 0..2, it is a
+    descending grid over the testbed's range with budget+1 points, no worse on its fit seeds than its starts;
+    the CLI writes it, keeps configurations it did not re-fit, and policy-eval runs it on held-out seeds."""
+    pytest.importorskip("onnxruntime")
+    from adaptive_core.bench import trained_oracle
+    from adaptive_core.policy import POLICY_DIR
+    from adaptive_core.tune.policy_eval import measure
+    out = tmp_path / "oracle.json"
+    out.write_text(json.dumps({"configs": {"mnist_unet-ve-cfg2": {"4": {"sigmas": [80.0, 1.0, 0.5, 0.1, 0.0]}}}}))
+    torch.set_num_threads(1)
+    assert trained_oracle.main(["--model-type", "flow", "--cfg", "1", "--nfe", "4", "--fit-seeds", "3", "--jobs",
+                                "1", "--out", str(out)]) == 0
+    assert "mnist_unet-flow-cfg1 | 4 |" in capsys.readouterr().out
+    data = json.loads(out.read_text())["configs"]
+    assert set(data) == {"mnist_unet-flow-cfg1", "mnist_unet-ve-cfg2"}
+    fit = data["mnist_unet-flow-cfg1"]["4"]
+    grid = torch.tensor(fit["sigmas"], dtype=torch.float64)
+    assert len(grid) == 5 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all()) and fit["fit_seeds"] == [0, 3]
+    assert 0 < fit["fit_rmse"] < 1 and 0 < fit["fit_heuristic_rmse"] < 1
+    grids = trained_oracle.load_oracle_grids(out)
+    assert grids["mnist_unet-flow-cfg1"]["methods"]["oracle"]["4"]["sigmas"] == fit["sigmas"]
+    assert trained_oracle.load_oracle_grids(tmp_path / "missing.json") == {}
+    (tmp_path / "bad.json").write_text(json.dumps({"grids": []}))
+    with pytest.raises(ValueError, match="oracle grid file"):
+        trained_oracle.load_oracle_grids(tmp_path / "bad.json")
+    with pytest.raises(SystemExit):
+        trained_oracle.main(["--nfe", "2", "--out", str(out)])
+    # the host's Karras grid is one of the search's starts: the fitted grid is no worse on the fit seeds
+    from adaptive_core.tune.policy_env import (
+        Config,
+        make_config_testbed,
+        noise_and_reference,
+    )
+    config = Config("mnist_unet", "flow", 1.0)
+    tb = make_config_testbed(config)
+    x, ref = noise_and_reference(config, tb, range(3))
+    karras = sample_adaptive(tb, x, bench.host_sigmas(tb, 4), model_type="flow", mode="fixed")
+    assert fit["fit_rmse"] <= rmse(karras, ref) + 1e-9
+    # policy-eval: the grid runs on the held-out seeds, beside the heuristic and the policy
+    res = measure(POLICY_DIR / "ppo_ve_flow.json", [("mnist_unet", "flow")], [4], range(30000, 30002), None, None,
+                  cfg_scales=[1.0], trained_oracle=out)
+    (row,) = res["rows"]
+    assert row["oracle_grid"] == fit["sigmas"] and row["oracle_rmse"] > 0
+    assert row["policy_vs_oracle"] == pytest.approx(row["policy"] / row["oracle_rmse"])

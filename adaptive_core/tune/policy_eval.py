@@ -4,8 +4,10 @@ benchmark's best peer on held-out seeds (docs/policy/README.md).
 Per testbed and NFE: RMSE to the reference (pooled over the held-out seeds, as the benchmark) of ADO with the
 heuristic controller and with the policy, the policy's mean NFE, the best peer of the committed benchmark
 (``docs/bench/results.json``; for the trained UNet ``docs/bench/trained/results.json``, per model type and CFG)
-re-run on the same held-out seeds, and the benchmark's oracle fixed schedule (analytic testbeds; its own seeds:
-the ratio is indicative).  Also the policy's latency per decision on this CPU.
+re-run on the same held-out seeds, and the oracle fixed schedule: the best σ grid fitted with the reference in
+the loop on other seeds (the analytic benchmark's; for the UNet ``docs/bench/trained/oracle.json`` of
+``python -m adaptive_core.bench.trained_oracle``), also re-run on the same held-out seeds.  Also the policy's
+latency per decision on this CPU.
 
 A pooled RMSE over a few dozen images is carried by its hardest images (on the UNet the worst 3 of 64 can hold
 80% of the squared error), so each ratio comes with a paired bootstrap 90% interval over the images, the
@@ -80,17 +82,29 @@ def trained_bench_peers(path: Path | None) -> dict:
 
 
 def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, trained_bench: Path | None = None,
-            cfg_scales=None, reference_steps: int | None = None) -> dict:
-    """The numbers of the module docstring, as a dict."""
+            cfg_scales=None, reference_steps: int | None = None, trained_oracle: Path | None = None) -> dict:
+    """The numbers of the module docstring, as a dict.  ``trained_oracle``: the UNet's oracle grids
+    (:func:`~adaptive_core.bench.trained_oracle.load_oracle_grids`); the analytic ones come with
+    ``bench_results``."""
     from ..bench.metrics import rmse
     from ..bench.run import best_peer, run_method
+    from ..bench.trained_oracle import load_oracle_grids
     from ..policy import load_policy
-    from .policy_env import TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, class_labels, configs_of, evaluate_controller
+    from ..sampler import sample_adaptive
+    from .policy_env import (
+        TRAINED_CFG_SCALES,
+        TRAINED_REFERENCE_STEPS,
+        class_labels,
+        configs_of,
+        evaluate_controller,
+    )
     cfg_scales = TRAINED_CFG_SCALES if cfg_scales is None else tuple(cfg_scales)
     reference_steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
     policy = load_policy(policy_path)
     bench = json.loads(bench_results.read_text())["configs"] if bench_results and bench_results.is_file() else {}
     bench = {**bench, **trained_bench_peers(trained_bench)}
+    for key, grids in load_oracle_grids(trained_oracle).items():
+        bench.setdefault(key, {"methods": {}})["methods"].update(grids["methods"])
     refs: dict = {}
     kw = dict(cfg_scales=cfg_scales, reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, nfes, seeds, refs, **kw)
@@ -115,9 +129,12 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
                 row.update(best_peer=peer[0], best_peer_rmse=rmse(out, ref), best_peer_nfe=used)
                 row["policy_vs_best_peer"] = row["policy"] / row["best_peer_rmse"]
             oracle = (cfg or {}).get("methods", {}).get("oracle", {}).get(str(n))
-            if oracle is not None:
-                row["bench_oracle_rmse"] = oracle["rmse"]
-                row["policy_vs_bench_oracle"] = row["policy"] / oracle["rmse"]
+            if oracle is not None and "sigmas" in oracle:
+                grid = torch.tensor(oracle["sigmas"], dtype=torch.float64)
+                out = sample_adaptive(tb, x, grid, model_type=config.model_type, mode="fixed")
+                row.update(oracle_rmse=rmse(out, ref), oracle_grid=oracle["sigmas"])
+                row["policy_vs_oracle"] = row["policy"] / row["oracle_rmse"]
+                row["heuristic_vs_oracle"] = row["heuristic"] / row["oracle_rmse"]
             rows.append(row)
     return {"policy": str(policy_path), "seeds": [seeds.start, seeds.stop], "rows": rows,
             "reference_steps_trained": reference_steps, "trained_on": policy.manifest.trained_on,
@@ -134,7 +151,7 @@ def markdown(res: dict) -> str:
     trained = set(res["trained_on"].get("configurations", res["trained_on"].get("testbeds", [])))
     lines = ["| testbed | in training | NFE | heuristic | policy (mean NFE) | policy / heuristic (90% CI) "
              "| per image: geo-mean ratio, share worse | best peer (same seeds) | policy / best peer "
-             "| policy / bench oracle |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| policy / oracle grid (same seeds) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         peer = f"{r['best_peer']} {r['best_peer_rmse']:.4g}" if "best_peer" in r else "–"
         lo, hi = r["policy_vs_heuristic_ci90"]
@@ -142,7 +159,7 @@ def markdown(res: dict) -> str:
                      f"{r['heuristic']:.4g} | {r['policy']:.4g} ({r['policy_mean_nfe']:.2f}) | "
                      f"{r['policy_vs_heuristic']:.3f} ({lo:.2f}–{hi:.2f}) | "
                      f"{r['per_image_geomean_ratio']:.2f}, {r['share_of_images_worse']:.0%} | {peer} | "
-                     f"{_ratio(r, 'policy_vs_best_peer')} | {_ratio(r, 'policy_vs_bench_oracle')} |")
+                     f"{_ratio(r, 'policy_vs_best_peer')} | {_ratio(r, 'policy_vs_oracle')} |")
     return "\n".join(lines)
 
 
@@ -200,6 +217,8 @@ def main(argv) -> int:
                          "trained policies without looking at the measurement seeds)")
     ap.add_argument("--bench", type=Path, default=REPO / "docs" / "bench" / "results.json")
     ap.add_argument("--trained-bench", type=Path, default=REPO / "docs" / "bench" / "trained" / "results.json")
+    ap.add_argument("--trained-oracle", type=Path, default=REPO / "docs" / "bench" / "trained" / "oracle.json",
+                    help="the UNet's oracle grids (python -m adaptive_core.bench.trained_oracle)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--plot", type=Path, default=None, help="draw the per-image errors (policy vs heuristic) here")
     args = ap.parse_args(argv)
@@ -208,7 +227,7 @@ def main(argv) -> int:
     torch.set_num_threads(1)
     res = measure(args.policy, parse_specs(args.testbeds), [int(n) for n in args.nfes.split(",")],
                   range(args.first_seed, args.first_seed + args.seeds), args.bench, args.trained_bench,
-                  [float(c) for c in args.cfg.split(",")], args.reference_steps)
+                  [float(c) for c in args.cfg.split(",")], args.reference_steps, args.trained_oracle)
     print(markdown(res))
     print(f"latency per decision: {res['latency_us_per_decision']:.1f} µs; training time: {res['train_seconds']} s")
     if args.out:

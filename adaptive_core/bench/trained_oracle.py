@@ -1,0 +1,137 @@
+"""The oracle fixed schedule on the bundled trained MNIST denoisers: the best σ grid per model type, CFG scale
+and budget, found with the reference in the loop (:func:`~adaptive_core.bench.oracle.optimize_schedule`).
+
+``python -m adaptive_core.bench.trained_oracle [--model-type ve flow] [--cfg 1 2] [--nfe 5 8 10]
+[--fit-seeds 32] [--out docs/bench/trained/oracle.json] [--jobs 2]``
+
+It is the analytic benchmark's oracle (``python -m adaptive_core.bench``) on the trained UNet: ADO's integrator
+on a fixed grid, each interior evaluation point moved in half-log-SNR by coordinate descent (cf. OSS, AYS and
+the DMN trust-region search, arXiv 2402.17376), from three starts (ADO's own plan, the host's Karras grid and
+a λ-uniform grid).  The grid is fitted on the noise seeds 0 … ``fit_seeds`` − 1 (class = seed mod 10, inside
+the policy's UNet training pool) against the reference the policy measurements use
+(:data:`~adaptive_core.tune.policy_env.TRAINED_REFERENCE_STEPS`-step λ-uniform solve).  The grids are written
+to ``--out``; ``python -m adaptive_core.tune policy-eval`` runs them on its held-out seeds, so its "policy /
+oracle" ratio compares the two on the same images.  Fitting the reference into a grid is what no sampler can
+do at run time: the oracle is a bound for fixed schedules, not a competitor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = Path("docs/bench/trained/oracle.json")
+
+
+def fit_config(model_type: str, cfg: float, nfes, fit_seeds: int, reference_steps: int | None = None,
+               progress=None) -> dict:
+    """Fit the oracle grid for each budget in ``nfes`` on one trained configuration.
+
+    Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "reference_steps"}}: the grid,
+    its RMSE to the reference on the fit seeds, ADO's (heuristic controller, host grid) RMSE on the same seeds
+    for scale, the seed range [first, end) and the reference's step count."""
+    from ..tune.policy_env import (
+        TRAINED_REFERENCE_STEPS,
+        Config,
+        make_config_testbed,
+        noise_and_reference,
+    )
+    from .metrics import rmse
+    from .run import run_method, run_oracle
+    if fit_seeds < 2:
+        raise ValueError(f"need at least 2 fit seeds, got {fit_seeds}")
+    bad = [n for n in nfes if int(n) < 3]
+    if bad:
+        raise ValueError(f"the oracle search needs a budget of at least 3 model calls, got {bad}")
+    config = Config("mnist_unet", model_type, float(cfg))
+    tb = make_config_testbed(config)
+    steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
+    x, ref = noise_and_reference(config, tb, range(fit_seeds), steps)
+    out = {}
+    for nfe in nfes:
+        if progress is not None:
+            progress.set_postfix_str(f"{config.key} nfe={nfe}")
+        fitted, extra = run_oracle(tb, x, ref, int(nfe), fit_seeds)
+        heuristic, _ = run_method("ado", tb, x, int(nfe))
+        out[str(int(nfe))] = {"sigmas": extra["sigmas"], "fit_rmse": rmse(fitted, ref),
+                              "fit_heuristic_rmse": rmse(heuristic, ref), "fit_seeds": [0, int(fit_seeds)],
+                              "reference_steps": steps}
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def _job(job) -> tuple[str, dict]:
+    """One (model type, CFG) configuration with its own progress bar (a process-pool task)."""
+    from tqdm.auto import tqdm
+
+    from ..tune.policy_env import Config
+    model_type, cfg, nfes, fit_seeds, reference_steps, position = job
+    torch.set_num_threads(1)
+    key = Config("mnist_unet", model_type, float(cfg)).key
+    with tqdm(total=len(nfes), desc=key, unit="grid", position=position) as bar:
+        return key, fit_config(model_type, cfg, nfes, fit_seeds, reference_steps, bar)
+
+
+def load_oracle_grids(path: Path | None) -> dict:
+    """{config key: {"methods": {"oracle": {nfe: {"sigmas", ...}}}}} from ``--out`` of this module, in the
+    analytic benchmark's layout (``docs/bench/results.json``); {} when ``path`` is None or missing."""
+    if path is None or not Path(path).is_file():
+        return {}
+    data = json.loads(Path(path).read_text())
+    try:
+        return {key: {"methods": {"oracle": grids}} for key, grids in data["configs"].items()}
+    except (KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: not an oracle grid file of adaptive_core.bench.trained_oracle ({e})") from None
+
+
+def main(argv=None) -> int:
+    """CLI (see the module docstring)."""
+    from ..tune.policy_env import TRAINED_REFERENCE_STEPS
+    ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.trained_oracle",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--model-type", nargs="+", default=["ve", "flow"], choices=["ve", "flow"])
+    ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 2.0], help="classifier-free guidance scales")
+    ap.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10])
+    ap.add_argument("--fit-seeds", type=int, default=32, help="noise seeds 0..N-1 the grids are fitted on")
+    ap.add_argument("--reference-steps", type=int, default=TRAINED_REFERENCE_STEPS)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="grid file; configurations already in it "
+                                                                  "and not re-fitted are kept")
+    ap.add_argument("--jobs", type=int, default=2, help="configurations fitted in parallel processes")
+    args = ap.parse_args(argv)
+    if args.fit_seeds < 2 or any(n < 3 for n in args.nfe) or any(c < 0 for c in args.cfg) or args.jobs < 1:
+        ap.error("need --fit-seeds ≥ 2, every --nfe ≥ 3, --cfg ≥ 0 and --jobs ≥ 1")
+    # the CFG-2 runs cost twice the model calls: start them first so the pool ends together
+    todo = sorted(((m, c) for m in args.model_type for c in args.cfg), key=lambda mc: -mc[1])
+    jobs = [(m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i) for i, (m, c) in enumerate(todo)]
+    t0 = time.time()
+    if args.jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            fitted = dict(pool.map(_job, jobs))
+    else:
+        fitted = dict(_job(job) for job in jobs)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {"configs": {}}
+    configs = {**old.get("configs", {}), **fitted}
+    result = {"meta": {"command": "python -m adaptive_core.bench.trained_oracle " + " ".join(argv or []),
+                       "seconds": time.time() - t0, "torch": torch.__version__,
+                       "machine": f"{platform.machine()}, {args.jobs} process(es) of 1 thread"},
+              "configs": dict(sorted(configs.items()))}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"oracle grids fitted on seeds 0..{args.fit_seeds - 1} ({result['meta']['seconds']:.0f} s) -> {args.out}")
+    print("| configuration | NFE | ADO (heuristic) RMSE | oracle grid RMSE | ratio (fit seeds, in-sample) |")
+    print("|---|---|---|---|---|")
+    for key, grids in fitted.items():
+        for n, g in grids.items():
+            print(f"| {key} | {n} | {g['fit_heuristic_rmse']:.4f} | {g['fit_rmse']:.4f} | "
+                  f"{g['fit_rmse'] / g['fit_heuristic_rmse']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
