@@ -75,6 +75,17 @@ def test_generality_check_runs_and_writes_its_table(tmp_path):
     x = torch.zeros(1, 4, 16, 16)
     assert not torch.equal(model(x + 1, torch.tensor([0.1])), model.testbed(x + 1, torch.tensor([0.1])))
     assert model.nfe == 1
+    # a policy beside the heuristic: its RMSE and ratio per row, one more column; a non-policy name is refused
+    rows = generality.run(2, (5,), ("policy:ppo_ve_flow",), first_seed=7)
+    assert len(rows) == len(generality.VARIANTS)
+    for r in rows:
+        got = r["policy:ppo_ve_flow"]
+        assert got["rmse"] > 0 and got["ratio_to_ado"] == pytest.approx(got["rmse"] / r["ado"])
+    assert generality.main(["--seeds", "1", "--nfe", "5", "--controller", "policy:ppo_ve_flow", "--out",
+                            str(out)]) == 0
+    assert "policy:ppo_ve_flow / ADO |" in out.read_text()
+    with pytest.raises(SystemExit):
+        generality.main(["--seeds", "1", "--controller", "heuristic", "--out", str(out)])
 
 
 def test_trained_bench_runs_at_a_tiny_size(tmp_path):
@@ -107,13 +118,16 @@ def test_trained_oracle_fits_a_grid_that_policy_eval_reruns_on_its_own_seeds(tmp
     from adaptive_core.policy import POLICY_DIR
     from adaptive_core.tune.policy_eval import measure
     out = tmp_path / "oracle.json"
-    out.write_text(json.dumps({"configs": {"mnist_unet-ve-cfg2": {"4": {"sigmas": [80.0, 1.0, 0.5, 0.1, 0.0]}}}}))
+    earlier = {"sigmas": [80.0, 1.0, 0.5, 0.1, 0.0]}
+    out.write_text(json.dumps({"configs": {"mnist_unet-ve-cfg2": {"4": earlier}, "mnist_unet-flow-cfg1": {"9": earlier}}}))
     torch.set_num_threads(1)
     assert trained_oracle.main(["--model-type", "flow", "--cfg", "1", "--nfe", "4", "--fit-seeds", "3", "--jobs",
                                 "1", "--out", str(out)]) == 0
     assert "mnist_unet-flow-cfg1 | 4 |" in capsys.readouterr().out
+    assert [r["nfe"] for r in json.loads(out.read_text())["meta"]["runs"]] == [[4]]
     data = json.loads(out.read_text())["configs"]
-    assert set(data) == {"mnist_unet-flow-cfg1", "mnist_unet-ve-cfg2"}
+    assert set(data) == {"mnist_unet-flow-cfg1", "mnist_unet-ve-cfg2"} and data["mnist_unet-ve-cfg2"]["4"] == earlier
+    assert list(data["mnist_unet-flow-cfg1"]) == ["4", "9"] and data["mnist_unet-flow-cfg1"]["9"] == earlier
     fit = data["mnist_unet-flow-cfg1"]["4"]
     grid = torch.tensor(fit["sigmas"], dtype=torch.float64)
     assert len(grid) == 5 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all()) and fit["fit_seeds"] == [0, 3]

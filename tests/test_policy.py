@@ -836,6 +836,38 @@ def test_distilled_policy_exports_loads_and_keeps_the_teachers_range(tiny_traini
     assert load_policy(capped).early_step_cap == (0.2, 0.15) and policy.early_step_cap is None
 
 
+def test_oracle_grid_teacher_lands_on_its_grid_and_acts_as_the_policy_elsewhere():
+    """OracleGridTeacher: sampling with it (through the imitation recorder, as policy-distill does) takes every
+    sample exactly onto the oracle grid of the configuration and budget it was told; on a budget without a grid its
+    actions are the policy's; a grid whose length does not match the budget is refused."""
+    import json
+
+    from adaptive_core.trace import Trace, replay_sigmas
+    from adaptive_core.tune.policy_distill import ImitationRecorder, OracleGridTeacher
+    from adaptive_core.tune.policy_env import Config, host_grid
+    from adaptive_core.tune.policy_eval import REPO
+    torch.set_num_threads(1)
+    bench = json.loads((REPO / "docs" / "bench" / "results.json").read_text())["configs"]
+    grids = {"gaussian-ve": {"5": {"sigmas": bench["gaussian-ve"]["methods"]["oracle"]["5"]["sigmas"]}}}
+    policy = load_policy("ppo_ve_flow")
+    teacher, config, tb = OracleGridTeacher(policy, grids), Config("gaussian", "ve"), make_testbed("gaussian", "ve")
+    x = tb.noise(range(4))
+    recorder = ImitationRecorder(teacher)
+    recorder.set_context(config, 5, host_grid(tb, 5))
+    trace = Trace()
+    sample_adaptive(tb, x, host_grid(tb, 5), nfe_budget=5, model_type="ve", controller=recorder, trace=trace)
+    want = np.array(grids["gaussian-ve"]["5"]["sigmas"])
+    for b in range(4):
+        assert np.allclose(replay_sigmas(trace, b).numpy(), want, rtol=1e-5)
+    obs, target = recorder.rows()
+    assert len(obs) == 4 * 3 and np.all(target[:, 1] == 0)   # 3 free decisions per sample; the heuristic order
+    teacher.set_context(config, 6, host_grid(tb, 6))            # no grid at 6 calls: the policy's own actions
+    assert np.array_equal(teacher.decide(obs)[0], policy.decide(obs)[0])
+    with pytest.raises(ValueError, match="nonzero points"):
+        OracleGridTeacher(policy, {"gaussian-ve": {"6": grids["gaussian-ve"]["5"]}}).set_context(
+            config, 6, host_grid(tb, 6))
+
+
 def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):
     from adaptive_core.tune.policy_distill import main
     with pytest.raises(SystemExit):
@@ -844,6 +876,13 @@ def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):
         main(["--teacher", str(tiny_training[3]), "--name", "x", "--out-dir", str(tmp_path), "--budgets", "0,5"])
     with pytest.raises(PolicyLoadError):
         main(["--teacher", str(tmp_path / "missing.json"), "--name", "x", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--teacher", str(tiny_training[3]), "--name", "x", "--out-dir", str(tmp_path), "--oracle-grids",
+              str(tmp_path / "missing.json")])
+    (tmp_path / "grids.json").write_text('{"configs": {"mnist_unet-ve-cfg1": {"5": {"sigmas": [1, 0]}}}}')
+    with pytest.raises(SystemExit):     # the tiny policy was trained on gaussian-ve only: no grid applies
+        main(["--teacher", str(tiny_training[3]), "--name", "x", "--out-dir", str(tmp_path), "--oracle-grids",
+              str(tmp_path / "grids.json")])
 
 
 def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):

@@ -10,6 +10,7 @@ few strong peers at the same NFE and the same noises.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -48,13 +49,15 @@ class ImperfectDenoiser:
         return d + 0.03 * torch.sin(3 * d)
 
 
-def run(seeds: int, nfes=(8, 20)) -> list[dict]:
-    """ADO and the best of :data:`PEERS` on every variant and NFE; returns one row per (variant, NFE)."""
+def run(seeds: int, nfes=(8, 20), controllers=(), first_seed: int = 0) -> list[dict]:
+    """ADO and the best of :data:`PEERS` on every variant and NFE; returns one row per (variant, NFE).  Each of
+    ``controllers`` (e.g. ``"policy:ppo_ve_flow"``) also runs ADO on the same grid and noises; its RMSE and its
+    ratio to ADO's default (heuristic) controller go into the row under the controller's name."""
     from tqdm.auto import tqdm
     rows = []
     for label, name, model_type, params, imperfect in tqdm(VARIANTS, desc="variants"):
         tb = make_testbed(name, model_type, **params)
-        x = tb.noise(range(seeds))
+        x = tb.noise(range(first_seed, first_seed + seeds))
         model = ImperfectDenoiser(tb) if imperfect else tb
         if imperfect:
             ref = sample_adaptive(model, x, karras_sigmas(200, tb.sigma_min, tb.sigma_max), model_type=model_type,
@@ -65,8 +68,13 @@ def run(seeds: int, nfes=(8, 20)) -> list[dict]:
             ado = rmse(run_method("ado", tb, x, nfe, model)[0], ref)
             peers = {p: rmse(run_method(p, tb, x, nfe, model)[0], ref) for p in PEERS[model_type]}
             best = min(peers, key=peers.get)
-            rows.append({"variant": label, "nfe": nfe, "ado": ado, "best_peer": best, "best_peer_rmse": peers[best],
-                         "ratio": ado / peers[best]})
+            row = {"variant": label, "nfe": nfe, "ado": ado, "best_peer": best, "best_peer_rmse": peers[best],
+                   "ratio": ado / peers[best]}
+            for controller in controllers:
+                out = sample_adaptive(model, x, karras_sigmas(nfe, tb.sigma_min, tb.sigma_max), nfe_budget=nfe,
+                                      model_type=model_type, controller=controller)
+                row[controller] = {"rmse": rmse(out, ref), "ratio_to_ado": rmse(out, ref) / ado}
+            rows.append(row)
     return rows
 
 
@@ -75,17 +83,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.generality", description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("docs/bench/generality.md"))
+    ap.add_argument("--nfe", nargs="+", type=int, default=[8, 20])
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--controller", nargs="+", default=[],
+                    help="also run ADO with these controllers (policy:NAME or policy:/path.json) and report each "
+                         "one's RMSE ratio to ADO's default controller")
     args = ap.parse_args(argv)
+    if args.seeds < 1 or args.first_seed < 0 or any(n < 2 for n in args.nfe):
+        ap.error("need --seeds ≥ 1, --first-seed ≥ 0 and every --nfe ≥ 2")
+    for controller in args.controller:
+        if not controller.startswith("policy:"):
+            ap.error(f"--controller {controller!r}: expected policy:NAME or policy:/path/to/manifest.json")
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = run(args.seeds)
+        rows = run(args.seeds, tuple(args.nfe), tuple(args.controller), args.first_seed)
+    command = " ".join(["python -m adaptive_core.bench.generality", *(sys.argv[1:] if argv is None else argv)])
+    extra = "".join(f" {c} / ADO |" for c in args.controller)
     lines = ["# Generality: ADO's defaults on variants they were not chosen on", "",
-             f"Command: `python -m adaptive_core.bench.generality --seeds {args.seeds}`. RMSE to the reference "
-             "from the same noises; ratio < 1 means ADO is better than the best of the listed peers.", "",
-             "| variant | NFE | ADO | best peer | ADO / best peer |", "|---|---|---|---|---|"]
+             f"Command: `{command}` (noise seeds {args.first_seed}–{args.first_seed + args.seeds - 1}). RMSE to "
+             "the reference from the same noises; ratio < 1 means ADO is better than the best of the listed "
+             "peers" + ("; the last columns are each controller's RMSE over ADO's with its default (heuristic) "
+                        "controller." if args.controller else "."), "",
+             "| variant | NFE | ADO | best peer | ADO / best peer |" + extra,
+             "|---|---|---|---|---|" + "---|" * len(args.controller)]
     lines += [f"| {r['variant']} | {r['nfe']} | {r['ado']:.3g} | {r['best_peer']} {r['best_peer_rmse']:.3g} | "
-              f"{r['ratio']:.2f} |" for r in rows]
+              f"{r['ratio']:.2f} |" + "".join(f" {r[c]['ratio_to_ado']:.3f} |" for c in args.controller)
+              for r in rows]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -99,8 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10])
     ap.add_argument("--fit-seeds", type=int, default=32, help="noise seeds 0..N-1 the grids are fitted on")
     ap.add_argument("--reference-steps", type=int, default=TRAINED_REFERENCE_STEPS)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="grid file; configurations already in it "
-                                                                  "and not re-fitted are kept")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="grid file; the grids already in it that are "
+                                                                  "not re-fitted are kept")
     ap.add_argument("--jobs", type=int, default=2, help="configurations fitted in parallel processes")
     args = ap.parse_args(argv)
     if args.fit_seeds < 2 or any(n < 3 for n in args.nfe) or any(c < 0 for c in args.cfg) or args.jobs < 1:
@@ -116,14 +117,17 @@ def main(argv=None) -> int:
     else:
         fitted = dict(_job(job) for job in jobs)
     old = json.loads(args.out.read_text()) if args.out.is_file() else {"configs": {}}
-    configs = {**old.get("configs", {}), **fitted}
-    result = {"meta": {"command": "python -m adaptive_core.bench.trained_oracle " + " ".join(argv or []),
-                       "seconds": time.time() - t0, "torch": torch.__version__,
-                       "machine": f"{platform.machine()}, {args.jobs} process(es) of 1 thread"},
-              "configs": dict(sorted(configs.items()))}
+    configs = dict(old.get("configs", {}))
+    for key, grids in fitted.items():   # budgets fitted now replace those of an earlier run; the others stay
+        configs[key] = dict(sorted({**configs.get(key, {}), **grids}.items(), key=lambda kv: int(kv[0])))
+    argv = sys.argv[1:] if argv is None else argv
+    run = {"command": " ".join(["python -m adaptive_core.bench.trained_oracle", *argv]), "nfe": sorted(set(args.nfe)),
+           "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+           "machine": f"{platform.machine()}, {args.jobs} process(es) of 1 thread"}
+    result = {"meta": {"runs": old.get("meta", {}).get("runs", []) + [run]}, "configs": dict(sorted(configs.items()))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"oracle grids fitted on seeds 0..{args.fit_seeds - 1} ({result['meta']['seconds']:.0f} s) -> {args.out}")
+    print(f"oracle grids fitted on seeds 0..{args.fit_seeds - 1} ({run['seconds']:.0f} s) -> {args.out}")
     print("| configuration | NFE | ADO (heuristic) RMSE | oracle grid RMSE | ratio (fit seeds, in-sample) |")
     print("|---|---|---|---|---|")
     for key, grids in fitted.items():

@@ -23,6 +23,7 @@ and the measurements 30000…, which distillation never sees).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -80,16 +81,86 @@ class ImitationRecorder:
         return np.concatenate(self.observations), np.concatenate(self.targets)
 
 
+    def set_context(self, config, budget: int, grid) -> None:
+        """Tell the teacher which configuration, budget and host σ grid the next run has (where it asks)."""
+        if hasattr(self.teacher, "set_context"):
+            self.teacher.set_context(config, budget, grid)
+
+
+class OracleGridTeacher:
+    """A teacher that lands each step on the oracle fixed grid of the configuration and budget being sampled, where
+    there is one, and acts as ``policy`` elsewhere.
+
+    The oracle grid (:mod:`adaptive_core.bench.trained_oracle`, or the analytic benchmark's ``oracle``) was fitted
+    with the reference in the loop, which no policy can do at run time: a teacher with privileged information
+    whose behaviour the student learns from what it can observe ("Learning by Cheating", Chen et al. 2019; guided
+    policy search, Levine & Koltun 2013).  After k model calls the grid's next point is its σ_k; the step action
+    is the one that takes the sampler's planned share of the remaining λ-span (:func:`adaptive_core.sampler.
+    _policy_next`) onto it, a₀ = log₄(share to σ_k / planned share), clipped to [−1, 1]; where a student has
+    already passed σ_k, the next grid point ahead.  The order action is 0 (the heuristic's order).  The position
+    is read off the observation (λ-progress between the host grid's ends, the share of the budget used, the
+    planned share), so the teacher needs :meth:`set_context` before each run.  Fallback rows are ``policy``'s.
+    """
+
+    def __init__(self, policy, grids: dict) -> None:
+        self.policy, self.grids = policy, grids
+        self._lam = None
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def set_context(self, config, budget: int, grid) -> None:
+        """Select the oracle grid of ``config`` at ``budget`` (None: act as the policy); ``grid`` is the host σ
+        grid the run starts from, whose ends define λ-progress."""
+        from ..controller import planning_start
+        from ..schedules import half_log_snr
+        sigmas = self.grids.get(config.key, {}).get(str(int(budget)), {}).get("sigmas")
+        if sigmas is None:
+            self._lam = None
+            return
+        nonzero = [float(s) for s in sigmas if float(s) > 0]
+        if len(nonzero) != int(budget):
+            raise ValueError(f"{config.key}: the oracle grid for {budget} calls has {len(nonzero)} nonzero points")
+        host = [float(s) for s in grid if float(s) > 0]
+        mt = config.model_type
+        self._lam = np.array([half_log_snr(s, mt) for s in nonzero])
+        self._ends = (float(planning_start(np.array([half_log_snr(host[0], mt)]))[0]), half_log_snr(host[-1], mt))
+        self._budget = int(budget)
+
+    def decide(self, observation: np.ndarray):
+        """(actions, fallback reasons): the oracle grid's step where a grid is selected, else ``policy``'s."""
+        from ..policy import LAMBDA_PROGRESS_INDEX, OBSERVATION_NAMES
+        actions, reasons = self.policy.decide(observation)
+        if self._lam is None:
+            return actions, reasons
+        obs = np.asarray(observation, dtype=np.float64)
+        start, end = self._ends
+        lam_now = start + obs[:, LAMBDA_PROGRESS_INDEX] * (end - start)
+        calls = np.rint(obs[:, OBSERVATION_NAMES.index("budget_used")] * self._budget).astype(int)
+        planned = np.exp(obs[:, OBSERVATION_NAMES.index("log_base_share")])
+        out = np.zeros_like(np.asarray(actions, dtype=np.float64))
+        for r in range(len(obs)):
+            ahead = np.flatnonzero(self._lam > lam_now[r] + 1e-6)
+            ahead = ahead[ahead >= min(calls[r], len(self._lam) - 1)] if ahead.size else ahead
+            target = self._lam[ahead[0]] if ahead.size else end
+            share = (target - lam_now[r]) / max(end - lam_now[r], 1e-12)
+            out[r, 0] = np.clip(np.log(max(share, 1e-6) / planned[r]) / np.log(4.0), -1.0, 1.0)
+        return out, reasons
+
+
 def run_configurations(controller, configs, budgets, seeds, progress=None) -> None:
     """Sample every configuration at every budget from the noises of ``seeds`` with ``controller`` (the env's
     host σ grid, budget mode; on a trained testbed the class is ``seed mod 10``).  Only the controller's side
-    effects are kept: no reference is computed."""
+    effects are kept: no reference is computed.  A controller with ``set_context`` hears the configuration,
+    budget and host grid before each run."""
     from ..sampler import sample_adaptive
     from .policy_env import config_noise, host_grid, make_config_testbed
     for config in configs:
         tb = make_config_testbed(config)
         x = config_noise(config, tb, seeds)
         for budget in budgets:
+            if hasattr(controller, "set_context"):
+                controller.set_context(config, int(budget), host_grid(tb, budget))
             sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=int(budget), model_type=config.model_type,
                             controller=controller)
             if progress is not None:
@@ -249,6 +320,10 @@ def main(argv) -> int:
     ap.add_argument("--testbeds", default=None,
                     help="name:model_type,... (default: the teacher's training testbeds from its manifest)")
     ap.add_argument("--budgets", default=None, help="comma-separated NFE budgets (default: the teacher's)")
+    ap.add_argument("--oracle-grids", type=Path, default=None,
+                    help="oracle fixed grids (python -m adaptive_core.bench.trained_oracle, e.g. "
+                         "docs/bench/trained/oracle.json): on the configurations and budgets it has, the student "
+                         "learns to land on the grid (OracleGridTeacher) instead of the teacher's steps")
     args = ap.parse_args(argv)
     from .policy_env import configs_of
     from .policy_train import policy_training_cells
@@ -261,6 +336,21 @@ def main(argv) -> int:
     except ValueError as e:
         ap.error(f"teacher: {e}")
     configs = configs_of(specs, cfg_scales)
+    oracle_note = None
+    if args.oracle_grids is not None:
+        from ..bench.trained_oracle import load_oracle_grids
+        if not args.oracle_grids.is_file():
+            ap.error(f"--oracle-grids: no such file {args.oracle_grids}")
+        try:
+            grids = {k: v["methods"]["oracle"] for k, v in load_oracle_grids(args.oracle_grids).items()}
+        except ValueError as e:
+            ap.error(f"--oracle-grids: {e}")
+        covered = sorted(f"{c.key}@{b}" for c in configs for b in budgets if str(b) in grids.get(c.key, {}))
+        if not covered:
+            ap.error(f"--oracle-grids: {args.oracle_grids} has no grid for these configurations and budgets")
+        teacher = OracleGridTeacher(teacher, grids)
+        oracle_note = {"file": str(args.oracle_grids), "sha256": hashlib.sha256(args.oracle_grids.read_bytes())
+                       .hexdigest(), "cells": covered}
     hidden = [int(h) for h in args.hidden.split(",") if h]
     start = time.time()
     student, history = distill(teacher, configs, budgets, range(args.seeds), rounds=args.rounds, epochs=args.epochs,
@@ -272,6 +362,7 @@ def main(argv) -> int:
                             "training": teacher.manifest.training},
                 "configurations": [c.key for c in configs], "budgets": budgets, "seeds": [0, args.seeds],
                 "student": {"hidden": hidden, "activation": "tanh"}, "history": history,
+                "oracle_grids": oracle_note,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
     teacher_seconds = float(teacher.manifest.metrics.get("train_seconds") or 0.0)
     manifest = export_student(student, teacher, args.out_dir / f"{args.name}.onnx", training=training,
@@ -286,6 +377,7 @@ __all__ = [
     "STUDENT_EPSILON",
     "STUDENT_HIDDEN",
     "ImitationRecorder",
+    "OracleGridTeacher",
     "distill",
     "export_student",
     "fit_student",
