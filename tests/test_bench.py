@@ -157,3 +157,28 @@ def test_trained_oracle_fits_a_grid_that_policy_eval_reruns_on_its_own_seeds(tmp
     (row,) = res["rows"]
     assert row["oracle_grid"] == fit["sigmas"] and row["oracle_rmse"] > 0
     assert row["policy_vs_oracle"] == pytest.approx(row["policy"] / row["oracle_rmse"])
+
+
+def test_trained_oracle_joint_cfg_fits_one_grid_for_every_scale(tmp_path):
+    """--joint-cfg: one grid fitted to the images of both CFG scales (CfgBlocks denoises each block at its own
+    scale), written under both scales' keys."""
+    from adaptive_core.bench import trained_oracle
+    from adaptive_core.tune.policy_env import Config, config_noise, make_config_testbed
+    torch.set_num_threads(1)
+    one, two = (make_config_testbed(Config("mnist_unet", "ve", c)) for c in (1.0, 2.0))
+    x = config_noise(Config("mnist_unet", "ve", 1.0), one, range(3))
+    two.set_labels(one.labels)
+    blocks = trained_oracle.CfgBlocks([one, two], [3, 3])
+    sigma = torch.full((6,), 2.0)
+    both = blocks(torch.cat([x, x]), sigma)
+    assert torch.equal(both[:3], one(x, sigma[:3])) and torch.equal(both[3:], two(x, sigma[3:]))
+    assert not torch.equal(both[:3], both[3:]) and blocks.nfe == 1
+    with pytest.raises(ValueError, match="block size"):
+        trained_oracle.CfgBlocks([one, two], [3])
+    out = tmp_path / "joint.json"
+    assert trained_oracle.main(["--model-type", "ve", "--nfe", "4", "--fit-seeds", "2", "--jobs", "1",
+                                "--joint-cfg", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())["configs"]
+    assert set(data) == {"mnist_unet-ve-cfg1", "mnist_unet-ve-cfg2"}
+    assert data["mnist_unet-ve-cfg1"] == data["mnist_unet-ve-cfg2"]
+    assert data["mnist_unet-ve-cfg1"]["4"]["fit_cfg"] == [1.0, 2.0]

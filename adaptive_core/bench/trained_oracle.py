@@ -2,7 +2,7 @@
 and budget, found with the reference in the loop (:func:`~adaptive_core.bench.oracle.optimize_schedule`).
 
 ``python -m adaptive_core.bench.trained_oracle [--model-type ve flow] [--cfg 1 2] [--nfe 5 8 10]
-[--fit-seeds 32] [--out docs/bench/trained/oracle.json] [--jobs 2]``
+[--fit-seeds 32] [--joint-cfg] [--out docs/bench/trained/oracle.json] [--jobs 2]``
 
 It is the analytic benchmark's oracle (``python -m adaptive_core.bench``) on the trained UNet: ADO's integrator
 on a fixed grid, each interior evaluation point moved in half-log-SNR by coordinate descent (cf. OSS, AYS and
@@ -12,7 +12,9 @@ the policy's UNet training pool) against the reference the policy measurements u
 (:data:`~adaptive_core.tune.policy_env.TRAINED_REFERENCE_STEPS`-step λ-uniform solve).  The grids are written
 to ``--out``; ``python -m adaptive_core.tune policy-eval`` runs them on its held-out seeds, so its "policy /
 oracle" ratio compares the two on the same images.  Fitting the reference into a grid is what no sampler can
-do at run time: the oracle is a bound for fixed schedules, not a competitor.
+do at run time: the oracle is a bound for fixed schedules, not a competitor.  ``--joint-cfg`` fits one grid per
+model type and budget to both CFG scales' images at once (what a policy that cannot see the scale could follow;
+``policy-distill --oracle-grids`` teaches it).
 """
 from __future__ import annotations
 
@@ -28,19 +30,48 @@ import torch
 DEFAULT_OUT = Path("docs/bench/trained/oracle.json")
 
 
-def fit_config(model_type: str, cfg: float, nfes, fit_seeds: int, reference_steps: int | None = None,
-               progress=None) -> dict:
-    """Fit the oracle grid for each budget in ``nfes`` on one trained configuration.
+class CfgBlocks:
+    """One denoiser made of the same network at several CFG scales: the batch is split into consecutive blocks of
+    ``sizes`` images, block i denoised by ``testbeds[i]`` (a batch of another size goes to the first one, as the
+    oracle search's one-image plan run does).  Lets one σ grid be fitted to several CFG scales at once."""
 
-    Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "reference_steps"}}: the grid,
-    its RMSE to the reference on the fit seeds, ADO's (heuristic controller, host grid) RMSE on the same seeds
-    for scale, the seed range [first, end) and the reference's step count."""
-    from ..tune.policy_env import (
-        TRAINED_REFERENCE_STEPS,
-        Config,
-        make_config_testbed,
-        noise_and_reference,
-    )
+    def __init__(self, testbeds, sizes) -> None:
+        if len(testbeds) != len(sizes) or not testbeds:
+            raise ValueError(f"need one block size per testbed, got {len(testbeds)} testbeds and {len(sizes)} sizes")
+        self.testbeds, self.sizes = list(testbeds), [int(n) for n in sizes]
+        first = self.testbeds[0]
+        self.model_type, self.sigma_min, self.sigma_max = first.model_type, first.sigma_min, first.sigma_max
+        self.shift, self.name, self.nfe = first.shift, first.name, 0
+
+    def reset_nfe(self) -> None:
+        """Start counting model calls from 0."""
+        self.nfe = 0
+
+    def noise(self, *args, **kwargs) -> torch.Tensor:
+        """The first testbed's noise (every block uses the same network and noise law)."""
+        return self.testbeds[0].noise(*args, **kwargs)
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        self.nfe += 1
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0])
+        if x.shape[0] != sum(self.sizes):
+            return self.testbeds[0](x, sigma)
+        out, start = [], 0
+        for tb, n in zip(self.testbeds, self.sizes):
+            out.append(tb(x[start:start + n], sigma[start:start + n]))
+            start += n
+        return torch.cat(out)
+
+
+def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int | None = None,
+               progress=None) -> dict:
+    """Fit the oracle grid for each budget in ``nfes`` on one trained model type at the CFG scale ``cfg``, or at
+    several scales at once (a list: one grid fitted to the images of every scale together, :class:`CfgBlocks`).
+
+    Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps"}}:
+    the grid, its RMSE to the reference on the fit images, ADO's (heuristic controller, host grid) RMSE on the
+    same images for scale, the seed range [first, end), the CFG scales and the reference's step count."""
+    from ..tune.policy_env import TRAINED_REFERENCE_STEPS, Config, make_config_testbed, noise_and_reference
     from .metrics import rmse
     from .run import run_method, run_oracle
     if fit_seeds < 2:
@@ -48,34 +79,44 @@ def fit_config(model_type: str, cfg: float, nfes, fit_seeds: int, reference_step
     bad = [n for n in nfes if int(n) < 3]
     if bad:
         raise ValueError(f"the oracle search needs a budget of at least 3 model calls, got {bad}")
-    config = Config("mnist_unet", model_type, float(cfg))
-    tb = make_config_testbed(config)
+    cfgs = [float(c) for c in (cfg if isinstance(cfg, (list, tuple)) else [cfg])]
     steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
-    x, ref = noise_and_reference(config, tb, range(fit_seeds), steps)
+    testbeds, xs, refs = [], [], []
+    for c in cfgs:
+        config = Config("mnist_unet", model_type, c)
+        tb = make_config_testbed(config)
+        x, ref = noise_and_reference(config, tb, range(fit_seeds), steps)
+        testbeds.append(tb)
+        xs.append(x)
+        refs.append(ref)
+    model = testbeds[0] if len(cfgs) == 1 else CfgBlocks(testbeds, [len(x) for x in xs])
+    x, ref = torch.cat(xs), torch.cat(refs)
     out = {}
     for nfe in nfes:
         if progress is not None:
-            progress.set_postfix_str(f"{config.key} nfe={nfe}")
-        fitted, extra = run_oracle(tb, x, ref, int(nfe), fit_seeds)
-        heuristic, _ = run_method("ado", tb, x, int(nfe))
+            progress.set_postfix_str(f"nfe={nfe}")
+        fitted, extra = run_oracle(model, x, ref, int(nfe), len(x))
+        heuristic, _ = run_method("ado", model, x, int(nfe))
         out[str(int(nfe))] = {"sigmas": extra["sigmas"], "fit_rmse": rmse(fitted, ref),
                               "fit_heuristic_rmse": rmse(heuristic, ref), "fit_seeds": [0, int(fit_seeds)],
-                              "reference_steps": steps}
+                              "fit_cfg": cfgs, "reference_steps": steps}
         if progress is not None:
             progress.update(1)
     return out
 
 
-def _job(job) -> tuple[str, dict]:
-    """One (model type, CFG) configuration with its own progress bar (a process-pool task)."""
+def _job(job) -> dict:
+    """One model type at one CFG scale (or at several, fitted jointly) with its own progress bar (a process-pool
+    task).  Returns {config key: grids}; a joint fit's grids go under every scale's key."""
     from tqdm.auto import tqdm
 
     from ..tune.policy_env import Config
-    model_type, cfg, nfes, fit_seeds, reference_steps, position = job
+    model_type, cfgs, nfes, fit_seeds, reference_steps, position = job
     torch.set_num_threads(1)
-    key = Config("mnist_unet", model_type, float(cfg)).key
-    with tqdm(total=len(nfes), desc=key, unit="grid", position=position) as bar:
-        return key, fit_config(model_type, cfg, nfes, fit_seeds, reference_steps, bar)
+    keys = [Config("mnist_unet", model_type, float(c)).key for c in cfgs]
+    with tqdm(total=len(nfes), desc=" + ".join(keys), unit="grid", position=position) as bar:
+        grids = fit_config(model_type, list(cfgs), nfes, fit_seeds, reference_steps, bar)
+    return {key: grids for key in keys}
 
 
 def load_oracle_grids(path: Path | None) -> dict:
@@ -103,19 +144,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="grid file; the grids already in it that are "
                                                                   "not re-fitted are kept")
     ap.add_argument("--jobs", type=int, default=2, help="configurations fitted in parallel processes")
+    ap.add_argument("--joint-cfg", action="store_true",
+                    help="fit one grid per model type and budget to the images of every --cfg scale together (the "
+                         "policy does not observe the CFG scale); it is written under each scale's key")
     args = ap.parse_args(argv)
     if args.fit_seeds < 2 or any(n < 3 for n in args.nfe) or any(c < 0 for c in args.cfg) or args.jobs < 1:
         ap.error("need --fit-seeds ≥ 2, every --nfe ≥ 3, --cfg ≥ 0 and --jobs ≥ 1")
-    # the CFG-2 runs cost twice the model calls: start them first so the pool ends together
-    todo = sorted(((m, c) for m in args.model_type for c in args.cfg), key=lambda mc: -mc[1])
+    if args.joint_cfg:
+        todo = [(m, tuple(args.cfg)) for m in args.model_type]
+    else:   # the CFG-2 runs cost twice the model calls: start them first so the pool ends together
+        todo = sorted(((m, (c,)) for m in args.model_type for c in args.cfg), key=lambda mc: -mc[1][0])
     jobs = [(m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i) for i, (m, c) in enumerate(todo)]
     t0 = time.time()
+    fitted: dict = {}
     if args.jobs > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
-            fitted = dict(pool.map(_job, jobs))
+            for part in pool.map(_job, jobs):
+                fitted.update(part)
     else:
-        fitted = dict(_job(job) for job in jobs)
+        for job in jobs:
+            fitted.update(_job(job))
     old = json.loads(args.out.read_text()) if args.out.is_file() else {"configs": {}}
     configs = dict(old.get("configs", {}))
     for key, grids in fitted.items():   # budgets fitted now replace those of an earlier run; the others stay
