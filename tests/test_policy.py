@@ -866,6 +866,23 @@ def test_oracle_grid_teacher_lands_on_its_grid_and_acts_as_the_policy_elsewhere(
     with pytest.raises(ValueError, match="nonzero points"):
         OracleGridTeacher(policy, {"gaussian-ve": {"6": grids["gaussian-ve"]["5"]}}).set_context(
             config, 6, host_grid(tb, 6))
+    # a grid step 0.05 short of the long-step order limit (1.5 in λ) is taught 0.15 short of it with a margin
+    from adaptive_core.policy import OBSERVATION_NAMES
+    from adaptive_core.schedules import half_log_snr, sigma_from_half_log_snr
+    host = host_grid(tb, 5)
+    start, end = half_log_snr(float(host[0]), "ve"), half_log_snr(float(host[-2]), "ve")
+    lams = [start, start + 1.45, start + 3.0, start + 4.0, end]
+    edge_grid = {"gaussian-ve": {"5": {"sigmas": [sigma_from_half_log_snr(v, "ve") for v in lams] + [0.0]}}}
+    row = np.array(obs[:1], dtype=np.float64)
+    row[0, OBSERVATION_NAMES.index("lambda_progress")] = 0.0      # at the first point, after one call of five
+    row[0, OBSERVATION_NAMES.index("budget_used")] = 0.2
+    row[0, OBSERVATION_NAMES.index("log_base_share")] = np.log(1.0 / (end - start))   # planned: a step of 1
+    for margin, step in ((0.0, 1.45), (0.15, 1.35)):
+        edge_teacher = OracleGridTeacher(policy, edge_grid, order_margin=margin)
+        edge_teacher.set_context(config, 5, host)
+        assert edge_teacher.decide(row)[0][0, 0] == pytest.approx(np.log(step) / np.log(4.0), abs=1e-6)
+    with pytest.raises(ValueError, match="order_margin"):
+        OracleGridTeacher(policy, edge_grid, order_margin=-0.1)
 
 
 def test_policy_distill_cli_refuses_bad_arguments(tiny_training, tmp_path):

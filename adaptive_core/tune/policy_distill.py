@@ -100,10 +100,20 @@ class OracleGridTeacher:
     already passed σ_k, the next grid point ahead.  The order action is 0 (the heuristic's order).  The position
     is read off the observation (λ-progress between the host grid's ends, the share of the budget used, the
     planned share), so the teacher needs :meth:`set_context` before each run.  Fallback rows are ``policy``'s.
+
+    The heuristic's order drops to 2 on steps longer than ``high_order_max_step`` (1.5 in λ), and a fitted grid
+    tends to put a step right at that edge, where the error jumps.  A student a few per cent off the grid would
+    land on the other side, with the other order.  So a grid step within ``order_margin`` of the edge is
+    labelled as a step ``order_margin`` clear of it, on the grid's side; ``order_margin=0`` follows the grid
+    exactly.
     """
 
-    def __init__(self, policy, grids: dict) -> None:
-        self.policy, self.grids = policy, grids
+    def __init__(self, policy, grids: dict, order_margin: float = 0.0) -> None:
+        from ..sampler import DEFAULTS
+        if not order_margin >= 0:
+            raise ValueError(f"order_margin must be ≥ 0, got {order_margin}")
+        self.policy, self.grids, self.order_margin = policy, grids, float(order_margin)
+        self._edge = float(DEFAULTS["high_order_max_step"])
         self._lam = None
 
     def __getattr__(self, name):
@@ -143,6 +153,11 @@ class OracleGridTeacher:
             ahead = np.flatnonzero(self._lam > lam_now[r] + 1e-6)
             ahead = ahead[ahead >= min(calls[r], len(self._lam) - 1)] if ahead.size else ahead
             target = self._lam[ahead[0]] if ahead.size else end
+            step, edge, margin = target - lam_now[r], self._edge, self.order_margin
+            if edge < step < edge + margin:
+                target = min(lam_now[r] + edge + margin, end)
+            elif edge - margin < step <= edge:
+                target = lam_now[r] + edge - margin
             share = (target - lam_now[r]) / max(end - lam_now[r], 1e-12)
             out[r, 0] = np.clip(np.log(max(share, 1e-6) / planned[r]) / np.log(4.0), -1.0, 1.0)
         return out, reasons
@@ -324,6 +339,9 @@ def main(argv) -> int:
                     help="oracle fixed grids (python -m adaptive_core.bench.trained_oracle, e.g. "
                          "docs/bench/trained/oracle.json): on the configurations and budgets it has, the student "
                          "learns to land on the grid (OracleGridTeacher) instead of the teacher's steps")
+    ap.add_argument("--order-margin", type=float, default=0.15,
+                    help="with --oracle-grids: grid steps within this many units of λ of the heuristic's long-step "
+                         "order limit are taught this far clear of it (OracleGridTeacher)")
     args = ap.parse_args(argv)
     from .policy_env import configs_of
     from .policy_train import policy_training_cells
@@ -348,9 +366,11 @@ def main(argv) -> int:
         covered = sorted(f"{c.key}@{b}" for c in configs for b in budgets if str(b) in grids.get(c.key, {}))
         if not covered:
             ap.error(f"--oracle-grids: {args.oracle_grids} has no grid for these configurations and budgets")
-        teacher = OracleGridTeacher(teacher, grids)
+        if not args.order_margin >= 0:
+            ap.error(f"--order-margin must be ≥ 0, got {args.order_margin}")
+        teacher = OracleGridTeacher(teacher, grids, args.order_margin)
         oracle_note = {"file": str(args.oracle_grids), "sha256": hashlib.sha256(args.oracle_grids.read_bytes())
-                       .hexdigest(), "cells": covered}
+                       .hexdigest(), "cells": covered, "order_margin": args.order_margin}
     hidden = [int(h) for h in args.hidden.split(",") if h]
     start = time.time()
     student, history = distill(teacher, configs, budgets, range(args.seeds), rounds=args.rounds, epochs=args.epochs,
