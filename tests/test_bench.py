@@ -119,7 +119,8 @@ def test_trained_oracle_fits_a_grid_that_policy_eval_reruns_on_its_own_seeds(tmp
     from adaptive_core.tune.policy_eval import measure
     out = tmp_path / "oracle.json"
     earlier = {"sigmas": [80.0, 1.0, 0.5, 0.1, 0.0]}
-    out.write_text(json.dumps({"configs": {"mnist_unet-ve-cfg2": {"4": earlier}, "mnist_unet-flow-cfg1": {"9": earlier}}}))
+    out.write_text(json.dumps({"configs": {"mnist_unet-ve-cfg2": {"4": earlier},
+                                           "mnist_unet-flow-cfg1": {"9": earlier}}}))
     torch.set_num_threads(1)
     assert trained_oracle.main(["--model-type", "flow", "--cfg", "1", "--nfe", "4", "--fit-seeds", "3", "--jobs",
                                 "1", "--out", str(out)]) == 0

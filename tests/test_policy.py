@@ -913,14 +913,15 @@ def test_fine_tuning_starts_from_a_policy_manifest(tiny_training, tmp_path):
     from stable_baselines3.common.vec_env import VecNormalize
 
     from adaptive_core.tune.policy_train import (FINE_TUNE_CRITIC_WARMUP, load_policy_actor, load_training_state,
-                                                 make_vec_env, sb3_actions, train)
+                                                 make_vec_env, policy_actor_weights, sb3_actions, train)
     torch.set_num_threads(1)
     bundled = Path(__file__).resolve().parents[1] / "policies" / "ppo_ve_flow.json"
     for path in (bundled, tiny_training[3]):
         venv = make_vec_env([("gaussian", "ve")], [5], range(4), 1, "dummy", 0.1, 0)
         vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
+        width = int(policy_actor_weights(path)["policy_net.0.weight"].shape[0])   # bundled 128, tiny 64
         model = PPO("MlpPolicy", vecnorm, n_steps=64, batch_size=64, device="cpu",
-                    policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64])))
+                    policy_kwargs=dict(net_arch=dict(pi=[width, width], vf=[width, width])))
         policy = load_policy(path)
         probe = (policy._mean + policy._std * np.random.default_rng(3).normal(size=(32, N_OBSERVATIONS)))
         assert not np.allclose(sb3_actions(model, vecnorm, probe.astype(np.float32)), policy.act(probe), atol=1e-3)

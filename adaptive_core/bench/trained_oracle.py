@@ -71,7 +71,12 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps"}}:
     the grid, its RMSE to the reference on the fit images, ADO's (heuristic controller, host grid) RMSE on the
     same images for scale, the seed range [first, end), the CFG scales and the reference's step count."""
-    from ..tune.policy_env import TRAINED_REFERENCE_STEPS, Config, make_config_testbed, noise_and_reference
+    from ..tune.policy_env import (
+        TRAINED_REFERENCE_STEPS,
+        Config,
+        make_config_testbed,
+        noise_and_reference,
+    )
     from .metrics import rmse
     from .run import run_method, run_oracle
     if fit_seeds < 2:

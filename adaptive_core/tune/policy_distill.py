@@ -3,7 +3,9 @@
 Policy distillation (Rusu et al. 2016, "Policy Distillation") trains a student network to reproduce a teacher
 policy's actions; here the teacher is usually an ensemble (``policy-ensemble``: the mean of several PPO
 policies), which decides better than any of its members but costs one MLP per member at every decision.  The
-student has the members' size (a 64-64 tanh MLP), so it decides at the cost of one policy.
+student has the members' size (a 64-64 tanh MLP by default; ``--hidden``), so it decides at the cost of one policy.
+With ``--oracle-grids`` the teacher is :class:`OracleGridTeacher`: on the configurations and budgets that have an
+oracle fixed grid, the student learns to land on it.
 
 The data are the observation rows the sampler hands the controller (:func:`adaptive_core.sampler.sample_adaptive`,
 ``controller=``) on the teacher's training configurations, labelled with the teacher's deterministic actions:

@@ -513,14 +513,14 @@ def policy_actor_weights(manifest_path: Path) -> dict:
 
 
 def actor_layers(model) -> list[tuple[nn.Linear, str]]:
-    """The linear layers of an SB3 PPO model's actor (64-64 tanh MLP, then the action layer), each with the name
+    """The linear layers of an SB3 PPO model's actor (a two-layer tanh MLP, then the action layer), each with the name
     of its weights in a policy graph (:data:`ACTOR_INITIALISERS`: ``<name>.weight``, ``<name>.bias``)."""
     net = model.policy.mlp_extractor.policy_net
     return [(net[0], "policy_net.0"), (net[2], "policy_net.2"), (model.policy.action_net, "action_net")]
 
 
 def load_policy_actor(model, vecnorm, manifest_path: Path, graph: dict | None = None) -> None:
-    """Copy a policy's ONNX actor into a fresh SB3 PPO ``model`` (64-64 tanh: the actor MLP and action layer)
+    """Copy a policy's ONNX actor into a fresh SB3 PPO ``model`` of the same widths (a tanh MLP and action layer)
     and its observation normalisation into ``vecnorm`` (mean; var = 1/inv_std² − ε), then check that SB3's
     deterministic actions equal the ONNX policy's to 1e-4 on 64 probe rows.  The critic and the action noise are
     left as they are (:func:`load_training_state` copies a shipped critic)."""
