@@ -1,6 +1,7 @@
 """Generality check: ADO's defaults on testbed variants they were not chosen on.
 
-``python -m adaptive_core.bench.generality [--seeds 64] [--out docs/bench/generality.md]``
+``python -m adaptive_core.bench.generality [--seeds 64] [--first-seed 0] [--nfe 8 20] [--controller policy:NAME ...]
+[--out docs/bench/generality.md]``
 
 Variants: other spectrum exponents of the Gaussian testbed, other flow shifts (which also move σ_min),
 and an imperfect denoiser (the exact one plus a smooth systematic error, as a trained network has; its
@@ -73,7 +74,8 @@ def run(seeds: int, nfes=(8, 20), controllers=(), first_seed: int = 0) -> list[d
             for controller in controllers:
                 out = sample_adaptive(model, x, karras_sigmas(nfe, tb.sigma_min, tb.sigma_max), nfe_budget=nfe,
                                       model_type=model_type, controller=controller)
-                row[controller] = {"rmse": rmse(out, ref), "ratio_to_ado": rmse(out, ref) / ado}
+                err = rmse(out, ref)
+                row[controller] = {"rmse": err, "ratio_to_ado": err / ado}
             rows.append(row)
     return rows
 

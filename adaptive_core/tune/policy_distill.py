@@ -82,7 +82,6 @@ class ImitationRecorder:
             return np.zeros((0, N_OBSERVATIONS)), np.zeros((0, self.teacher.n_actions))
         return np.concatenate(self.observations), np.concatenate(self.targets)
 
-
     def set_context(self, config, budget: int, grid) -> None:
         """Tell the teacher which configuration, budget and host σ grid the next run has (where it asks)."""
         if hasattr(self.teacher, "set_context"):
