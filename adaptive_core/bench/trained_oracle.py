@@ -1,14 +1,15 @@
-"""The oracle fixed schedule on the bundled trained MNIST denoisers: the best σ grid per model type, CFG scale
-and budget, found with the reference in the loop (:func:`~adaptive_core.bench.oracle.optimize_schedule`).
+"""The oracle fixed schedule on a trained testbed (the MNIST UNet by default, or ``--testbed photo_unet``): the
+best σ grid per model type, CFG scale and budget, found with the reference in the loop
+(:func:`~adaptive_core.bench.oracle.optimize_schedule`).
 
-``python -m adaptive_core.bench.trained_oracle [--model-type ve flow] [--cfg 1 2] [--nfe 5 8 10]
-[--fit-seeds 32] [--joint-cfg] [--out docs/bench/trained/oracle.json] [--jobs 2]``
+``python -m adaptive_core.bench.trained_oracle [--testbed mnist_unet] [--model-type ve flow] [--cfg 1 2]
+[--nfe 5 8 10] [--fit-seeds 32] [--joint-cfg] [--out docs/bench/trained/oracle.json] [--jobs 2]``
 
 It is the analytic benchmark's oracle (``python -m adaptive_core.bench``) on the trained UNet: ADO's integrator
 on a fixed grid, each interior evaluation point moved in half-log-SNR by coordinate descent (cf. OSS, AYS and
 the DMN trust-region search, arXiv 2402.17376), from three starts (ADO's own plan, the host's Karras grid and
-a λ-uniform grid).  The grid is fitted on the noise seeds 0 … ``fit_seeds`` − 1 (class = seed mod 10, inside
-the policy's UNet training pool) against the reference the policy measurements use
+a λ-uniform grid).  The grid is fitted on the noise seeds 0 … ``fit_seeds`` − 1 (on the class-conditional
+MNIST UNet, class = seed mod 10; inside the policy's UNet training pool; an unconditional network has CFG 1 only) against the reference the policy measurements use
 (:data:`~adaptive_core.tune.policy_env.TRAINED_REFERENCE_STEPS`-step λ-uniform solve).  The grids are written
 to ``--out``; ``python -m adaptive_core.tune policy-eval`` runs them on its held-out seeds, so its "policy /
 oracle" ratio compares the two on the same images.  Fitting the reference into a grid is what no sampler can
@@ -64,9 +65,10 @@ class CfgBlocks:
 
 
 def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int | None = None,
-               progress=None) -> dict:
-    """Fit the oracle grid for each budget in ``nfes`` on one trained model type at the CFG scale ``cfg``, or at
-    several scales at once (a list: one grid fitted to the images of every scale together, :class:`CfgBlocks`).
+               progress=None, testbed: str = "mnist_unet") -> dict:
+    """Fit the oracle grid for each budget in ``nfes`` on the trained ``testbed`` in ``model_type`` at the CFG
+    scale ``cfg``, or at several scales at once (a list: one grid fitted to the images of every scale together,
+    :class:`CfgBlocks`).
 
     Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps"}}:
     the grid, its RMSE to the reference on the fit images, ADO's (heuristic controller, host grid) RMSE on the
@@ -88,7 +90,10 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
     testbeds, xs, refs = [], [], []
     for c in cfgs:
-        config = Config("mnist_unet", model_type, c)
+        config = Config(testbed, model_type, c)
+        if not config.trained or (c != 1.0 and not config.conditional):
+            raise ValueError(f"{testbed}: the trained oracle needs a trained testbed, and CFG 1 on an unconditional "
+                             f"one (got CFG {c:g})")
         tb = make_config_testbed(config)
         x, ref = noise_and_reference(config, tb, range(fit_seeds), steps)
         testbeds.append(tb)
@@ -116,11 +121,11 @@ def _job(job) -> dict:
     from tqdm.auto import tqdm
 
     from ..tune.policy_env import Config
-    model_type, cfgs, nfes, fit_seeds, reference_steps, position = job
+    testbed, model_type, cfgs, nfes, fit_seeds, reference_steps, position = job
     torch.set_num_threads(1)
-    keys = [Config("mnist_unet", model_type, float(c)).key for c in cfgs]
+    keys = [Config(testbed, model_type, float(c)).key for c in cfgs]
     with tqdm(total=len(nfes), desc=" + ".join(keys), unit="grid", position=position) as bar:
-        grids = fit_config(model_type, list(cfgs), nfes, fit_seeds, reference_steps, bar)
+        grids = fit_config(model_type, list(cfgs), nfes, fit_seeds, reference_steps, bar, testbed)
     return {key: grids for key in keys}
 
 
@@ -138,11 +143,14 @@ def load_oracle_grids(path: Path | None) -> dict:
 
 def main(argv=None) -> int:
     """CLI (see the module docstring)."""
+    from ..testbeds import CONDITIONAL_TESTBED_NAMES, TRAINED_TESTBED_NAMES
     from ..tune.policy_env import TRAINED_REFERENCE_STEPS
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.trained_oracle",
                                  description=__doc__.split("\n")[0])
+    ap.add_argument("--testbed", default="mnist_unet", choices=TRAINED_TESTBED_NAMES)
     ap.add_argument("--model-type", nargs="+", default=["ve", "flow"], choices=["ve", "flow"])
-    ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 2.0], help="classifier-free guidance scales")
+    ap.add_argument("--cfg", nargs="+", type=float, default=None,
+                    help="classifier-free guidance scales (default 1 2 on a class-conditional testbed, 1 otherwise)")
     ap.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10])
     ap.add_argument("--fit-seeds", type=int, default=32, help="noise seeds 0..N-1 the grids are fitted on")
     ap.add_argument("--reference-steps", type=int, default=TRAINED_REFERENCE_STEPS)
@@ -153,13 +161,17 @@ def main(argv=None) -> int:
                     help="fit one grid per model type and budget to the images of every --cfg scale together (the "
                          "policy does not observe the CFG scale); it is written under each scale's key")
     args = ap.parse_args(argv)
+    if args.cfg is None:
+        args.cfg = [1.0, 2.0] if args.testbed in CONDITIONAL_TESTBED_NAMES else [1.0]
+    if args.testbed not in CONDITIONAL_TESTBED_NAMES and args.cfg != [1.0]:
+        ap.error(f"{args.testbed} is unconditional: --cfg can only be 1")
     if args.fit_seeds < 2 or any(n < 3 for n in args.nfe) or any(c < 0 for c in args.cfg) or args.jobs < 1:
         ap.error("need --fit-seeds ≥ 2, every --nfe ≥ 3, --cfg ≥ 0 and --jobs ≥ 1")
     if args.joint_cfg:
         todo = [(m, tuple(args.cfg)) for m in args.model_type]
     else:   # the CFG-2 runs cost twice the model calls: start them first so the pool ends together
         todo = sorted(((m, (c,)) for m in args.model_type for c in args.cfg), key=lambda mc: -mc[1][0])
-    jobs = [(m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i) for i, (m, c) in enumerate(todo)]
+    jobs = [(args.testbed, m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i) for i, (m, c) in enumerate(todo)]
     t0 = time.time()
     fitted: dict = {}
     if args.jobs > 1 and len(jobs) > 1:

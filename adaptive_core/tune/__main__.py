@@ -5,8 +5,9 @@
 (export the mean of trained policies as one), ``python -m adaptive_core.tune policy-distill ...`` (train one
 small policy to imitate another, e.g. an ensemble), ``python -m adaptive_core.tune policy-critic ...`` (fit the
 critic that fine-tuning a policy file starts from), ``python -m adaptive_core.tune policy-calibrate ...`` (fit a
-policy's step offset to a new model by a paired line search) and ``python -m adaptive_core.tune policy-study ...`` (the
-trials of a shared Optuna search)."""
+policy's step offset to a new model by a paired line search), ``python -m adaptive_core.tune policy-adapt ...``
+(adapt a policy to another trained network: its oracle grids, distillation, measurement) and
+``python -m adaptive_core.tune policy-study ...`` (the trials of a shared Optuna search)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ def monitor_main(argv) -> int:
 
     import numpy as np
     import torch
+
     from ..features import FEATURE_NAMES
     from . import monitor_data as md
     from . import monitor_train as mt
@@ -89,12 +91,13 @@ def monitor_main(argv) -> int:
 
 def main(argv=None) -> int:
     """Dispatch ``monitor``, ``monitor-eval``, ``policy``, ``policy-eval``, ``policy-study``, ``policy-ensemble``,
-    ``policy-distill``, ``policy-critic`` and ``policy-calibrate``."""
+    ``policy-distill``, ``policy-critic``, ``policy-calibrate`` and ``policy-adapt``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval", "policy-study",
-                                       "policy-ensemble", "policy-distill", "policy-critic", "policy-calibrate"):
+                                       "policy-ensemble", "policy-distill", "policy-critic", "policy-calibrate",
+                                       "policy-adapt"):
         print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval,policy-study,policy-ensemble,"
-              "policy-distill,policy-critic,policy-calibrate} [options]   (-h after the command)")
+              "policy-distill,policy-critic,policy-calibrate,policy-adapt} [options]   (-h after the command)")
         return 2
     if argv[0] == "policy-study":
         from .policy_train import study_main
@@ -105,6 +108,9 @@ def main(argv=None) -> int:
     if argv[0] == "policy-distill":
         from .policy_distill import main as distill_main
         return distill_main(argv[1:])
+    if argv[0] == "policy-adapt":
+        from .policy_adapt import main as adapt_main
+        return adapt_main(argv[1:])
     if argv[0] == "policy-calibrate":
         from .policy_calibrate import main as calibrate_main
         return calibrate_main(argv[1:])

@@ -121,7 +121,7 @@ def paired_returns(policy, env, images, offsets, progress: bool = False) -> np.n
 
     from ..sampler import sample_adaptive
     from ..trace import Trace
-    from .policy_env import class_labels, host_grid, rmse_per_sample
+    from .policy_env import host_grid, rmse_per_sample, set_config_labels
     out = np.zeros((len(offsets), len(images)))
     groups: dict = {}
     for i, (k, seed, budget) in enumerate(images):
@@ -133,8 +133,7 @@ def paired_returns(policy, env, images, offsets, progress: bool = False) -> np.n
         tb = env.testbeds[k]
         heur = np.array([env.heuristic_rmse(k, s, budget) for s in seeds])
         for j, offset in enumerate(offsets):
-            if env.configs[k].trained:
-                tb.set_labels(class_labels(seeds))
+            set_config_labels(env.configs[k], tb, seeds)
             trace = Trace()
             result = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=tb.model_type,
                                      controller=StepOffsetPolicy(policy, offset), trace=trace)

@@ -107,13 +107,19 @@ class OracleGridTeacher:
     land on the other side, with the other order.  So a grid step within ``order_margin`` of the edge is
     labelled as a step ``order_margin`` clear of it, on the grid's side; ``order_margin=0`` follows the grid
     exactly.
+
+    With ``grid_rows_in_range`` every row of a run that has a grid is labelled, even where ``policy`` would fall
+    back to the heuristic (a new network's features may lie outside ``policy``'s training range; the grid needs
+    no range).  The student of such rows needs the range of its own data (``export_student(fallback_range=
+    "data")``).
     """
 
-    def __init__(self, policy, grids: dict, order_margin: float = 0.0) -> None:
+    def __init__(self, policy, grids: dict, order_margin: float = 0.0, grid_rows_in_range: bool = False) -> None:
         from ..sampler import DEFAULTS
         if not order_margin >= 0:
             raise ValueError(f"order_margin must be ≥ 0, got {order_margin}")
         self.policy, self.grids, self.order_margin = policy, grids, float(order_margin)
+        self.grid_rows_in_range = bool(grid_rows_in_range)
         self._edge = float(DEFAULTS["high_order_max_step"])
         self._lam = None
 
@@ -144,6 +150,8 @@ class OracleGridTeacher:
         actions, reasons = self.policy.decide(observation)
         if self._lam is None:
             return actions, reasons
+        if self.grid_rows_in_range:
+            reasons = [None if r is None or np.isfinite(o).all() else r for r, o in zip(reasons, observation)]
         obs = np.asarray(observation, dtype=np.float64)
         start, end = self._ends
         lam_now = start + obs[:, LAMBDA_PROGRESS_INDEX] * (end - start)
@@ -295,25 +303,48 @@ def distill(teacher, configs, budgets, seeds, *, rounds: int = 2, epochs: int = 
     return student, history
 
 
-def export_student(student: DeterministicActor, teacher, onnx_path: Path, *, training: dict, metrics: dict) -> Path:
+def trained_on_of(configs, budgets) -> dict:
+    """The manifest's ``trained_on`` for a policy distilled on ``configs`` (:class:`~.policy_env.Config`) and
+    ``budgets``."""
+    testbeds = list(dict.fromkeys(f"{c.name}-{c.model_type}" for c in configs))
+    return {"testbeds": testbeds, "model_types": sorted({c.model_type for c in configs}),
+            "budgets": [int(b) for b in budgets],
+            "cfg_scales": sorted({float(c.cfg) for c in configs if c.conditional}) or [1.0],
+            "configurations": [c.key for c in configs]}
+
+
+def export_student(student: DeterministicActor, teacher, onnx_path: Path, *, training: dict, metrics: dict,
+                   trained_on: dict | None = None, fallback_range: str = "teacher") -> Path:
     """Write the student as one ONNX file (checked against the PyTorch student to 1e-5) and its manifest: the
-    teacher's fallback range and action mapping, the student's own training record.  Returns the manifest path."""
+    action mapping of the teacher, the student's own training record, ``trained_on`` (default: the teacher's)
+    and the fallback range: the teacher's (``"teacher"``: the student is asked where the teacher would be) or
+    that of the student's own data (``"data"``: when it learned rows outside the teacher's range, e.g. a new
+    network's, from :class:`OracleGridTeacher` with ``grid_rows_in_range``).  Returns the manifest path."""
+    if fallback_range not in ("teacher", "data"):
+        raise ValueError(f"fallback_range must be 'teacher' or 'data', got {fallback_range!r}")
     onnx_path = Path(onnx_path)
     n_actions = int(student.action_net.out_features)
     mean = student.mean[0].double().numpy()
     var = (1.0 / student.inv_std[0].double() ** 2).numpy() - STUDENT_EPSILON
     _export_verified(student, onnx_path, mean, var, lambda probe: student_actions(student, probe))
     t_norm = teacher.manifest.normalisation
-    normalisation = {"applied_in_graph": True, "mean": list(t_norm["mean"]), "var": list(t_norm["var"]),
+    if fallback_range == "teacher":
+        centre, spread = list(t_norm["mean"]), list(t_norm["var"])
+        why = "mean/var are the teacher's, for the fallback rule (the student is asked where the teacher would be)"
+        range_text = "the teacher's training range centre"
+    else:
+        centre, spread = [float(v) for v in mean], [float(v) for v in var]
+        why = "mean/var are those of the student's own training rows, for the fallback rule"
+        range_text = "the student's training data centre"
+    normalisation = {"applied_in_graph": True, "mean": centre, "var": spread,
                      "student_mean": [float(v) for v in mean], "student_var": [float(v) for v in var],
                      "epsilon": STUDENT_EPSILON, "clip_obs": student.clip_obs,
                      "formula": "the student computes clip((obs - student_mean) / sqrt(student_var), -clip_obs, "
-                                "clip_obs) in the graph; mean/var are the teacher's, for the fallback rule (the "
-                                "student is asked where the teacher would be)"}
-    return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=teacher.manifest.trained_on,
+                                f"clip_obs) in the graph; {why}"}
+    return _policy_manifest(onnx_path, n_actions, normalisation,
+                            trained_on=teacher.manifest.trained_on if trained_on is None else trained_on,
                             training=training, metrics=metrics, min_lambda_progress=teacher.min_lambda_progress,
-                            early_step_cap=getattr(teacher, "early_step_cap", None),
-                            range_text="the teacher's training range centre")
+                            early_step_cap=getattr(teacher, "early_step_cap", None), range_text=range_text)
 
 
 def main(argv) -> int:
@@ -343,6 +374,9 @@ def main(argv) -> int:
     ap.add_argument("--order-margin", type=float, default=0.15,
                     help="with --oracle-grids: grid steps within this many units of λ of the heuristic's long-step "
                          "order limit are taught this far clear of it (OracleGridTeacher)")
+    ap.add_argument("--fallback-range", choices=("teacher", "data"), default="teacher",
+                    help="the student's out-of-range rule: the teacher's range, or (with --oracle-grids, where every "
+                         "row of a run with a grid is then learned) the range of the student's own training rows")
     args = ap.parse_args(argv)
     from .policy_env import configs_of
     from .policy_train import policy_training_cells
@@ -356,6 +390,9 @@ def main(argv) -> int:
         ap.error(f"teacher: {e}")
     configs = configs_of(specs, cfg_scales)
     oracle_note = None
+    if args.fallback_range == "data" and args.oracle_grids is None:
+        ap.error("--fallback-range data needs --oracle-grids (it lets the student learn rows outside the teacher's "
+                 "range, which only the oracle grids label)")
     if args.oracle_grids is not None:
         from ..bench.trained_oracle import load_oracle_grids
         if not args.oracle_grids.is_file():
@@ -369,7 +406,8 @@ def main(argv) -> int:
             ap.error(f"--oracle-grids: {args.oracle_grids} has no grid for these configurations and budgets")
         if not args.order_margin >= 0:
             ap.error(f"--order-margin must be ≥ 0, got {args.order_margin}")
-        teacher = OracleGridTeacher(teacher, grids, args.order_margin)
+        teacher = OracleGridTeacher(teacher, grids, args.order_margin,
+                                    grid_rows_in_range=args.fallback_range == "data")
         oracle_note = {"file": str(args.oracle_grids), "sha256": hashlib.sha256(args.oracle_grids.read_bytes())
                        .hexdigest(), "cells": covered, "order_margin": args.order_margin}
     hidden = [int(h) for h in args.hidden.split(",") if h]
@@ -388,9 +426,11 @@ def main(argv) -> int:
     teacher_seconds = float(teacher.manifest.metrics.get("train_seconds") or 0.0)
     manifest = export_student(student, teacher, args.out_dir / f"{args.name}.onnx", training=training,
                               metrics={"train_seconds": round(teacher_seconds + seconds, 1),
-                                       "distill_seconds": seconds})
+                                       "distill_seconds": seconds},
+                              trained_on=trained_on_of(configs, budgets), fallback_range=args.fallback_range)
     (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1) + "\n")
-    print(f"wrote {manifest} ({seconds:.0f} s; fallback z {OOD_Z:g} on the teacher's range)")
+    where = "the teacher's range" if args.fallback_range == "teacher" else "the range of its own training rows"
+    print(f"wrote {manifest} ({seconds:.0f} s; fallback z {OOD_Z:g} on {where})")
     return 0
 
 
@@ -407,4 +447,5 @@ __all__ = [
     "new_student",
     "run_configurations",
     "student_actions",
+    "trained_on_of",
 ]

@@ -62,7 +62,7 @@ import torch
 
 from ..policy import ACTION_KINDS, ACTION_SCALE, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE, check_early_step_cap
 from ..sampler import sample_adaptive
-from ..testbeds import TRAINED_TESTBED_NAMES, make_testbed
+from ..testbeds import CONDITIONAL_TESTBED_NAMES, TRAINED_TESTBED_NAMES, make_testbed
 
 #: Default training testbeds (name, model type); gmm_digits-flow can be left out for the transfer measurement.
 TRAIN_TESTBEDS = (("gaussian", "ve"), ("gaussian", "flow"), ("gmm_digits", "ve"), ("gmm_digits", "flow"))
@@ -92,7 +92,8 @@ _SHARED: dict[tuple, tuple] = {}
 @dataclass(frozen=True)
 class Config:
     """One sampling configuration of the env: a testbed, its model type and, for a trained testbed, the CFG
-    scale (None for an analytic one).  ``key`` names it in results (``gmm_digits-flow``, ``mnist_unet-ve-cfg2``)."""
+    scale (None for an analytic one; 1 for an unconditional network).  ``key`` names it in results
+    (``gmm_digits-flow``, ``mnist_unet-ve-cfg2``, ``photo_unet-flow``)."""
 
     name: str
     model_type: str
@@ -102,19 +103,27 @@ class Config:
     def key(self) -> str:
         """Its name in results."""
         base = f"{self.name}-{self.model_type}"
-        return base if self.cfg is None else f"{base}-cfg{self.cfg:g}"
+        return base if self.cfg is None or not self.conditional else f"{base}-cfg{self.cfg:g}"
 
     @property
     def trained(self) -> bool:
-        """Whether the testbed is a trained network (class labels, CFG, a solved reference)."""
+        """Whether the testbed is a trained network (float32, a solved reference)."""
         return self.name in TRAINED_TESTBED_NAMES
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the testbed is a trained network that takes class labels and CFG."""
+        return self.name in CONDITIONAL_TESTBED_NAMES
 
 
 def configs_of(specs: Sequence[tuple[str, str]], cfg_scales: Sequence[float] = TRAINED_CFG_SCALES) -> list[Config]:
-    """The configurations of (name, model type) pairs: one per analytic pair, one per CFG scale for a trained one."""
+    """The configurations of (name, model type) pairs: one per analytic pair and per unconditional network
+    (CFG 1), one per CFG scale for a class-conditional network."""
     out = []
     for name, mt in specs:
-        if name in TRAINED_TESTBED_NAMES:
+        if name in TRAINED_TESTBED_NAMES and name not in CONDITIONAL_TESTBED_NAMES:
+            out.append(Config(name, mt, 1.0))
+        elif name in TRAINED_TESTBED_NAMES:
             if not cfg_scales:
                 raise ValueError(f"{name}: a trained testbed needs at least one CFG scale")
             out += [Config(name, mt, float(c)) for c in cfg_scales]
@@ -124,8 +133,14 @@ def configs_of(specs: Sequence[tuple[str, str]], cfg_scales: Sequence[float] = T
 
 
 def class_labels(seeds: Sequence[int]) -> torch.Tensor:
-    """The class of each noise seed on a trained testbed: ``seed mod 10``."""
+    """The class of each noise seed on a class-conditional testbed: ``seed mod 10``."""
     return torch.as_tensor([int(s) % 10 for s in seeds], dtype=torch.long)
+
+
+def set_config_labels(config: Config, testbed, seeds: Sequence[int]) -> None:
+    """Give a class-conditional testbed the labels of ``seeds`` (:func:`class_labels`); nothing for the others."""
+    if config.conditional:
+        testbed.set_labels(class_labels(seeds))
 
 
 def make_config_testbed(config: Config):
@@ -136,12 +151,12 @@ def make_config_testbed(config: Config):
 
 
 def config_noise(config: Config, testbed, seeds: Sequence[int]) -> torch.Tensor:
-    """The noise x of ``seeds`` on a configuration's testbed; on a trained testbed it also sets the labels
-    (:func:`class_labels`) and draws float32, as the network runs."""
+    """The noise x of ``seeds`` on a configuration's testbed; on a trained testbed it draws float32, as the
+    network runs, and sets the labels of a conditional one (:func:`set_config_labels`)."""
     seeds = [int(s) for s in seeds]
     if not config.trained:
         return testbed.noise(seeds)
-    testbed.set_labels(class_labels(seeds))
+    set_config_labels(config, testbed, seeds)
     return testbed.noise(seeds, dtype=torch.float32)
 
 
@@ -153,9 +168,8 @@ def noise_and_reference(config: Config, testbed, seeds: Sequence[int],
     x = config_noise(config, testbed, seeds)
     if not config.trained:
         return x, testbed.reference(x)
-    from ..testbeds.train import weights_path
     seeds = [int(s) for s in seeds]
-    digest = hashlib.sha256(weights_path(config.model_type).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(Path(testbed.path).read_bytes()).hexdigest()[:16]
     tag = hashlib.sha256(repr((seeds, int(reference_steps), config.cfg, digest)).encode()).hexdigest()[:16]
     path = CACHE_DIR / f"{config.key}-{tag}.safetensors"
     if path.is_file():
@@ -366,8 +380,7 @@ class SamplingEnv(gym.Env):
     def _start_thread(self, k: int, seed: int, budget: int) -> None:
         tb = self.testbeds[k]
         x, _ = self.noise_and_reference_of(k, [seed])
-        if self.configs[k].trained:
-            tb.set_labels(class_labels([seed]))
+        set_config_labels(self.configs[k], tb, [seed])
         decider = _ThreadDecider(self.min_lambda_progress, self.early_step_cap)
 
         def run():
@@ -505,8 +518,7 @@ def evaluate_controller(controller, specs: Sequence[tuple[str, str]], budgets: S
             tb = make_config_testbed(config)
             references[config.key] = (tb, *noise_and_reference(config, tb, seeds, reference_steps))
         tb, x, ref = references[config.key]
-        if config.trained:
-            tb.set_labels(class_labels(seeds))
+        set_config_labels(config, tb, seeds)
         for budget in budgets:
             trace = Trace()
             opts = {} if controller is None else {"controller": controller}
@@ -518,7 +530,25 @@ def evaluate_controller(controller, specs: Sequence[tuple[str, str]], budgets: S
     return res
 
 
-__all__ = ["CACHE_DIR", "Config", "ERROR_REWARDS", "EVAL_SEEDS", "SamplingEnv", "TRAIN_BUDGETS", "TRAIN_SEEDS",
-           "TRAIN_TESTBEDS", "TRAINED_CFG_SCALES", "TRAINED_REFERENCE_STEPS", "TRAINED_SEED_POOL", "class_labels",
-           "config_noise", "configs_of", "evaluate_controller", "host_grid", "make_config_testbed",
-           "noise_and_reference", "rmse_per_sample"]
+__all__ = [
+    "CACHE_DIR",
+    "ERROR_REWARDS",
+    "EVAL_SEEDS",
+    "TRAINED_CFG_SCALES",
+    "TRAINED_REFERENCE_STEPS",
+    "TRAINED_SEED_POOL",
+    "TRAIN_BUDGETS",
+    "TRAIN_SEEDS",
+    "TRAIN_TESTBEDS",
+    "Config",
+    "SamplingEnv",
+    "class_labels",
+    "config_noise",
+    "configs_of",
+    "evaluate_controller",
+    "host_grid",
+    "make_config_testbed",
+    "noise_and_reference",
+    "rmse_per_sample",
+    "set_config_labels",
+]

@@ -94,9 +94,9 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     from .policy_env import (
         TRAINED_CFG_SCALES,
         TRAINED_REFERENCE_STEPS,
-        class_labels,
         configs_of,
         evaluate_controller,
+        set_config_labels,
     )
     cfg_scales = TRAINED_CFG_SCALES if cfg_scales is None else tuple(cfg_scales)
     reference_steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
@@ -113,8 +113,7 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     for config in configs_of(specs, cfg_scales):
         key = config.key
         tb, x, ref = refs[key]
-        if config.trained:
-            tb.set_labels(class_labels(seeds))
+        set_config_labels(config, tb, seeds)
         for n in nfes:
             row = {"testbed": key, "nfe": n, "heuristic": heur[key][n]["rmse"], "policy": pol[key][n]["rmse"],
                    "policy_mean_nfe": pol[key][n]["nfe"]}

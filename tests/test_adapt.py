@@ -1,0 +1,143 @@
+"""The second trained network (photo patches) and ``policy-adapt``, which adapts a policy to a trained network."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_core.policy import N_OBSERVATIONS, OBSERVATION_NAMES, load_policy
+from adaptive_core.testbeds import TRAINED_TESTBED_NAMES, make_testbed
+
+
+def test_photo_patches_come_from_disjoint_columns_and_are_deterministic():
+    from adaptive_core.testbeds.photo_data import PATCH, SPLIT_COLUMNS, load_photo_patches, photos, random_photo_crops
+    base = photos()
+    assert base.shape == (2, 213, 320) and base.min() >= -1 and base.max() <= 1
+    train, test = load_photo_patches("train"), load_photo_patches("test")
+    assert train.shape[1:] == test.shape[1:] == (1, PATCH, PATCH) and len(train) > 4 * len(test) > 0
+    assert torch.equal(train, load_photo_patches("train"))
+    # the first test patch is the top-left window of the test columns of the first photo
+    lo = SPLIT_COLUMNS["test"][0]
+    assert torch.equal(test[0, 0], base[0, :PATCH, lo:lo + PATCH])
+    assert SPLIT_COLUMNS["train"][1] <= lo
+    a = random_photo_crops(16, torch.Generator().manual_seed(3))
+    b = random_photo_crops(16, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (16, 1, PATCH, PATCH)
+    # every crop is a window (or its mirror image) of the train columns
+    region = base[:, :, :SPLIT_COLUMNS["train"][1]]
+    windows = region.unfold(1, PATCH, 1).unfold(2, PATCH, 1).reshape(-1, PATCH, PATCH)
+    for crop in a[:4, 0]:
+        assert any(bool(((windows - c).abs().amax((1, 2)) == 0).any()) for c in (crop, crop.flip(-1)))
+    with pytest.raises(ValueError, match="unknown split"):
+        load_photo_patches("validation")
+
+
+def test_photo_testbed_is_an_unconditional_network_with_its_own_configuration(tmp_path):
+    """photo_unet: a trained testbed without labels or CFG; one configuration per model type, keyed without a
+    CFG scale; a weights file names its own testbed class."""
+    from adaptive_core.testbeds.train import save_denoiser, train
+    from adaptive_core.testbeds.trained import PhotoDenoiser, TrainedDenoiser, trained_testbed
+    from adaptive_core.tune.policy_env import Config, config_noise, configs_of
+    assert "photo_unet" in TRAINED_TESTBED_NAMES
+    tb = make_testbed("photo_unet", "flow")
+    assert isinstance(tb, PhotoDenoiser) and tb.name == "photo_unet-flow" and not tb.conditional
+    with pytest.raises(ValueError, match="unconditional"):
+        tb.set_labels([1, 2])
+    with pytest.raises(ValueError, match="unconditional"):
+        make_testbed("photo_unet", "ve", cfg_scale=2.0)
+    (config,) = configs_of([("photo_unet", "flow")], cfg_scales=(1.0, 2.0))
+    assert config == Config("photo_unet", "flow", 1.0) and config.key == "photo_unet-flow" and config.trained
+    x = config_noise(config, tb, range(3))
+    out = tb(x, torch.full((3,), 0.5))
+    assert out.shape == x.shape and torch.isfinite(out).all() and tb.labels is None
+    assert tb.sample_data(4).shape == (4, 1, 32, 32)
+    torch.manual_seed(0)
+    model, _, facts = train("ve", 2, batch=4, data="photo", progress=False)
+    assert facts["family"] == "photo_unet" and facts["conditional"] is False
+    save_denoiser(model, tmp_path / "photo_ve.safetensors", facts)
+    assert type(trained_testbed(tmp_path / "photo_ve.safetensors")) is PhotoDenoiser
+    assert type(trained_testbed(make_testbed("mnist_unet", "ve").path)) is TrainedDenoiser
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a weights file"):
+        trained_testbed(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="unknown training data"):
+        train("ve", 1, data="cifar")
+
+
+def test_oracle_grid_teacher_can_label_rows_outside_the_policys_range_and_the_student_keeps_their_range(tmp_path):
+    """With grid_rows_in_range, rows of a run with a grid are labelled even where the policy would fall back (a
+    new network's features); the student exported with fallback_range="data" takes its range from its own rows."""
+    from adaptive_core.tune.policy_distill import OracleGridTeacher, export_student, new_student, trained_on_of
+    from adaptive_core.tune.policy_env import Config, configs_of, host_grid
+    torch.set_num_threads(1)
+    policy = load_policy("ppo_ve_flow")
+    tb = make_testbed("gaussian", "ve")
+    host = host_grid(tb, 5)
+    grid = {"gaussian-ve": {"5": {"sigmas": [float(s) for s in host]}}}
+    row = np.tile(policy._mean, (2, 1))
+    row[:, OBSERVATION_NAMES.index("lambda_progress")] = 0.3
+    row[:, OBSERVATION_NAMES.index("budget_used")] = 0.4
+    row[1, 0] = policy._hi[0] + 10.0 * (policy._hi[0] - policy._lo[0])     # far outside the range
+    assert policy.decide(row)[1][1] is not None
+    for in_range, want in ((False, [None, "outside"]), (True, [None, None])):
+        teacher = OracleGridTeacher(policy, grid, grid_rows_in_range=in_range)
+        teacher.set_context(Config("gaussian", "ve"), 5, host)
+        reasons = teacher.decide(row)[1]
+        assert reasons[0] is None and (reasons[1] is None) == (want[1] is None)
+    teacher.set_context(Config("gaussian", "ve"), 6, host_grid(tb, 6))     # no grid: the policy's own reasons
+    assert teacher.decide(row)[1][1] is not None
+    obs = np.random.default_rng(0).normal(3.0, 2.0, size=(64, N_OBSERVATIONS))
+    student = new_student(obs, policy.n_actions, (8,))
+    configs = configs_of([("gaussian", "ve"), ("photo_unet", "flow"), ("mnist_unet", "ve")], (1.0, 2.0))
+    trained_on = trained_on_of(configs, [5, 8])
+    assert trained_on["configurations"] == ["gaussian-ve", "photo_unet-flow", "mnist_unet-ve-cfg1",
+                                            "mnist_unet-ve-cfg2"] and trained_on["cfg_scales"] == [1.0, 2.0]
+    path = export_student(student, policy, tmp_path / "s.onnx", training={}, metrics={}, trained_on=trained_on,
+                          fallback_range="data")
+    manifest = json.loads(path.read_text())
+    assert np.allclose(manifest["normalisation"]["mean"], obs.mean(0), atol=1e-5)
+    assert manifest["trained_on"] == trained_on and "own training rows" in manifest["normalisation"]["formula"]
+    assert load_policy(path).out_of_range(obs[:4]) == [None] * 4
+    with pytest.raises(ValueError, match="fallback_range"):
+        export_student(student, policy, tmp_path / "t.onnx", training={}, metrics={}, fallback_range="both")
+
+
+def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, capsys):
+    """A tiny policy-adapt run on the photo network: the oracle grid file, an adapted policy that knows the new
+    configuration and loads, a report with every measured row (the new network and the starting configurations),
+    its markdown and its plot; bad arguments are refused."""
+    pytest.importorskip("onnxruntime")
+    from adaptive_core.bench import trained_oracle
+    from adaptive_core.tune.policy_adapt import main
+    torch.set_num_threads(1)
+    args = ["--testbeds", "photo_unet:flow", "--name", "tiny", "--out-dir", str(tmp_path), "--budgets", "4",
+            "--fit-seeds", "2", "--seeds", "2", "--epochs", "1", "--dagger-epochs", "1", "--rounds", "1",
+            "--eval-budgets", "4", "--eval-seeds", "2", "--check-seeds", "2", "--jobs", "1"]
+    assert main(args) == 0
+    grids = json.loads((tmp_path / "tiny_oracle.json").read_text())["configs"]
+    assert list(grids) == ["photo_unet-flow"] and len(grids["photo_unet-flow"]["4"]["sigmas"]) == 5
+    adapted = load_policy(tmp_path / "tiny.json")
+    trained_on = adapted.manifest.trained_on
+    assert "photo_unet-flow" in trained_on["configurations"] and "mnist_unet-ve-cfg2" in trained_on["configurations"]
+    assert adapted.manifest.training["oracle_grids"]["cells"] == ["photo_unet-flow@4"]
+    report = json.loads((tmp_path / "tiny_report.json").read_text())
+    (row,) = report["new"]
+    assert row["configuration"] == "photo_unet-flow" and row["nfe"] == 4
+    for key in ("heuristic", "start", "adapted", "oracle", "best_peer_rmse"):
+        assert 0 < row[key] < 2
+    assert row["adapted_vs_heuristic"] == pytest.approx(row["adapted"] / row["heuristic"])
+    lo, hi = row["adapted_vs_heuristic_ci90"]
+    assert lo <= hi
+    assert len(report["check"]) == 8 and all(r["adapted_vs_start"] > 0 for r in report["check"])
+    text = (tmp_path / "tiny_report.md").read_text()
+    assert "| photo_unet-flow | 4 |" in text and (tmp_path / "tiny_report.png").stat().st_size > 0
+    assert "adapted / start" in capsys.readouterr().out
+    # the grid file can be reused, and bad input is refused with a message
+    for bad in (["--testbeds", "gaussian:ve"], ["--testbeds", "photo_unet:flow", "--budgets", "2"],
+                ["--testbeds", "photo_unet:flow", "--grids", str(tmp_path / "missing.json")],
+                ["--testbeds", "photo_unet:flow", "--policy", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit):
+            main([*bad, "--name", "x", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        trained_oracle.main(["--testbed", "photo_unet", "--cfg", "2", "--out", str(tmp_path / "o.json")])
