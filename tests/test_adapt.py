@@ -156,7 +156,9 @@ def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, c
     assert row["adapted_vs_heuristic"] == pytest.approx(row["adapted"] / row["heuristic"])
     lo, hi = row["adapted_vs_heuristic_ci90"]
     assert lo <= hi
-    assert len(report["check"]) == 8 and all(r["adapted_vs_start"] > 0 for r in report["check"])
+    start_configs = load_policy("ppo_ve_flow").manifest.trained_on["configurations"]
+    assert [r["configuration"] for r in report["check"]] == start_configs
+    assert all(r["adapted_vs_start"] > 0 for r in report["check"])
     text = (tmp_path / "tiny_report.md").read_text()
     assert "| photo_unet-flow | 4 |" in text and (tmp_path / "tiny_report.png").stat().st_size > 0
     assert "adapted / start" in capsys.readouterr().out

@@ -158,7 +158,7 @@ def plot(report: dict, path: Path) -> None:
     rows = report["new"]
     labels = [f"{r['configuration']}\n{r['nfe']} NFE" for r in rows]
     xs = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 2), 4.4))
     series = [("start", "starting policy", "C1"), ("adapted", "adapted policy", "C0")]
     width = 0.2
     for i, (name, label, colour) in enumerate(series):
@@ -176,7 +176,7 @@ def plot(report: dict, path: Path) -> None:
     m = report["meta"]
     ax.set_title(f"{m['start_policy']} adapted to {', '.join(m['new_testbeds'])} "
                  f"(seeds {m['seeds'][0]}–{m['seeds'][1] - 1})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

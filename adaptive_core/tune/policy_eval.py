@@ -5,9 +5,9 @@ Per testbed and NFE: RMSE to the reference (pooled over the held-out seeds, as t
 heuristic controller and with the policy, the policy's mean NFE, the best peer of the committed benchmark
 (``docs/bench/results.json``; for the trained UNet ``docs/bench/trained/results.json``, per model type and CFG)
 re-run on the same held-out seeds, and the oracle fixed schedule: the best σ grid fitted with the reference in
-the loop on other seeds (the analytic benchmark's; for the UNet ``docs/bench/trained/oracle.json`` of
-``python -m adaptive_core.bench.trained_oracle``), also re-run on the same held-out seeds.  Also the policy's
-latency per decision on this CPU.
+the loop on other seeds (the analytic benchmark's; for the trained networks ``docs/bench/trained/oracle.json``
+and ``oracle_photo.json`` of ``python -m adaptive_core.bench.trained_oracle``), also re-run on the same held-out
+seeds.  Also the policy's latency per decision on this CPU.
 
 A pooled RMSE over a few dozen images is carried by its hardest images (on the UNet the worst 3 of 64 can hold
 80% of the squared error), so each ratio comes with a paired bootstrap 90% interval over the images, the
@@ -82,9 +82,10 @@ def trained_bench_peers(path: Path | None) -> dict:
 
 
 def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, trained_bench: Path | None = None,
-            cfg_scales=None, reference_steps: int | None = None, trained_oracle: Path | None = None) -> dict:
-    """The numbers of the module docstring, as a dict.  ``trained_oracle``: the UNet's oracle grids
-    (:func:`~adaptive_core.bench.trained_oracle.load_oracle_grids`); the analytic ones come with
+            cfg_scales=None, reference_steps: int | None = None, trained_oracle=None) -> dict:
+    """The numbers of the module docstring, as a dict.  ``trained_oracle``: a file, or a list of files, of the
+    trained networks' oracle grids (:func:`~adaptive_core.bench.trained_oracle.load_oracle_grids`; a later
+    file's grid of a configuration replaces an earlier one's); the analytic ones come with
     ``bench_results``."""
     from ..bench.metrics import rmse
     from ..bench.run import best_peer, run_method
@@ -103,7 +104,9 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     policy = load_policy(policy_path)
     bench = json.loads(bench_results.read_text())["configs"] if bench_results and bench_results.is_file() else {}
     bench = {**bench, **trained_bench_peers(trained_bench)}
-    for key, grids in load_oracle_grids(trained_oracle).items():
+    oracle_files = [] if trained_oracle is None else (
+        list(trained_oracle) if isinstance(trained_oracle, (list, tuple)) else [trained_oracle])
+    for key, grids in {k: v for f in oracle_files for k, v in load_oracle_grids(f).items()}.items():
         bench.setdefault(key, {"methods": {}})["methods"].update(grids["methods"])
     refs: dict = {}
     kw = dict(cfg_scales=cfg_scales, reference_steps=reference_steps)
@@ -216,13 +219,17 @@ def main(argv) -> int:
                          "trained policies without looking at the measurement seeds)")
     ap.add_argument("--bench", type=Path, default=REPO / "docs" / "bench" / "results.json")
     ap.add_argument("--trained-bench", type=Path, default=REPO / "docs" / "bench" / "trained" / "results.json")
-    ap.add_argument("--trained-oracle", type=Path, default=REPO / "docs" / "bench" / "trained" / "oracle.json",
-                    help="the UNet's oracle grids (python -m adaptive_core.bench.trained_oracle)")
+    ap.add_argument("--trained-oracle", type=Path, nargs="+",
+                    default=[REPO / "docs" / "bench" / "trained" / f for f in ("oracle.json", "oracle_photo.json")],
+                    help="files of the trained networks' oracle grids (python -m adaptive_core.bench.trained_oracle)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--plot", type=Path, default=None, help="draw the per-image errors (policy vs heuristic) here")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.first_seed < 0:
         ap.error(f"need --seeds ≥ 1 and --first-seed ≥ 0, got {args.seeds} and {args.first_seed}")
+    missing = [str(f) for f in args.trained_oracle if not f.is_file()]
+    if missing:
+        ap.error(f"--trained-oracle: no such file {', '.join(missing)}")
     torch.set_num_threads(1)
     res = measure(args.policy, parse_specs(args.testbeds), [int(n) for n in args.nfes.split(",")],
                   range(args.first_seed, args.first_seed + args.seeds), args.bench, args.trained_bench,
