@@ -214,7 +214,8 @@ def main(argv) -> int:
     ap.add_argument("--eval-seeds", type=int, default=256, help="measurement seeds FIRST..FIRST+N on the new network")
     ap.add_argument("--first-eval-seed", type=int, default=MEASUREMENT_SEED)
     ap.add_argument("--check-seeds", type=int, default=256,
-                    help="validation seeds 20000.. for the check on the starting policy's configurations (0: skip)")
+                    help="validation seeds 20000.. for the check on the starting policy's configurations, against their "
+                         "usual 128-step references on trained networks (0: skip)")
     ap.add_argument("--no-peers", action="store_true", help="do not run the peers on the new network")
     ap.add_argument("--jobs", type=int, default=2, help="processes for the grid fits")
     args = ap.parse_args(argv)
