@@ -86,7 +86,8 @@ HOST_OPTIONS: tuple[HostOption, ...] = (
                "auto picks wrong", choices=("auto", "ve", "flow")),
     HostOption("ado_controller", "ADO controller", "heuristic", "ADO: step controller",
                "heuristic: ADO's budget planner (default); policy:NAME: a bundled PPO step policy that adjusts each "
-               "step from what the run shows (budget mode only; falls back to the heuristic where it is unsure)",
+               "step from what the run shows (budget mode only; falls back to the heuristic where it is unsure). "
+               "It was tuned on small test networks: on your model compare it with the heuristic on a few seeds",
                choices=("heuristic",) + tuple(f"policy:{n}" for n in bundled_policies())),
 )
 _BY_KEY = {o.key: o for o in HOST_OPTIONS}
