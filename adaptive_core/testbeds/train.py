@@ -22,9 +22,9 @@ unconditional (every label is the null class).  Objective, for both:
   predicts x0 (see :mod:`.unet`), trained with the same EDM weight 1/c_out².  Since v = (x − x0)/t this is
   the velocity loss ‖v̂ − v‖² times ((1 − t)²σ_d² + t²)/σ_d² ∈ [0.8, 4]: a bounded reweighting of it.
 
-On digits, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are replaced by the null
-class.  Light augmentation: random horizontal shifts of ±1 px on digits (no flips: digits are not symmetric);
-random horizontal flips on photo crops.
+On ``mnist`` and ``digits``, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are
+replaced by the null class, and light augmentation: random horizontal shifts of ±1 px (no flips: digits are not
+symmetric).  Photo crops are flipped horizontally at random.
 AdamW, a short linear warm-up, and an exponential moving average of the weights (decay 0.999, with the usual
 warm-up min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the initial weights).  The EMA
 weights are saved in float16 with the architecture and the run's facts as metadata.  Deterministic for a
@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .mnist_data import load_mnist
 from .digits_data import load_digits_images
+from .mnist_data import load_mnist
 from .photo_data import random_photo_crops
 from .unet import NULL_CLASS, Denoiser, UNetConfig, count_parameters, precondition
 
@@ -163,10 +163,9 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
         raise ValueError(f"unknown training data {data!r}: expected one of {tuple(DATASETS)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    if data == "mnist":
-        images, labels = load_mnist("train")
-    elif data == "digits":
-        images, labels = load_digits_images("train")
+    conditional = data != "photo"
+    if conditional:
+        images, labels = load_mnist("train") if data == "mnist" else load_digits_images("train")
     model = Denoiser(model_type, config)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -175,7 +174,7 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"train {DATASETS[data][0]}-{model_type}", disable=not progress)
     for step in bar:
-        if data != "photo":
+        if conditional:
             idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
             x0 = random_shift(images[idx], gen)
             y = labels[idx].clone()
@@ -202,8 +201,8 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
                  parameters=count_parameters(model.net), threads=torch.get_num_threads(),
                  objective=("EDM x0 loss, ln sigma ~ N(-1.2, 1.2^2)" if model_type == "ve" else
                             "flow matching, x0 prediction with EDM weight, logit t ~ N(0, 1)"),
-                 label_dropout=LABEL_DROPOUT if data != "photo" else 1.0, data=DATASETS[data][1],
-                 family=DATASETS[data][0], conditional=data != "photo")
+                 label_dropout=LABEL_DROPOUT if conditional else 1.0, data=DATASETS[data][1],
+                 family=DATASETS[data][0], conditional=conditional)
     return ema.eval(), losses, facts
 
 

@@ -8,7 +8,7 @@
 
 The second and third are for checking that what was tuned on the first carries over to networks it never saw.
 
-Unlike the analytic testbeds, its denoiser is a network (:mod:`.unet`, trained by :mod:`.train`), so the
+Unlike the analytic testbeds, their denoisers are networks (:mod:`.unet`, trained by :mod:`.train`), so the
 reference is not exact: it is a fine solve of the same probability-flow ODE with this library's own
 high-order integrator (:meth:`TrainedDenoiser.reference`, checked by
 :meth:`TrainedDenoiser.reference_converged_check`).  It is what a real host model looks like to a sampler:
@@ -151,10 +151,14 @@ class TrainedDenoiser(Testbed):
         scale = fine.double().pow(2).mean().sqrt().item()
         return {"steps": steps, "fine_steps": fine_steps, "rms_gap": gap, "rms_output": scale}
 
-    def sample_data(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n real images (float64 [n, 1, 32, 32] in [−1, 1]) drawn without replacement from the train split."""
+    def train_images(self) -> torch.Tensor:
+        """The training images of the network, float32 [N, 1, 32, 32] in [−1, 1] (MNIST's train split)."""
         from .mnist_data import load_mnist
-        images, _ = load_mnist("train")
+        return load_mnist("train")[0]
+
+    def sample_data(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n real images (float64 [n, 1, 32, 32] in [−1, 1]) drawn without replacement from :meth:`train_images`."""
+        images = self.train_images()
         idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
         return images[idx].to(torch.float64)
 
@@ -168,12 +172,10 @@ class PhotoDenoiser(TrainedDenoiser):
     data = "photo"
     conditional = False
 
-    def sample_data(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n real patches (float64 [n, 1, 32, 32] in [−1, 1]) drawn without replacement from the train lattice."""
+    def train_images(self) -> torch.Tensor:
+        """The patches of the train columns on the stride-4 lattice (:func:`.photo_data.load_photo_patches`)."""
         from .photo_data import load_photo_patches
-        images = load_photo_patches("train")
-        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
-        return images[idx].to(torch.float64)
+        return load_photo_patches("train")
 
 
 class DigitsDenoiser(TrainedDenoiser):
@@ -184,12 +186,10 @@ class DigitsDenoiser(TrainedDenoiser):
     family = "digits_unet"
     data = "digits"
 
-    def sample_data(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n real images (float64 [n, 1, 32, 32] in [−1, 1]) drawn without replacement from the train split."""
+    def train_images(self) -> torch.Tensor:
+        """The train split of :func:`.digits_data.load_digits_images`."""
         from .digits_data import load_digits_images
-        images, _ = load_digits_images("train")
-        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
-        return images[idx].to(torch.float64)
+        return load_digits_images("train")[0]
 
 
 #: Trained testbed classes by family name (the ``family`` in a weights file's metadata).

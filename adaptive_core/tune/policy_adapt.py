@@ -83,8 +83,9 @@ def measure_new(start_policy: str, adapted_policy: str, specs, nfes, seeds, grid
                 best = None
                 for method in DEFAULT_PEERS[config.model_type]:
                     out, used = run_method(method, tb, x, int(n))
-                    if used <= n and (best is None or rmse(out, ref) < best[1]):
-                        best = (method, rmse(out, ref))
+                    error = rmse(out, ref)
+                    if used <= n and (best is None or error < best[1]):
+                        best = (method, error)
                 if best is not None:
                     row["best_peer"], row["best_peer_rmse"] = best
                     row["adapted_vs_best_peer"] = row["adapted"] / best[1]
