@@ -65,6 +65,17 @@ def test_photo_testbed_is_an_unconditional_network_with_its_own_configuration(tm
         train("ve", 1, data="cifar")
 
 
+def test_trained_testbed_names_match_their_classes_and_training_data():
+    """The name lists of adaptive_core.testbeds (kept import-light) agree with the testbed classes and with the
+    training data sets that write their weights."""
+    from adaptive_core.testbeds import CONDITIONAL_TESTBED_NAMES
+    from adaptive_core.testbeds.train import DATASETS
+    from adaptive_core.testbeds.trained import TRAINED_FAMILIES
+    assert set(TRAINED_FAMILIES) == set(TRAINED_TESTBED_NAMES)
+    assert {n for n, cls in TRAINED_FAMILIES.items() if cls.conditional} == set(CONDITIONAL_TESTBED_NAMES)
+    assert {cls.data: cls.family for cls in TRAINED_FAMILIES.values()} == {d: f for d, (f, _) in DATASETS.items()}
+
+
 def test_digits_testbed_is_a_third_class_conditional_network():
     """digits_unet: scikit-learn's digits upsampled to 32×32 in [−1, 1] with their labels; a class-conditional
     trained testbed with one configuration per CFG scale, whose labels and CFG change its output."""

@@ -8,8 +8,9 @@ best σ grid per model type, CFG scale and budget, found with the reference in t
 It is the analytic benchmark's oracle (``python -m adaptive_core.bench``) on the trained UNet: ADO's integrator
 on a fixed grid, each interior evaluation point moved in half-log-SNR by coordinate descent (cf. OSS, AYS and
 the DMN trust-region search, arXiv 2402.17376), from three starts (ADO's own plan, the host's Karras grid and
-a λ-uniform grid).  The grid is fitted on the noise seeds 0 … ``fit_seeds`` − 1 (on the class-conditional
-MNIST UNet, class = seed mod 10; inside the policy's UNet training pool; an unconditional network has CFG 1 only) against the reference the policy measurements use
+a λ-uniform grid).  The grid is fitted on the noise seeds 0 … ``fit_seeds`` − 1 (on a class-conditional
+network, class = seed mod 10; inside the policy's UNet training pool; an unconditional network has CFG 1 only)
+against the reference the policy measurements use
 (:data:`~adaptive_core.tune.policy_env.TRAINED_REFERENCE_STEPS`-step λ-uniform solve).  The grids are written
 to ``--out``; ``python -m adaptive_core.tune policy-eval`` runs them on its held-out seeds, so its "policy /
 oracle" ratio compares the two on the same images.  Fitting the reference into a grid is what no sampler can
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
         todo = [(m, tuple(args.cfg)) for m in args.model_type]
     else:   # the CFG-2 runs cost twice the model calls: start them first so the pool ends together
         todo = sorted(((m, (c,)) for m in args.model_type for c in args.cfg), key=lambda mc: -mc[1][0])
-    jobs = [(args.testbed, m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i) for i, (m, c) in enumerate(todo)]
+    jobs = [(args.testbed, m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i)
+            for i, (m, c) in enumerate(todo)]
     t0 = time.time()
     fitted: dict = {}
     if args.jobs > 1 and len(jobs) > 1:

@@ -104,10 +104,10 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     policy = load_policy(policy_path)
     bench = json.loads(bench_results.read_text())["configs"] if bench_results and bench_results.is_file() else {}
     bench = {**bench, **trained_bench_peers(trained_bench)}
-    oracle_files = [] if trained_oracle is None else (
-        list(trained_oracle) if isinstance(trained_oracle, (list, tuple)) else [trained_oracle])
-    for key, grids in {k: v for f in oracle_files for k, v in load_oracle_grids(f).items()}.items():
-        bench.setdefault(key, {"methods": {}})["methods"].update(grids["methods"])
+    oracle_files = [trained_oracle] if isinstance(trained_oracle, (str, Path)) else list(trained_oracle or [])
+    for path in oracle_files:   # in order: a later file's grid of a configuration replaces an earlier one's
+        for key, grids in load_oracle_grids(path).items():
+            bench.setdefault(key, {"methods": {}})["methods"].update(grids["methods"])
     refs: dict = {}
     kw = dict(cfg_scales=cfg_scales, reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, nfes, seeds, refs, **kw)
