@@ -149,24 +149,27 @@ def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, c
     from adaptive_core.bench import trained_oracle
     from adaptive_core.tune.policy_adapt import main
     torch.set_num_threads(1)
-    common = ["--testbeds", "photo_unet:flow", "--out-dir", str(tmp_path), "--budgets", "4",
+    common = ["--testbeds", "photo_unet:flow,gaussian@exponent=1.5:ve", "--out-dir", str(tmp_path), "--budgets", "4",
               "--fit-seeds", "2", "--seeds", "2", "--epochs", "1", "--dagger-epochs", "1", "--rounds", "1",
               "--eval-budgets", "4", "--eval-seeds", "2", "--check-seeds", "2", "--jobs", "1", "--reference-steps", "16"]
     assert main([*common, "--name", "tiny"]) == 0
     grids = json.loads((tmp_path / "tiny_oracle.json").read_text())["configs"]
-    assert list(grids) == ["photo_unet-flow"] and len(grids["photo_unet-flow"]["4"]["sigmas"]) == 5
+    assert sorted(grids) == ["gaussian@exponent=1.5-ve", "photo_unet-flow"]
+    assert all(len(g["4"]["sigmas"]) == 5 for g in grids.values())
     adapted = load_policy(tmp_path / "tiny.json")
     trained_on = adapted.manifest.trained_on
-    assert "photo_unet-flow" in trained_on["configurations"] and "mnist_unet-ve-cfg2" in trained_on["configurations"]
-    assert adapted.manifest.training["oracle_grids"]["cells"] == ["photo_unet-flow@4"]
+    for key in ("photo_unet-flow", "gaussian@exponent=1.5-ve", "mnist_unet-ve-cfg2"):
+        assert key in trained_on["configurations"]
+    assert adapted.manifest.training["oracle_grids"]["cells"] == ["gaussian@exponent=1.5-ve@4", "photo_unet-flow@4"]
     report = json.loads((tmp_path / "tiny_report.json").read_text())
-    (row,) = report["new"]
-    assert row["configuration"] == "photo_unet-flow" and row["nfe"] == 4
-    for key in ("heuristic", "start", "adapted", "oracle", "best_peer_rmse"):
-        assert 0 < row[key] < 2
-    assert row["adapted_vs_heuristic"] == pytest.approx(row["adapted"] / row["heuristic"])
-    lo, hi = row["adapted_vs_heuristic_ci90"]
-    assert lo <= hi
+    assert [(r["configuration"], r["nfe"]) for r in report["new"]] == [("photo_unet-flow", 4),
+                                                                        ("gaussian@exponent=1.5-ve", 4)]
+    for row in report["new"]:
+        for key in ("heuristic", "start", "adapted", "oracle", "best_peer_rmse"):
+            assert 0 < row[key] < 2
+        assert row["adapted_vs_heuristic"] == pytest.approx(row["adapted"] / row["heuristic"])
+        lo, hi = row["adapted_vs_heuristic_ci90"]
+        assert lo <= hi
     start_configs = load_policy("ppo_ve_flow").manifest.trained_on["configurations"]
     assert [r["configuration"] for r in report["check"]] == start_configs
     assert all(r["adapted_vs_start"] > 0 for r in report["check"])
@@ -178,10 +181,11 @@ def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, c
     assert main([*common, "--name", "again", "--grids", str(tmp_path / "tiny_oracle.json"), "--check-seeds", "0",
                  "--no-peers"]) == 0
     report = json.loads((tmp_path / "again_report.json").read_text())
-    assert report["check"] == [] and "best_peer" not in report["new"][0] and "oracle" in report["new"][0]
+    assert report["check"] == [] and all("best_peer" not in r and "oracle" in r for r in report["new"])
     assert not (tmp_path / "again_oracle.json").exists() and (tmp_path / "tiny_oracle.json").read_text() == before
     # bad input is refused with a message
-    for bad in (["--testbeds", "gaussian:ve"], ["--testbeds", "photo_unet:flow", "--budgets", "2"],
+    for bad in (["--testbeds", "nosuch:ve"], ["--testbeds", "gaussian@exponent:ve"],
+                ["--testbeds", "photo_unet@cfg=2:ve"], ["--testbeds", "photo_unet:flow", "--budgets", "2"],
                 ["--testbeds", "photo_unet:flow", "--reference-steps", "4"],
                 ["--testbeds", "photo_unet:flow", "--grids", str(tmp_path / "missing.json")],
                 ["--testbeds", "photo_unet:flow", "--policy", str(tmp_path / "missing.json")]):

@@ -48,6 +48,36 @@ def test_make_testbed_names_and_ranges(testbeds):
         make_testbed("gaussian", "eps")
 
 
+def test_variant_names_build_the_family_with_those_parameters(tmp_path):
+    """``NAME@PARAM=VALUE`` builds the analytic family with that parameter, keeps it in the name, and is refused
+    when malformed, unknown to the family or put on a trained testbed; the oracle grid fit takes a variant."""
+    from adaptive_core.bench import trained_oracle
+    from adaptive_core.testbeds import split_variant_name
+    assert split_variant_name("gaussian") == ("gaussian", {})
+    assert split_variant_name("gaussian@exponent=1.5@shift=2") == ("gaussian", {"exponent": 1.5, "shift": 2.0})
+    tb = make_testbed("gaussian@exponent=1.5", "ve")
+    assert isinstance(tb, PowerLawGaussian) and tb.exponent == 1.5 and tb.name == "gaussian@exponent=1.5-ve"
+    plain = make_testbed("gaussian", "ve")
+    x = plain.noise([0])
+    assert not torch.allclose(tb.denoise(x, torch.tensor([1.0])), plain.denoise(x, torch.tensor([1.0])))
+    flow = make_testbed("gmm_digits@shift=1.5", "flow")
+    assert flow.shift == 1.5 and flow.sigma_min == pytest.approx(flow_time_shift(1e-3, 1.5), rel=1e-15)
+    for bad, match in (("gaussian@exponent", "PARAM=NUMBER"), ("gaussian@exponent=inf", "PARAM=NUMBER"),
+                       ("gaussian@exponent=1@exponent=2", "twice"), ("gmm_digits@exponent=2", "exponent"),
+                       ("mnist_unet@cfg_scale=2", "only analytic"), ("nope@shift=1", "unknown testbed")):
+        with pytest.raises(ValueError, match=match):
+            make_testbed(bad, "flow")
+    with pytest.raises(ValueError, match="both"):
+        make_testbed("gaussian@exponent=1.5", "ve", exponent=2.0)
+    out = tmp_path / "grids.json"
+    assert trained_oracle.main(["--testbed", "gaussian@exponent=1.5", "--model-type", "ve", "--nfe", "4",
+                                "--fit-seeds", "2", "--jobs", "1", "--out", str(out)]) == 0
+    grid = trained_oracle.load_oracle_grids(out)["gaussian@exponent=1.5-ve"]["methods"]["oracle"]["4"]
+    assert len(grid["sigmas"]) == 5 and grid["fit_rmse"] <= grid["fit_heuristic_rmse"]
+    with pytest.raises(SystemExit):
+        trained_oracle.main(["--testbed", "gaussian@exponent", "--out", str(out)])
+
+
 def test_digits_gmm_file():
     tb = DigitsGMM()
     assert tb.n_components == 16 and tb.metadata["n_components"] == 16

@@ -17,6 +17,11 @@ oracle" ratio compares the two on the same images.  Fitting the reference into a
 do at run time: the oracle is a bound for fixed schedules, not a competitor.  ``--joint-cfg`` fits one grid per
 model type and budget to both CFG scales' images at once (what a policy that cannot see the scale could follow;
 ``policy-distill --oracle-grids`` teaches it).
+
+An analytic testbed or one of its variants (``--testbed gaussian@exponent=1.5``, see
+:func:`adaptive_core.testbeds.split_variant_name`) is fitted the same way against its exact reference (CFG 1,
+``--reference-steps`` unused): ``policy-adapt`` uses that to teach a policy spectra and noise ranges beyond the
+shipped testbeds.
 """
 from __future__ import annotations
 
@@ -67,9 +72,9 @@ class CfgBlocks:
 
 def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int | None = None,
                progress=None, testbed: str = "mnist_unet") -> dict:
-    """Fit the oracle grid for each budget in ``nfes`` on the trained ``testbed`` in ``model_type`` at the CFG
-    scale ``cfg``, or at several scales at once (a list: one grid fitted to the images of every scale together,
-    :class:`CfgBlocks`).
+    """Fit the oracle grid for each budget in ``nfes`` on ``testbed`` (a trained one, or an analytic one or variant
+    at CFG 1, against its exact reference) in ``model_type`` at the CFG scale ``cfg``, or at several scales at once
+    (a list: one grid fitted to the images of every scale together, :class:`CfgBlocks`).
 
     Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps"}}:
     the grid, its RMSE to the reference on the fit images, ADO's (heuristic controller, host grid) RMSE on the
@@ -92,9 +97,8 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     testbeds, xs, refs = [], [], []
     for c in cfgs:
         config = Config(testbed, model_type, c)
-        if not config.trained or (c != 1.0 and not config.conditional):
-            raise ValueError(f"{testbed}: the trained oracle needs a trained testbed, and CFG 1 on an unconditional "
-                             f"one (got CFG {c:g})")
+        if c != 1.0 and not config.conditional:
+            raise ValueError(f"{testbed}: only a class-conditional trained testbed takes CFG ≠ 1 (got CFG {c:g})")
         tb = make_config_testbed(config)
         x, ref = noise_and_reference(config, tb, range(fit_seeds), steps)
         testbeds.append(tb)
@@ -144,11 +148,18 @@ def load_oracle_grids(path: Path | None) -> dict:
 
 def main(argv=None) -> int:
     """CLI (see the module docstring)."""
-    from ..testbeds import CONDITIONAL_TESTBED_NAMES, TRAINED_TESTBED_NAMES
+    from ..testbeds import (
+        CONDITIONAL_TESTBED_NAMES,
+        TESTBED_NAMES,
+        TRAINED_TESTBED_NAMES,
+        split_variant_name,
+    )
     from ..tune.policy_env import TRAINED_REFERENCE_STEPS
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.trained_oracle",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--testbed", default="mnist_unet", choices=TRAINED_TESTBED_NAMES)
+    ap.add_argument("--testbed", default="mnist_unet",
+                    help=f"a trained testbed {TRAINED_TESTBED_NAMES}, or an analytic one {TESTBED_NAMES} or its "
+                         "variant NAME@PARAM=VALUE (e.g. gaussian@exponent=1.5)")
     ap.add_argument("--model-type", nargs="+", default=["ve", "flow"], choices=["ve", "flow"])
     ap.add_argument("--cfg", nargs="+", type=float, default=None,
                     help="classifier-free guidance scales (default 1 2 on a class-conditional testbed, 1 otherwise)")
@@ -162,6 +173,13 @@ def main(argv=None) -> int:
                     help="fit one grid per model type and budget to the images of every --cfg scale together (the "
                          "policy does not observe the CFG scale); it is written under each scale's key")
     args = ap.parse_args(argv)
+    try:
+        family, _ = split_variant_name(args.testbed)
+    except ValueError as e:
+        ap.error(f"--testbed: {e}")
+    if family not in TESTBED_NAMES + TRAINED_TESTBED_NAMES:
+        ap.error(f"--testbed: unknown testbed {args.testbed!r}; expected one of {TESTBED_NAMES + TRAINED_TESTBED_NAMES} "
+                 "or an analytic variant NAME@PARAM=VALUE")
     if args.cfg is None:
         args.cfg = [1.0, 2.0] if args.testbed in CONDITIONAL_TESTBED_NAMES else [1.0]
     if args.testbed not in CONDITIONAL_TESTBED_NAMES and args.cfg != [1.0]:
