@@ -36,6 +36,47 @@ def test_oracle_search_does_not_get_worse_than_its_start():
     assert (grid[1:] < grid[:-1]).all()
 
 
+def test_jittered_objective_scores_the_neighbourhood_and_is_deterministic():
+    """With ``jitter`` the search's objective is the RMS over the grid and its antithetic ±jitter moves: never
+    below the grid's own RMSE at the optimum's neighbours' worst, the same on a second call, and bad settings are
+    refused."""
+    from adaptive_core.bench.oracle import jitter_patterns
+    tb = make_testbed("gmm_digits", "flow")
+    x = tb.noise(range(4))
+    ref = tb.reference(x)
+    calls = []
+
+    def run(sigmas):
+        calls.append(sigmas)
+        return sample_adaptive(tb, x, sigmas, model_type="flow", mode="fixed")
+    start = karras_sigmas(5, tb.sigma_min, tb.sigma_max)
+    plain_grid, plain = optimize_schedule(run, ref, start, "flow", sweeps=1, iters=2)
+    n_plain = len(calls)
+    grid, robust = optimize_schedule(run, ref, start, "flow", sweeps=1, iters=2, jitter=0.05)
+    assert len(calls) - n_plain > 3 * n_plain   # five sampling runs per trial, less the moves that reorder points
+    again, robust_again = optimize_schedule(run, ref, start, "flow", sweeps=1, iters=2, jitter=0.05)
+    assert torch.equal(grid, again) and robust == robust_again
+    # the returned score is the RMS of the grid's RMSE and those of its moves along the fixed patterns (flow: the
+    # point at σ = 1 and the last point stay)
+    from adaptive_core.schedules import half_log_snr, sigma_from_half_log_snr
+    lam = torch.tensor([half_log_snr(float(s), "flow") for s in grid[:-1]], dtype=torch.float64)
+    scores = [rmse(run(grid), ref)]
+    for pattern in torch.cat([jitter_patterns(len(lam), 2), -jitter_patterns(len(lam), 2)]):
+        moved = lam.clone()
+        moved[1:-1] += 0.05 * pattern[1:-1]
+        if bool((moved[2:] > moved[1:-1]).all()):
+            sig = [sigma_from_half_log_snr(float(v), "flow") for v in moved]
+            scores.append(rmse(run(torch.tensor([*sig, 0.0], dtype=torch.float64)), ref))
+    assert len(scores) > 1 and robust == pytest.approx(math.sqrt(sum(v * v for v in scores) / len(scores)), rel=1e-9)
+    assert plain == pytest.approx(rmse(run(plain_grid), ref), rel=1e-12)   # without jitter: the grid's own RMSE
+    patterns = jitter_patterns(6, 2)
+    assert patterns.shape == (2, 6) and set(patterns.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(patterns, jitter_patterns(6, 2))
+    for bad in ({"jitter": -0.1}, {"jitter": 0.1, "jitter_draws": 0}):
+        with pytest.raises(ValueError, match="jitter"):
+            optimize_schedule(run, ref, start, "flow", **bad)
+
+
 def test_best_peer_ignores_peers_over_budget_and_ado():
     cfg = {"methods": {"ado": {"8": {"rmse": 0.001, "nfe": 8}},
                        "a": {"8": {"rmse": 0.01, "nfe": 8}},

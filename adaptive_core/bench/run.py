@@ -52,8 +52,11 @@ def run_method(method: str, testbed, x: torch.Tensor, nfe: int, model=None) -> t
                     sigma_max=testbed.sigma_max, shift=testbed.shift)
 
 
-def run_oracle(testbed, x: torch.Tensor, ref: torch.Tensor, nfe: int, fit_count: int) -> tuple[torch.Tensor, dict]:
-    """ADO's integrator on the best fixed grid for this testbed and NFE (fitted on the first ``fit_count`` seeds)."""
+def run_oracle(testbed, x: torch.Tensor, ref: torch.Tensor, nfe: int, fit_count: int,
+               jitter: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """ADO's integrator on the best fixed grid for this testbed and NFE (fitted on the first ``fit_count`` seeds);
+    with ``jitter`` > 0, the best grid whose gain survives moving its points by that much in λ
+    (:func:`~adaptive_core.bench.oracle.optimize_schedule`)."""
     xs, refs = x[:fit_count], ref[:fit_count]
 
     def run(sigmas):
@@ -61,7 +64,8 @@ def run_oracle(testbed, x: torch.Tensor, ref: torch.Tensor, nfe: int, fit_count:
     # multi-start: ADO's own plan and the two common fixed schedules; keep the best after the search
     starts = [sample_adaptive_plan(testbed, nfe), host_sigmas(testbed, nfe),
               lambda_uniform_sigmas(nfe, testbed.sigma_min, testbed.sigma_max, testbed.model_type)]
-    grid = min((optimize_schedule(run, refs, s, testbed.model_type, sweeps=2, iters=8) for s in starts),
+    grid = min((optimize_schedule(run, refs, s, testbed.model_type, sweeps=2, iters=8, jitter=jitter)
+                for s in starts),
                key=lambda found: found[1])[0]
     out = sample_adaptive(testbed, x, grid, model_type=testbed.model_type, mode="fixed")
     return out, {"sigmas": grid.tolist()}

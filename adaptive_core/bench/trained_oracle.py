@@ -71,14 +71,17 @@ class CfgBlocks:
 
 
 def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int | None = None,
-               progress=None, testbed: str = "mnist_unet") -> dict:
+               progress=None, testbed: str = "mnist_unet", jitter: float = 0.0) -> dict:
     """Fit the oracle grid for each budget in ``nfes`` on ``testbed`` (a trained one, or an analytic one or variant
     at CFG 1, against its exact reference) in ``model_type`` at the CFG scale ``cfg``, or at several scales at once
-    (a list: one grid fitted to the images of every scale together, :class:`CfgBlocks`).
+    (a list: one grid fitted to the images of every scale together, :class:`CfgBlocks`).  With ``jitter`` > 0 the
+    grid is the best one whose gain survives moving its points by ±``jitter`` in λ
+    (:func:`~adaptive_core.bench.oracle.optimize_schedule`).
 
-    Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps"}}:
-    the grid, its RMSE to the reference on the fit images, ADO's (heuristic controller, host grid) RMSE on the
-    same images for scale, the seed range [first, end), the CFG scales and the reference's step count."""
+    Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps",
+    "jitter"}}: the grid, its RMSE to the reference on the fit images (the grid itself, unmoved), ADO's (heuristic
+    controller, host grid) RMSE on the same images for scale, the seed range [first, end), the CFG scales, the
+    reference's step count and the jitter it was fitted with."""
     from ..tune.policy_env import (
         TRAINED_REFERENCE_STEPS,
         Config,
@@ -110,11 +113,11 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     for nfe in nfes:
         if progress is not None:
             progress.set_postfix_str(f"nfe={nfe}")
-        fitted, extra = run_oracle(model, x, ref, int(nfe), len(x))
+        fitted, extra = run_oracle(model, x, ref, int(nfe), len(x), jitter=jitter)
         heuristic, _ = run_method("ado", model, x, int(nfe))
         out[str(int(nfe))] = {"sigmas": extra["sigmas"], "fit_rmse": rmse(fitted, ref),
                               "fit_heuristic_rmse": rmse(heuristic, ref), "fit_seeds": [0, int(fit_seeds)],
-                              "fit_cfg": cfgs, "reference_steps": steps}
+                              "fit_cfg": cfgs, "reference_steps": steps, "jitter": float(jitter)}
         if progress is not None:
             progress.update(1)
     return out
@@ -126,11 +129,11 @@ def _job(job) -> dict:
     from tqdm.auto import tqdm
 
     from ..tune.policy_env import Config
-    testbed, model_type, cfgs, nfes, fit_seeds, reference_steps, position = job
+    testbed, model_type, cfgs, nfes, fit_seeds, reference_steps, jitter, position = job
     torch.set_num_threads(1)
     keys = [Config(testbed, model_type, float(c)).key for c in cfgs]
     with tqdm(total=len(nfes), desc=" + ".join(keys), unit="grid", position=position) as bar:
-        grids = fit_config(model_type, list(cfgs), nfes, fit_seeds, reference_steps, bar, testbed)
+        grids = fit_config(model_type, list(cfgs), nfes, fit_seeds, reference_steps, bar, testbed, jitter)
     return {key: grids for key in keys}
 
 
@@ -172,6 +175,10 @@ def main(argv=None) -> int:
     ap.add_argument("--joint-cfg", action="store_true",
                     help="fit one grid per model type and budget to the images of every --cfg scale together (the "
                          "policy does not observe the CFG scale); it is written under each scale's key")
+    ap.add_argument("--jitter", type=float, default=0.0,
+                    help="fit the best grid whose gain survives moving its points by ± this much in λ (e.g. 0.02; "
+                         "5 sampling runs per trial instead of 1): on a network whose D(x, σ) ripples in σ the plain "
+                         "optimum can be a needle that a step policy landing near it does not keep")
     args = ap.parse_args(argv)
     try:
         family, _ = split_variant_name(args.testbed)
@@ -184,13 +191,14 @@ def main(argv=None) -> int:
         args.cfg = [1.0, 2.0] if args.testbed in CONDITIONAL_TESTBED_NAMES else [1.0]
     if args.testbed not in CONDITIONAL_TESTBED_NAMES and args.cfg != [1.0]:
         ap.error(f"{args.testbed} is unconditional: --cfg can only be 1")
-    if args.fit_seeds < 2 or any(n < 3 for n in args.nfe) or any(c < 0 for c in args.cfg) or args.jobs < 1:
-        ap.error("need --fit-seeds ≥ 2, every --nfe ≥ 3, --cfg ≥ 0 and --jobs ≥ 1")
+    if args.fit_seeds < 2 or any(n < 3 for n in args.nfe) or any(c < 0 for c in args.cfg) or args.jobs < 1 \
+            or not args.jitter >= 0:
+        ap.error("need --fit-seeds ≥ 2, every --nfe ≥ 3, --cfg ≥ 0, --jobs ≥ 1 and --jitter ≥ 0")
     if args.joint_cfg:
         todo = [(m, tuple(args.cfg)) for m in args.model_type]
     else:   # the CFG-2 runs cost twice the model calls: start them first so the pool ends together
         todo = sorted(((m, (c,)) for m in args.model_type for c in args.cfg), key=lambda mc: -mc[1][0])
-    jobs = [(args.testbed, m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, i)
+    jobs = [(args.testbed, m, c, sorted(set(args.nfe)), args.fit_seeds, args.reference_steps, args.jitter, i)
             for i, (m, c) in enumerate(todo)]
     t0 = time.time()
     fitted: dict = {}
