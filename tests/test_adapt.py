@@ -151,7 +151,8 @@ def test_policy_adapt_fits_grids_distils_and_measures_in_one_command(tmp_path, c
     torch.set_num_threads(1)
     common = ["--testbeds", "photo_unet:flow,gaussian@exponent=1.5:ve", "--out-dir", str(tmp_path), "--budgets", "4",
               "--fit-seeds", "2", "--seeds", "2", "--epochs", "1", "--dagger-epochs", "1", "--rounds", "1",
-              "--eval-budgets", "4", "--eval-seeds", "2", "--check-seeds", "2", "--jobs", "1", "--reference-steps", "16"]
+              "--eval-budgets", "4", "--eval-seeds", "2", "--check-seeds", "2", "--jobs", "1",
+              "--reference-steps", "16"]
     assert main([*common, "--name", "tiny"]) == 0
     grids = json.loads((tmp_path / "tiny_oracle.json").read_text())["configs"]
     assert sorted(grids) == ["gaussian@exponent=1.5-ve", "photo_unet-flow"]

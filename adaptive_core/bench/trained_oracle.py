@@ -81,7 +81,8 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps",
     "jitter"}}: the grid, its RMSE to the reference on the fit images (the grid itself, unmoved), ADO's (heuristic
     controller, host grid) RMSE on the same images for scale, the seed range [first, end), the CFG scales, the
-    reference's step count and the jitter it was fitted with."""
+    reference's step count (None on an analytic testbed: its reference is exact) and the jitter it was fitted
+    with."""
     from ..tune.policy_env import (
         TRAINED_REFERENCE_STEPS,
         Config,
@@ -117,7 +118,8 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
         heuristic, _ = run_method("ado", model, x, int(nfe))
         out[str(int(nfe))] = {"sigmas": extra["sigmas"], "fit_rmse": rmse(fitted, ref),
                               "fit_heuristic_rmse": rmse(heuristic, ref), "fit_seeds": [0, int(fit_seeds)],
-                              "fit_cfg": cfgs, "reference_steps": steps, "jitter": float(jitter)}
+                              "fit_cfg": cfgs, "reference_steps": steps if config.trained else None,
+                              "jitter": float(jitter)}
         if progress is not None:
             progress.update(1)
     return out
@@ -185,8 +187,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(f"--testbed: {e}")
     if family not in TESTBED_NAMES + TRAINED_TESTBED_NAMES:
-        ap.error(f"--testbed: unknown testbed {args.testbed!r}; expected one of {TESTBED_NAMES + TRAINED_TESTBED_NAMES} "
-                 "or an analytic variant NAME@PARAM=VALUE")
+        ap.error(f"--testbed: unknown testbed {args.testbed!r}; expected one of "
+                 f"{TESTBED_NAMES + TRAINED_TESTBED_NAMES} or an analytic variant NAME@PARAM=VALUE")
     if args.cfg is None:
         args.cfg = [1.0, 2.0] if args.testbed in CONDITIONAL_TESTBED_NAMES else [1.0]
     if args.testbed not in CONDITIONAL_TESTBED_NAMES and args.cfg != [1.0]:

@@ -202,8 +202,8 @@ def main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy-adapt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--testbeds", required=True,
-                    help="the new network(s) or testbed variants: NAME:MODEL_TYPE,... (e.g. photo_unet:ve,photo_unet:flow "
-                         "or gaussian@exponent=1.5:ve)")
+                    help="the new network(s) or testbed variants: NAME:MODEL_TYPE,... (e.g. "
+                         "photo_unet:ve,photo_unet:flow or gaussian@exponent=1.5:ve)")
     ap.add_argument("--policy", default="ppo_ve_flow", help="the starting policy: a bundled name or a manifest path")
     ap.add_argument("--name", required=True, help="adapted policy name: <out-dir>/<name>.onnx + .json")
     ap.add_argument("--out-dir", type=Path, default=REPO / "build" / "policies")
