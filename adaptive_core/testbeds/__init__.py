@@ -30,7 +30,7 @@ def split_variant_name(name: str) -> tuple[str, dict[str, float]]:
     """``"gaussian@exponent=1.5@shift=2"`` → ``("gaussian", {"exponent": 1.5, "shift": 2.0})``: an analytic testbed
     and the constructor parameters of its variant (none for a plain name).  Variants of other spectra and noise
     ranges are how a policy is taught more than the shipped testbeds (domain randomisation, Tobin et al. 2017).
-    ValueError on a malformed part, a non-finite value or a variant of a trained testbed."""
+    ValueError on an unknown testbed, a malformed part, a non-finite value or a variant of a trained testbed."""
     import math
     family, *parts = name.split("@")
     params: dict[str, float] = {}
@@ -45,6 +45,9 @@ def split_variant_name(name: str) -> tuple[str, dict[str, float]]:
         if key in params:
             raise ValueError(f"testbed {name!r}: parameter {key!r} given twice")
         params[key] = number
+    if family not in TESTBED_NAMES + TRAINED_TESTBED_NAMES:
+        raise ValueError(f"unknown testbed {name!r}: expected one of {TESTBED_NAMES + TRAINED_TESTBED_NAMES} "
+                         "or an analytic variant NAME@PARAM=VALUE")
     if params and family in TRAINED_TESTBED_NAMES:
         raise ValueError(f"testbed {name!r}: only analytic testbeds {TESTBED_NAMES} take @PARAM=VALUE variants")
     return family, params
@@ -57,9 +60,7 @@ def make_testbed(name: str, model_type: str = "ve", **params) -> Testbed:
     if name in TRAINED_TESTBED_NAMES:
         from .trained import TRAINED_FAMILIES
         return TRAINED_FAMILIES[name](model_type=model_type, **params)
-    family, variant = split_variant_name(name)
-    if family not in _TESTBEDS:
-        raise ValueError(f"unknown testbed {name!r}: expected one of {TESTBED_NAMES + TRAINED_TESTBED_NAMES}")
+    family, variant = split_variant_name(name)   # an analytic family here: a trained name returned above
     clash = sorted(set(variant) & set(params))
     if clash:
         raise ValueError(f"testbed {name!r}: {clash} given both in the name and as arguments")

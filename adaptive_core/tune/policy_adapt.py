@@ -23,8 +23,8 @@ fits what the new network needs and teaches it to the policy, without PPO:
 Writes ``<out-dir>/<name>.onnx`` + ``.json`` (the adapted policy, loadable as ``policy:<path>``), ``<name>_oracle.json``
 (the grids), ``<name>_report.json`` / ``.md`` and ``<name>_report.png``.  A new testbed is a trained testbed of
 :mod:`adaptive_core.testbeds` (``mnist_unet``, ``photo_unet``, ``digits_unet``) or a variant of an analytic one
-(``gaussian@exponent=1.5``, ``gmm_digits@shift=2``; :func:`adaptive_core.testbeds.split_variant_name`), whose grids
-are fitted against its exact reference: several variants at once teach the policy spectra and noise ranges the
+(``gaussian@exponent=1.5``, ``gmm_digits@shift=2``; :func:`adaptive_core.testbeds.split_variant_name`), whose
+grids are fitted against its exact reference: several variants at once teach the policy spectra and noise ranges the
 shipped testbeds do not have (domain randomisation, Tobin et al. 2017).
 """
 from __future__ import annotations
@@ -191,12 +191,7 @@ def main(argv) -> int:
     """``python -m adaptive_core.tune policy-adapt``: fit the new network's oracle grids, distil, measure, report."""
     from ..bench import trained_oracle
     from ..policy import PolicyLoadError, load_policy
-    from ..testbeds import (
-        CONDITIONAL_TESTBED_NAMES,
-        TESTBED_NAMES,
-        TRAINED_TESTBED_NAMES,
-        split_variant_name,
-    )
+    from ..testbeds import CONDITIONAL_TESTBED_NAMES, split_variant_name
     from . import policy_distill
     from .policy_train import parse_specs, policy_training_cells
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy-adapt", description=__doc__,
@@ -235,12 +230,9 @@ def main(argv) -> int:
         ap.error(f"--testbeds: {e}")
     for n, _ in new_specs:
         try:
-            family, _ = split_variant_name(n)
+            split_variant_name(n)
         except ValueError as e:
             ap.error(f"--testbeds: {e}")
-        if family not in TESTBED_NAMES + TRAINED_TESTBED_NAMES:
-            ap.error(f"--testbeds: unknown testbed {n!r}; expected a trained testbed {TRAINED_TESTBED_NAMES} or an "
-                     f"analytic one {TESTBED_NAMES} or its variant NAME@PARAM=VALUE")
     budgets = [int(b) for b in args.budgets.split(",") if b]
     eval_budgets = [int(b) for b in args.eval_budgets.split(",") if b]
     if min(budgets + eval_budgets) < 3 or args.reference_steps < 8 or args.fit_seeds < 2 or args.seeds < 1 \
