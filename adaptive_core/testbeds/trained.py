@@ -4,9 +4,11 @@
 * ``photo_unet`` (:class:`PhotoDenoiser`): unconditional, on 32×32 patches of two photographs
   (:mod:`.photo_data`), a second network with natural-image statistics;
 * ``digits_unet`` (:class:`DigitsDenoiser`): class-conditional, on scikit-learn's 8×8 digits upsampled to 32×32
-  (:mod:`.digits_data`), a third network.
+  (:mod:`.digits_data`), a third network;
+* ``skimage_unet`` (:class:`SkimageDenoiser`): unconditional, a narrower UNet without attention on 32×32 patches of
+  scikit-image's sample photographs and textures (:mod:`.skimage_data`), a fourth network.
 
-The second and third are for checking that what was tuned on the first carries over to networks it never saw.
+The later ones are for checking that what was tuned on the first carries over to networks it never saw.
 
 Unlike the analytic testbeds, their denoisers are networks (:mod:`.unet`, trained by :mod:`.train`), so the
 reference is not exact: it is a fine solve of the same probability-flow ODE with this library's own
@@ -192,8 +194,22 @@ class DigitsDenoiser(TrainedDenoiser):
         return load_digits_images("train")[0]
 
 
+class SkimageDenoiser(PhotoDenoiser):
+    """The unconditional UNet (narrower, no attention) trained on patches of scikit-image's sample photographs and
+    textures (:mod:`.skimage_data`), as a k-diffusion denoiser: the arguments of :class:`PhotoDenoiser`; default
+    weights ``data/skimage_unet_{model_type}.safetensors``."""
+
+    family = "skimage_unet"
+    data = "skimage"
+
+    def train_images(self) -> torch.Tensor:
+        """The patches of the train columns on the stride-16 lattice (:func:`.skimage_data.load_skimage_patches`)."""
+        from .skimage_data import load_skimage_patches
+        return load_skimage_patches("train")
+
+
 #: Trained testbed classes by family name (the ``family`` in a weights file's metadata).
-TRAINED_FAMILIES = {cls.family: cls for cls in (TrainedDenoiser, PhotoDenoiser, DigitsDenoiser)}
+TRAINED_FAMILIES = {cls.family: cls for cls in (TrainedDenoiser, PhotoDenoiser, DigitsDenoiser, SkimageDenoiser)}
 
 
 def trained_testbed(path: str | Path, **params) -> TrainedDenoiser:
@@ -257,6 +273,7 @@ __all__ = [
     "REFERENCE_STEPS",
     "TRAINED_FAMILIES",
     "PhotoDenoiser",
+    "SkimageDenoiser",
     "TrainedDenoiser",
     "sample_grid",
     "trained_testbed",
