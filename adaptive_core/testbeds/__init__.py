@@ -5,7 +5,8 @@
 ``make_testbed("photo_unet", "flow")`` → the unconditional UNet on photo patches (:class:`.trained.PhotoDenoiser`);
 ``make_testbed("digits_unet", "ve")`` → the class-conditional UNet on upsampled 8×8 digits
 (:class:`.trained.DigitsDenoiser`); ``make_testbed("skimage_unet", "flow")`` → the unconditional UNet on patches of
-scikit-image's sample images (:class:`.trained.SkimageDenoiser`).
+scikit-image's sample images (:class:`.trained.SkimageDenoiser`); ``make_testbed("mpl_unet", "ve")`` → the
+unconditional UNet on patches of matplotlib's sample images (:class:`.trained.MplDenoiser`).
 Trained testbeds are listed in :data:`TRAINED_TESTBED_NAMES`, apart from :data:`TESTBED_NAMES`, and imported on
 demand.  An analytic testbed's variant is named with its parameters after ``@``: ``make_testbed("gaussian@exponent=1.5",
 "ve")`` is the Gaussian with spectrum exponent 1.5 (:func:`split_variant_name`).
@@ -22,7 +23,7 @@ _TESTBEDS = {"gaussian": PowerLawGaussian, "gmm_digits": DigitsGMM}
 #: Names of the exact (analytic) testbeds accepted by :func:`make_testbed`; the benchmark runs these.
 TESTBED_NAMES = tuple(_TESTBEDS)
 #: Names of the trained testbeds (networks with a fine-solve reference), also accepted by :func:`make_testbed`.
-TRAINED_TESTBED_NAMES = ("mnist_unet", "photo_unet", "digits_unet", "skimage_unet")
+TRAINED_TESTBED_NAMES = ("mnist_unet", "photo_unet", "digits_unet", "skimage_unet", "mpl_unet")
 #: The trained testbeds that take class labels (and so classifier-free guidance).
 CONDITIONAL_TESTBED_NAMES = ("mnist_unet", "digits_unet")
 

@@ -9,10 +9,9 @@ five photographs (``camera``, ``astronaut``, ``coffee``, ``chelsea``, ``rocket``
 of photographs with the fine, rough detail of the textures: another spectrum and another imperfect network for
 checking that a step policy carries over (the "other data" a plug-in meets; Field 1987 on natural-image spectra).
 
-Splits, by column of each image so that no pixel is in both: "train" is the first 80 % of the columns, "test" the
-rest.  :func:`load_skimage_patches` returns the patches of a split on a stride-16 lattice (deterministic);
-:func:`random_skimage_crops` draws training crops: an image (uniformly), a position inside its train columns, and a
-horizontal flip with probability 1/2.
+Splits, by column of each image (:mod:`.patch_sets`): "train" is the first 80 % of the columns, "test" the rest.
+:func:`load_skimage_patches` returns the patches of a split on a stride-16 lattice (deterministic);
+:func:`random_skimage_crops` draws training crops with horizontal flips.
 """
 from __future__ import annotations
 
@@ -21,12 +20,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-#: Side of a patch (the UNet testbeds' image size).
-PATCH = 32
+from .patch_sets import PATCH, TRAIN_SHARE, lattice_patches, random_crops
+
 #: The ``skimage.data`` images used, in this order.
 IMAGE_NAMES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "moon", "coins")
-#: Share of each image's columns in the train split (the rest is the test split).
-TRAIN_SHARE = 0.8
 #: Lattice stride of :func:`load_skimage_patches`.
 LATTICE_STRIDE = 16
 
@@ -50,45 +47,15 @@ def skimage_images() -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _columns(image: torch.Tensor, split: str) -> tuple[int, int]:
-    """The [start, stop) columns of ``split`` in ``image``."""
-    cut = int(image.shape[1] * TRAIN_SHARE)
-    if split == "train":
-        return 0, cut
-    if split == "test":
-        return cut, image.shape[1]
-    raise ValueError(f"unknown split {split!r}: expected 'train' or 'test'")
-
-
 def load_skimage_patches(split: str = "train") -> torch.Tensor:
     """All 32×32 patches of ``split`` on a stride-16 lattice, every image: float32 [N, 1, 32, 32] in [−1, 1]
     (train: 6598 patches, test: 1368).  Deterministic."""
-    patches = []
-    for image in skimage_images():
-        lo, hi = _columns(image, split)
-        region = image[:, lo:hi]
-        tiles = region.unfold(0, PATCH, LATTICE_STRIDE).unfold(1, PATCH, LATTICE_STRIDE)   # [R, C, 32, 32]
-        patches.append(tiles.reshape(-1, PATCH, PATCH))
-    return torch.cat(patches)[:, None].contiguous()
+    return lattice_patches(skimage_images(), split, LATTICE_STRIDE)
 
 
 def random_skimage_crops(n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` training crops [n, 1, 32, 32]: an image, a position inside its train columns, a horizontal flip with
-    probability 1/2, all drawn from ``generator``."""
-    images = skimage_images()
-    which = torch.randint(0, len(images), (n,), generator=generator).tolist()
-    u = torch.rand(n, 2, generator=generator, dtype=torch.float64).tolist()
-    flip = torch.rand(n, generator=generator) < 0.5
-    crops = []
-    for w, (ur, uc) in zip(which, u):
-        image = images[w]
-        lo, hi = _columns(image, "train")
-        r = int(ur * (image.shape[0] - PATCH + 1))
-        c = lo + int(uc * (hi - lo - PATCH + 1))
-        crops.append(image[r:r + PATCH, c:c + PATCH])
-    out = torch.stack(crops)
-    out[flip] = out[flip].flip(-1)
-    return out[:, None].contiguous()
+    """``n`` training crops [n, 1, 32, 32] of the train columns (:func:`.patch_sets.random_crops`)."""
+    return random_crops(skimage_images(), n, generator)
 
 
 __all__ = ["IMAGE_NAMES", "PATCH", "TRAIN_SHARE", "load_skimage_patches", "random_skimage_crops",

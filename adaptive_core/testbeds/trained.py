@@ -6,7 +6,9 @@
 * ``digits_unet`` (:class:`DigitsDenoiser`): class-conditional, on scikit-learn's 8×8 digits upsampled to 32×32
   (:mod:`.digits_data`), a third network;
 * ``skimage_unet`` (:class:`SkimageDenoiser`): unconditional, a narrower UNet without attention on 32×32 patches of
-  scikit-image's sample photographs and textures (:mod:`.skimage_data`), a fourth network.
+  scikit-image's sample photographs and textures (:mod:`.skimage_data`), a fourth network;
+* ``mpl_unet`` (:class:`MplDenoiser`): unconditional, another architecture (channels 40-64-96, a 64-wide
+  embedding), on 32×32 patches of matplotlib's sample terrain, MRI slice and portrait (:mod:`.mpl_data`), a fifth.
 
 The later ones are for checking that what was tuned on the first carries over to networks it never saw.
 
@@ -208,8 +210,23 @@ class SkimageDenoiser(PhotoDenoiser):
         return load_skimage_patches("train")
 
 
+class MplDenoiser(PhotoDenoiser):
+    """The unconditional UNet (channels 40-64-96) trained on patches of matplotlib's sample terrain, MRI slice and
+    portrait (:mod:`.mpl_data`), as a k-diffusion denoiser: the arguments of :class:`PhotoDenoiser`; default weights
+    ``data/mpl_unet_{model_type}.safetensors``."""
+
+    family = "mpl_unet"
+    data = "mpl"
+
+    def train_images(self) -> torch.Tensor:
+        """The patches of the train columns on the stride-8 lattice (:func:`.mpl_data.load_mpl_patches`)."""
+        from .mpl_data import load_mpl_patches
+        return load_mpl_patches("train")
+
+
 #: Trained testbed classes by family name (the ``family`` in a weights file's metadata).
-TRAINED_FAMILIES = {cls.family: cls for cls in (TrainedDenoiser, PhotoDenoiser, DigitsDenoiser, SkimageDenoiser)}
+TRAINED_FAMILIES = {cls.family: cls for cls in (TrainedDenoiser, PhotoDenoiser, DigitsDenoiser, SkimageDenoiser,
+                                                MplDenoiser)}
 
 
 def trained_testbed(path: str | Path, **params) -> TrainedDenoiser:
@@ -272,6 +289,7 @@ __all__ = [
     "REFERENCE_CHECK_STEPS",
     "REFERENCE_STEPS",
     "TRAINED_FAMILIES",
+    "MplDenoiser",
     "PhotoDenoiser",
     "SkimageDenoiser",
     "TrainedDenoiser",
