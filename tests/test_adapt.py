@@ -142,6 +142,37 @@ def test_skimage_testbed_is_a_fourth_network_with_its_own_data_and_architecture(
     assert type(loaded) is SkimageDenoiser and loaded.net.config == DATASET_CONFIGS["skimage"]
 
 
+def test_mpl_testbed_is_a_fifth_network_on_matplotlibs_sample_data(tmp_path):
+    """mpl_unet: patches of matplotlib's sample terrain, MRI slice and portrait, each scaled to [−1, 1] by its range
+    and split by column (patch_sets); an unconditional network with its own architecture in its weights file."""
+    from adaptive_core.testbeds.mpl_data import SAMPLE_FILES, load_mpl_patches, mpl_images, random_mpl_crops
+    from adaptive_core.testbeds.patch_sets import PATCH, split_columns
+    from adaptive_core.testbeds.train import DATASET_CONFIGS, save_denoiser, train
+    from adaptive_core.testbeds.trained import MplDenoiser, trained_testbed
+    images = mpl_images()
+    assert [tuple(im.shape) for im in images] == [(344, 403), (256, 256), (600, 512)] and len(SAMPLE_FILES) == 3
+    for im in images:   # each spans [−1, 1] exactly
+        assert float(im.min()) == -1.0 and float(im.max()) == 1.0
+    train_patches, test_patches = load_mpl_patches("train"), load_mpl_patches("test")
+    assert len(train_patches) > 4 * len(test_patches) > 0 and train_patches.shape[1:] == (1, PATCH, PATCH)
+    lo, _ = split_columns(images[0], "test")
+    assert torch.equal(test_patches[0, 0], images[0][:PATCH, lo:lo + PATCH])
+    assert split_columns(images[0], "train")[1] == lo
+    with pytest.raises(ValueError, match="unknown split"):
+        split_columns(images[0], "val")
+    crops = random_mpl_crops(6, torch.Generator().manual_seed(2))
+    assert torch.equal(crops, random_mpl_crops(6, torch.Generator().manual_seed(2)))
+    assert crops.shape == (6, 1, PATCH, PATCH) and crops.abs().max() <= 1
+    tb = make_testbed("mpl_unet", "flow")
+    assert isinstance(tb, MplDenoiser) and not tb.conditional and tb.net.config == DATASET_CONFIGS["mpl"]
+    assert torch.isfinite(tb(torch.randn(2, 1, 32, 32), torch.full((2,), 0.7))).all()
+    torch.manual_seed(0)
+    model, _, facts = train("ve", 2, batch=4, data="mpl", progress=False)
+    assert facts["family"] == "mpl_unet" and model.config == DATASET_CONFIGS["mpl"]
+    save_denoiser(model, tmp_path / "mpl_ve.safetensors", facts)
+    assert type(trained_testbed(tmp_path / "mpl_ve.safetensors")) is MplDenoiser
+
+
 def test_oracle_grid_teacher_can_label_rows_outside_the_policys_range_and_the_student_keeps_their_range(tmp_path):
     """With grid_rows_in_range, rows of a run with a grid are labelled even where the policy would fall back (a
     new network's features); the student exported with fallback_range="data" takes its range from its own rows."""
