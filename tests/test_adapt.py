@@ -1,4 +1,5 @@
-"""The trained networks beyond MNIST (photo patches, digits, scikit-image patches) and ``policy-adapt``, which adapts a policy to a trained network."""
+"""The trained networks beyond MNIST (photo patches, digits, scikit-image and matplotlib sample patches) and
+``policy-adapt``, which adapts a policy to a trained network."""
 import json
 
 import numpy as np
@@ -107,8 +108,9 @@ def test_skimage_testbed_is_a_fourth_network_with_its_own_data_and_architecture(
     """skimage_unet: patches of ten scikit-image sample images, split by column and deterministic; an unconditional
     network whose weights file records its own (narrower, attention-free) architecture."""
     pytest.importorskip("skimage")
-    from adaptive_core.testbeds.skimage_data import (IMAGE_NAMES, PATCH, TRAIN_SHARE, load_skimage_patches,
-                                                     random_skimage_crops, skimage_images)
+    from adaptive_core.testbeds.patch_sets import split_columns
+    from adaptive_core.testbeds.skimage_data import (IMAGE_NAMES, PATCH, load_skimage_patches, random_skimage_crops,
+                                                     skimage_images)
     from adaptive_core.testbeds.train import DATASET_CONFIGS, save_denoiser, train
     from adaptive_core.testbeds.trained import SkimageDenoiser, trained_testbed
     images = skimage_images()
@@ -116,14 +118,14 @@ def test_skimage_testbed_is_a_fourth_network_with_its_own_data_and_architecture(
     train_patches, test_patches = load_skimage_patches("train"), load_skimage_patches("test")
     assert train_patches.shape[1:] == test_patches.shape[1:] == (1, PATCH, PATCH)
     assert len(train_patches) > 4 * len(test_patches) > 0 and torch.equal(train_patches, load_skimage_patches("train"))
-    cut = int(images[0].shape[1] * TRAIN_SHARE)      # the first test patch: top-left window of the test columns
+    cut, _ = split_columns(images[0], "test")      # the first test patch: top-left window of the test columns
     assert torch.equal(test_patches[0, 0], images[0][:PATCH, cut:cut + PATCH])
     crops = random_skimage_crops(8, torch.Generator().manual_seed(1))
     assert torch.equal(crops, random_skimage_crops(8, torch.Generator().manual_seed(1)))
     for crop in crops[:4, 0]:   # a window (or its mirror image) of some image's train columns
         found = False
         for im in images:
-            region = im[:, :int(im.shape[1] * TRAIN_SHARE)]
+            region = im[:, :split_columns(im, "train")[1]]
             windows = region.unfold(0, PATCH, 1).unfold(1, PATCH, 1).reshape(-1, PATCH, PATCH)
             found = found or any(bool(((windows - c).abs().amax((1, 2)) == 0).any()) for c in (crop, crop.flip(-1)))
         assert found
