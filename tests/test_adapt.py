@@ -108,8 +108,8 @@ def test_skimage_testbed_is_a_fourth_network_with_its_own_data_and_architecture(
     """skimage_unet: patches of ten scikit-image sample images, split by column and deterministic; an unconditional
     network whose weights file records its own (narrower, attention-free) architecture."""
     pytest.importorskip("skimage")
-    from adaptive_core.testbeds.patch_sets import split_columns
-    from adaptive_core.testbeds.skimage_data import (IMAGE_NAMES, PATCH, load_skimage_patches, random_skimage_crops,
+    from adaptive_core.testbeds.patch_sets import PATCH, split_columns
+    from adaptive_core.testbeds.skimage_data import (IMAGE_NAMES, load_skimage_patches, random_skimage_crops,
                                                      skimage_images)
     from adaptive_core.testbeds.train import DATASET_CONFIGS, save_denoiser, train
     from adaptive_core.testbeds.trained import SkimageDenoiser, trained_testbed

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .patch_sets import PATCH, TRAIN_SHARE, lattice_patches, random_crops
+from .patch_sets import PATCH, lattice_patches, random_crops
 
 #: The matplotlib sample-data files used, in this order.
 SAMPLE_FILES = ("jacksboro_fault_dem.npz", "s1045.ima.gz", "grace_hopper.jpg")
@@ -72,4 +72,4 @@ def random_mpl_crops(n: int, generator: torch.Generator) -> torch.Tensor:
     return random_crops(mpl_images(), n, generator)
 
 
-__all__ = ["PATCH", "SAMPLE_FILES", "TRAIN_SHARE", "load_mpl_patches", "mpl_images", "random_mpl_crops"]
+__all__ = ["SAMPLE_FILES", "load_mpl_patches", "mpl_images", "random_mpl_crops"]

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .patch_sets import PATCH, TRAIN_SHARE, lattice_patches, random_crops
+from .patch_sets import PATCH, lattice_patches, random_crops
 
 #: The ``skimage.data`` images used, in this order.
 IMAGE_NAMES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "moon", "coins")
@@ -58,5 +58,4 @@ def random_skimage_crops(n: int, generator: torch.Generator) -> torch.Tensor:
     return random_crops(skimage_images(), n, generator)
 
 
-__all__ = ["IMAGE_NAMES", "PATCH", "TRAIN_SHARE", "load_skimage_patches", "random_skimage_crops",
-           "skimage_images"]
+__all__ = ["IMAGE_NAMES", "load_skimage_patches", "random_skimage_crops", "skimage_images"]

@@ -30,7 +30,7 @@ Objective, for all:
 
 On ``mnist`` and ``digits``, classifier-free-guidance training (Ho & Salimans 2022): 10 % of the labels are
 replaced by the null class, and light augmentation: random horizontal shifts of ±1 px (no flips: digits are not
-symmetric).  Photo and scikit-image crops are flipped horizontally at random.
+symmetric).  Photo, scikit-image and matplotlib crops are flipped horizontally at random.
 AdamW, a short linear warm-up, and an exponential moving average of the weights (decay 0.999, with the usual
 warm-up min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the initial weights).  The EMA
 weights are saved in float16 with the architecture and the run's facts as metadata.  Deterministic for a
