@@ -55,6 +55,32 @@ def plan_lambdas(lam_start: np.ndarray, lam_end: np.ndarray, n_intervals: int, r
     return lam
 
 
+def plan_time_shift(lam_start: np.ndarray, lam_end: np.ndarray, n_intervals: int, shift: float) -> np.ndarray:
+    """Points λ_0 = lam_start < … < λ_n = lam_end uniform in the shifted time t of a flow model, [B, n+1].
+
+    SD3's time shift (Esser et al. 2024, "Scaling Rectified Flow Transformers", §5.3.2) maps a uniform t to
+    σ = s·t / (1 + (s − 1)·t), i.e. σ_ve = σ/(1 − σ) = s·t/(1 − t): in half-log-SNR, λ = −log s − logit(t).
+    Points uniform in t are dense around λ = −log s, where structure forms, and sparse at both ends; this is
+    the hosts' "simple" flow schedule (ComfyUI ``time_snr_shift``, Flux's ``flux_time_shift`` with s = e^μ).
+    A start of −∞ (pure noise) is t = 1.  ``shift`` > 0; per-sample [B] endpoints as :func:`plan_lambdas`.
+    """
+    if n_intervals < 1:
+        raise ValueError(f"need at least one interval, got {n_intervals}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"the time shift must be a finite number > 0, got {shift!r}")
+    log_s = math.log(shift)
+    t_start = 1.0 / (1.0 + np.exp(np.clip(log_s + lam_start, -700.0, 700.0)))   # λ = −∞ → t = 1
+    t_end = 1.0 / (1.0 + np.exp(np.clip(log_s + lam_end, -700.0, 700.0)))
+    u = np.linspace(0, 1, n_intervals + 1)[None, :]
+    t = t_start[:, None] + u * (t_end - t_start)[:, None]
+    with np.errstate(divide="ignore"):
+        lam = -log_s - np.log(t) + np.log1p(-t)
+    lam[:, 0] = lam_start
+    lam[:, -1] = lam_end
+    return lam
+
+
+
 class ToleranceController:
     """Per-sample step-size control to a tolerance, capped by a model-call budget.
 

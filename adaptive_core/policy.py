@@ -200,7 +200,9 @@ class Policy:
 
     :meth:`act` gives the deterministic actions; :meth:`decide` adds the out-of-range fallback (what the
     sampler calls).  Attributes: ``manifest``, ``path``, ``name``, ``action_scale``, ``min_share``,
-    ``min_lambda_progress``, ``early_step_cap`` (None, or (below_lambda_progress, max_step_action)).
+    ``min_lambda_progress``, ``early_step_cap`` (None, or (below_lambda_progress, max_step_action)),
+    ``base_options`` (the sampler options it runs on: the manifest's ``action.base_plan`` or
+    :data:`LEGACY_BASE_PLAN`).
     """
 
     def __init__(self, manifest_path: str | Path, device: str = "cpu") -> None:
@@ -236,6 +238,11 @@ class Policy:
             raise PolicyLoadError(f"{self.path}: {e}") from None
         if self._mean.shape != (N_OBSERVATIONS,) or self._std.shape != (N_OBSERVATIONS,):
             raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
+        base = m.action.get("base_plan", LEGACY_BASE_PLAN)
+        if not isinstance(base, dict) or set(base) - set(LEGACY_BASE_PLAN):
+            raise PolicyLoadError(f"{self.path}: base_plan must be a mapping with keys among "
+                                  f"{sorted(LEGACY_BASE_PLAN)}, got {base!r}")
+        self.base_options = dict(base)
         self.ood_z = float(m.fallback.get("ood_z", OOD_Z))
         self._lo, self._hi = self._mean - self.ood_z * self._std, self._mean + self.ood_z * self._std
         self._session, self.providers = open_verified_session(self.path, m.onnx_file, m.sha256, device, "policy",
@@ -329,6 +336,25 @@ def resolve_policy_path(spec: str | Path) -> Path:
 _CACHE: dict[tuple, Policy] = {}
 
 
+#: The sampler options a policy's decisions were learned on, where its manifest names none (``action.base_plan``):
+#: every policy so far was trained on the data-prediction form and the ρ plan, also for flow models.  The sampler
+#: runs a policy on these unless the caller sets the option (:func:`adaptive_core.sample_adaptive`), because the
+#: policy scales the plan's next step and its corrections mean nothing on another plan.
+LEGACY_BASE_PLAN = {"prediction": "data", "flow_shift": None}
+
+
+def policy_base_options(spec: Any) -> dict:
+    """The sampler options a step policy runs on: a :class:`Policy`'s ``base_options``, or those of the policy
+    that ``spec`` names (a load error leaves {} here; the sampler reports it when it loads the policy), or an
+    object's own ``base_options`` attribute ({} without one: the sampler's defaults)."""
+    if isinstance(spec, (str, Path)):
+        try:
+            spec = load_policy(str(spec).removeprefix("policy:"))
+        except (PolicyLoadError, OSError, ValueError):
+            return {}
+    return dict(getattr(spec, "base_options", None) or {})
+
+
 def load_policy(spec: Any, device: str = "cpu") -> Policy:
     """The policy named by ``spec`` (see :func:`resolve_policy_path`), or a :class:`Policy` as is; sessions are
     reused while the manifest and graph files are unchanged.  Raises PolicyLoadError / PolicyIntegrityError."""
@@ -340,7 +366,7 @@ def load_policy(spec: Any, device: str = "cpu") -> Policy:
     return load_cached(_CACHE, path, PolicyManifest, device, Policy)
 
 
-__all__ = ["ACTION_KINDS", "ACTION_SCALE", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS", "OBSERVATION_NAMES",
-           "OOD_Z", "ORDER_DEAD_ZONE", "POLICY_DIR", "Policy", "PolicyIntegrityError", "PolicyLoadError",
-           "PolicyManifest", "bundled_policies", "load_policy", "order_delta_from_action", "policy_observation",
-           "resolve_policy_path", "share_from_action"]
+__all__ = ["ACTION_KINDS", "ACTION_SCALE", "LEGACY_BASE_PLAN", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS",
+           "OBSERVATION_NAMES", "OOD_Z", "ORDER_DEAD_ZONE", "POLICY_DIR", "Policy", "PolicyIntegrityError",
+           "PolicyLoadError", "PolicyManifest", "bundled_policies", "load_policy", "order_delta_from_action",
+           "policy_base_options", "policy_observation", "resolve_policy_path", "share_from_action"]

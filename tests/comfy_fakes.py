@@ -53,11 +53,39 @@ class ModelSamplingDiscrete:
     sigma_max = torch.tensor(14.614642)
 
 
+def time_snr_shift(alpha, t):
+    """Mirrors ``comfy/model_sampling.py::time_snr_shift``: σ = α·t / (1 + (α − 1)·t)."""
+    return t if alpha == 1.0 else alpha * t / (1 + (alpha - 1) * t)
+
+
 class ModelSamplingDiscreteFlow:
-    """Mirrors ``comfy/model_sampling.py::ModelSamplingDiscreteFlow``' σ range (shift 1)."""
+    """Mirrors ``comfy/model_sampling.py::ModelSamplingDiscreteFlow``: its σ range (shift 1) and
+    ``percent_to_sigma`` (1 at 0%, 0 at 100%, else the shifted time of t = 1 − percent)."""
 
     sigma_min = torch.tensor(0.001)
     sigma_max = torch.tensor(1.0)
+    shift = 1.0
+
+    def shifted(self, t):
+        """``time_snr_shift(shift, t)``."""
+        return time_snr_shift(self.shift, t)
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return self.shifted(1.0 - percent)
+
+
+class ModelSamplingFlux(ModelSamplingDiscreteFlow):
+    """Mirrors ``comfy/model_sampling.py::ModelSamplingFlux``: the same ``percent_to_sigma`` with
+    ``flux_time_shift(shift, 1, t)`` = e^μ / (e^μ + 1/t − 1), μ = ``shift`` (1.15 by default)."""
+
+    shift = 1.15
+
+    def shifted(self, t):
+        return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1))
 
 
 def model_sampling(kind: str):

@@ -224,3 +224,20 @@ def test_trained_oracle_joint_cfg_fits_one_grid_for_every_scale(tmp_path):
     assert set(data) == {"mnist_unet-ve-cfg1", "mnist_unet-ve-cfg2"}
     assert data["mnist_unet-ve-cfg1"] == data["mnist_unet-ve-cfg2"]
     assert data["mnist_unet-ve-cfg1"]["4"]["fit_cfg"] == [1.0, 2.0]
+
+
+def test_flow_plan_report_runs_and_compares_with_the_earlier_plan(tmp_path):
+    """``python -m adaptive_core.bench.flow_plan`` on a tiny run: JSON, table and plot, and the ratios it reports are
+    those of its own rows (the shipped flow plan against ``prediction="data", flow_shift=None``)."""
+    from adaptive_core.bench import flow_plan
+    out = tmp_path / "fp"
+    assert flow_plan.main(["--testbeds", "gaussian", "--nfe", "5", "12", "--seeds", "2", "--peers", "none",
+                           "--jobs", "1", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    rows = res["testbeds"][0]["rows"]
+    assert [r["nfe"] for r in rows] == [5, 12] and all(r["ado"] > 0 and r["ado_before"] > 0 for r in rows)
+    assert rows[0]["ado"] != rows[0]["ado_before"]              # the few-step flow plan is not the earlier one
+    ratios = [r["ado"] / r["ado_before"] for r in rows]
+    assert res["summary"]["vs_before"]["geomean"] == pytest.approx(math.exp(sum(map(math.log, ratios)) / 2))
+    assert "vs_best_peer" not in res["summary"]
+    assert "| 5 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0

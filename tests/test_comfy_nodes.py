@@ -11,6 +11,8 @@ import logging
 import re
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 
@@ -182,6 +184,26 @@ def test_model_type_is_detected_from_model_sampling(host, kind, expected):
     sampler = host.samplers.KSAMPLER(host.pack.nodes.sample_ado, extra_options={"trace": trace, "model_type": "auto"})
     _custom(host, sampler, kind=kind, steps=6)
     assert trace.model_type == expected
+
+
+@pytest.mark.parametrize("schedule,shift,expected", [("discrete_flow", 2.5, 2.5), ("discrete_flow", 1.0, 1.0),
+                                                     ("flux", 1.15, math.exp(1.15))])
+def test_flow_shift_is_read_from_model_sampling(host, schedule, shift, expected):
+    """A few-step flow run plans in the model's own shifted time: ComfyUI's σ at half the schedule
+    (``percent_to_sigma(0.5)``) gives the shift for SD3-style (time_snr_shift) and Flux (flux_time_shift) models."""
+    model = fakes.ModelPatcher("flow")
+    cls = fakes.ModelSamplingFlux if schedule == "flux" else fakes.ModelSamplingDiscreteFlow
+
+    class Sampling(cls, fakes.CONST):
+        pass
+    model.model.model_sampling = Sampling()
+    model.model.model_sampling.shift = shift
+    trace = host.pack.nodes.comfy_sampler.Trace()
+    sampler = host.samplers.KSAMPLER(host.pack.nodes.sample_ado, extra_options={"trace": trace, "model_type": "auto"})
+    _custom(host, sampler, kind="flow", steps=6, model=model)
+    assert trace.model_type == "flow"
+    assert trace.options["flow_shift"] == pytest.approx(expected)
+    assert trace.options["prediction"] == "hybrid"
 
 
 def test_cancel_stops_within_one_model_call(host):

@@ -126,6 +126,9 @@ def test_sampler_custom_with_the_ado_node(real, progress, kind, mode):
     assert torch.isfinite(out["samples"]).all() and torch.isfinite(denoised["samples"]).all()
     assert forwards(model) == trace.nfe <= 9
     assert trace.model_type == ("flow" if kind == "flow" else "ve")
+    if kind == "flow" and mode == "budget":   # the shift read from the real model_sampling (tiny model: shift 1)
+        shift = float(model.get_model_object("model_sampling").shift)
+        assert trace.options["flow_shift"] == pytest.approx(shift) and trace.options["prediction"] == "hybrid"
     assert len(trace.samples[0]) == trace.nfe and trace.samples[0][0].sigma == pytest.approx(float(sigmas[0]))
     check_progress(progress, trace.nfe, 9)
 

@@ -14,9 +14,9 @@ import torch
 
 from adaptive_core import sample_adaptive
 from adaptive_core.bench.run import host_sigmas
-from adaptive_core.policy import (MANIFEST_FORMAT, N_OBSERVATIONS, OBSERVATION_NAMES, Policy, PolicyIntegrityError,
-                                  PolicyLoadError, PolicyManifest, load_policy, order_delta_from_action,
-                                  share_from_action)
+from adaptive_core.policy import (LEGACY_BASE_PLAN, MANIFEST_FORMAT, N_OBSERVATIONS, OBSERVATION_NAMES, Policy,
+                                  PolicyIntegrityError, PolicyLoadError, PolicyManifest, load_policy,
+                                  order_delta_from_action, share_from_action)
 from adaptive_core.testbeds import make_testbed
 from adaptive_core.trace import Trace
 
@@ -63,6 +63,7 @@ class _Constant:
     sampler to its limits."""
 
     action_scale, min_share = float(np.log(4.0)), 0.02
+    base_options = LEGACY_BASE_PLAN   # the plan the policies the tools make run on
 
     def __init__(self, value):
         self.value = np.atleast_1d(np.asarray(value, dtype=np.float64))
@@ -202,7 +203,7 @@ def test_order_action_sets_the_solver_order(model_type):
     runs = {}
     for label, value in [("heuristic", None), ("same", (0.0, 0.0)), ("lower", (0.0, -1.0)), ("higher", (0.0, 1.0))]:
         trace = Trace()
-        opts = {} if value is None else {"controller": _Constant(value)}
+        opts = dict(LEGACY_BASE_PLAN) if value is None else {"controller": _Constant(value)}
         out = sample_adaptive(tb, x, host_sigmas(tb, 8), model_type=model_type, trace=trace, **opts)
         runs[label] = (out, _orders(trace))
     assert torch.equal(runs["same"][0], runs["heuristic"][0])            # a₁ in the dead zone: the heuristic
@@ -586,7 +587,7 @@ def test_policy_acts_only_from_min_lambda_progress(model_type):
     x = tb.noise(range(3))
     grid = host_sigmas(tb, 10)
     heur_trace, trace = Trace(), Trace()
-    sample_adaptive(tb, x, grid, model_type=model_type, trace=heur_trace)
+    sample_adaptive(tb, x, grid, model_type=model_type, trace=heur_trace, **LEGACY_BASE_PLAN)
     ctl = _Recording(-1.0, 0.3)
     sample_adaptive(tb, x, grid, model_type=model_type, controller=ctl, trace=trace)
     asked = np.concatenate(ctl.asked)
@@ -662,7 +663,8 @@ def test_sampler_caps_the_early_steps_of_a_capped_policy(model_type):
     runs, capped = {}, _Capped(1.0, (0.3, 0.0))
     for name, ctl in [("heuristic", None), ("capped", capped), ("uncapped", _Constant(1.0))]:
         runs[name] = Trace()
-        sample_adaptive(tb, x, grid, model_type=model_type, controller=ctl, trace=runs[name])
+        base = dict(LEGACY_BASE_PLAN) if ctl is None else {}   # the heuristic on the plan the policy runs on
+        sample_adaptive(tb, x, grid, model_type=model_type, controller=ctl, trace=runs[name], **base)
     heur = runs["heuristic"].sigmas_taken(0)
     assert runs["uncapped"].sigmas_taken(0)[:2] != heur[:2]
     progress = np.concatenate(capped.asked)[:, OBSERVATION_NAMES.index("lambda_progress")]
@@ -1333,3 +1335,24 @@ def test_policy_calibrate_writes_the_offset_policy(tiny_training, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         from adaptive_core.tune.policy_calibrate import write_offset_policy
         write_offset_policy(src, 0.1, src.parent / load_policy(src).manifest.onnx_file, {})
+
+
+def test_policy_runs_on_the_plan_it_was_trained_on(tmp_path, hand_policy):
+    """A manifest without ``action.base_plan`` runs on the data-prediction ρ plan every policy so far was trained on,
+    also where the heuristic now plans flow models in shifted time; options the caller sets win; a manifest's own
+    base_plan is used; a malformed one is refused."""
+    tb = make_testbed("gaussian", "flow")
+    x, grid = tb.noise(range(2)), host_sigmas(tb, 6)
+
+    def options(**kw):
+        trace = Trace()
+        sample_adaptive(tb, x, grid, model_type="flow", trace=trace, **kw)
+        return trace.options["prediction"], trace.options["flow_shift"]
+    assert options() == ("hybrid", tb.shift)                                    # the heuristic's flow plan
+    assert options(controller=f"policy:{hand_policy}") == ("data", None)      # LEGACY_BASE_PLAN
+    assert options(controller=f"policy:{hand_policy}", prediction="noise") == ("noise", None)
+    newer = _write_policy(tmp_path / "n", _Tanh(), "newer", base_plan={"prediction": "auto", "flow_shift": "auto"})
+    assert options(controller=f"policy:{newer}") == ("hybrid", tb.shift)
+    bad = _write_policy(tmp_path / "b", _Tanh(), "bad", base_plan={"schedule": "host"})
+    with pytest.raises(PolicyLoadError, match="base_plan"):
+        Policy(bad)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
 from adaptive_core import Trace, replay_sigmas, sample_adaptive
+from adaptive_core.sampler import DEFAULTS
 from adaptive_core.schedules import (SD15_SIGMA_MAX, SD15_SIGMA_MIN, karras_sigmas, lambda_uniform_sigmas,
                                      ve_sigma_to_flow)
 from adaptive_core.testbeds import make_testbed
@@ -117,11 +120,12 @@ def test_error_falls_at_theoretical_order(options, order):
     assert abs(observed - order) < 0.3, (errs, observed)
 
 
-def test_default_sampler_converges_to_reference_on_gmm_testbed():
-    tb = make_testbed("gmm_digits", "ve")
+@pytest.mark.parametrize("model_type", ["ve", "flow"])
+def test_default_sampler_converges_to_reference_on_gmm_testbed(model_type):
+    tb = make_testbed("gmm_digits", model_type)
     x = tb.noise(range(8))
     ref = tb.reference(x)
-    errs = [rmse(sample_adaptive(tb, x, karras_sigmas(n, tb.sigma_min, tb.sigma_max), model_type="ve"), ref)
+    errs = [rmse(sample_adaptive(tb, x, karras_sigmas(n, tb.sigma_min, tb.sigma_max), model_type=model_type), ref)
             for n in (5, 10, 20, 40)]
     assert errs == sorted(errs, reverse=True)
     assert errs[-1] < 2e-3
@@ -130,15 +134,17 @@ def test_default_sampler_converges_to_reference_on_gmm_testbed():
 # --- ve and flow forms agree --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["budget", "tolerance"])
-def test_ve_and_flow_forms_agree_after_conversion(mode):
+@pytest.mark.parametrize("prediction", ["data", "hybrid", "noise"])
+def test_ve_and_flow_forms_agree_after_conversion(mode, prediction):
+    # the integrator works in λ, so the same options give the same run on both forms (12 calls: the ρ plan)
     ve, flow = DiagonalGaussian("ve"), DiagonalGaussian("flow")
     x_ve = noise() * SD15_SIGMA_MAX
     sig_ve = karras_sigmas(12, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
     sig_flow = ve_sigma_to_flow(sig_ve)
     x_flow = x_ve / (1 + SD15_SIGMA_MAX)
-    out_ve = sample_adaptive(ve, x_ve, sig_ve, model_type="ve", mode=mode)
-    out_flow = sample_adaptive(flow, x_flow, sig_flow, model_type="flow", mode=mode)
-    # both return the denoised sample (same data prediction): equal up to rounding
+    out_ve = sample_adaptive(ve, x_ve, sig_ve, model_type="ve", mode=mode, prediction=prediction)
+    out_flow = sample_adaptive(flow, x_flow, sig_flow, model_type="flow", mode=mode, prediction=prediction)
+    # both return the denoised sample: equal up to rounding
     assert torch.allclose(out_ve, out_flow, rtol=1e-9, atol=1e-10)
     assert ve.calls == flow.calls
 
@@ -342,3 +348,68 @@ def test_plan_variants_run_within_budget_and_converge(options):
                          ref))
         assert tb.nfe == n
     assert errs[1] < errs[0] / 5
+
+
+# --- flow models: shifted-time plan for few steps, hybrid prediction ---------------------------------------------
+
+def test_time_shift_plan_is_the_hosts_simple_flow_schedule():
+    """Budget mode on a flow model with a few-step budget evaluates at the "simple" shifted schedule (SD3 / ComfyUI
+    time_snr_shift) over the host's σ range, with the model's declared shift."""
+    from adaptive_core.schedules import flow_shift_sigmas
+    tb = make_testbed("gaussian", "flow")
+    for shift, budget in [(3.0, 5), (1.0, 8), (6.0, 10)]:
+        tb.shift = shift
+        trace = Trace()
+        sample_adaptive(tb, tb.noise(range(2)), karras_sigmas(budget, tb.sigma_min, tb.sigma_max), nfe_budget=budget,
+                        model_type="flow", trace=trace)
+        expected = flow_shift_sigmas(budget, shift, sigma_min=tb.sigma_min).tolist()
+        assert np.allclose(trace.sigmas_taken(0), expected, rtol=1e-9, atol=1e-12)
+        assert trace.options["flow_shift"] == shift and trace.options["prediction"] == "hybrid"
+
+
+def test_plan_time_shift_endpoints_and_order():
+    from adaptive_core.controller import plan_time_shift
+    lam = plan_time_shift(np.array([-np.inf, -2.0]), np.array([5.0, 3.0]), 6, 3.0)
+    assert lam.shape == (2, 7) and lam[0, 0] == -np.inf and lam[1, 0] == -2.0 and (lam[:, -1] == [5.0, 3.0]).all()
+    assert (np.diff(lam[:, 1:], axis=1) > 0).all() and lam[1, 1] > -2.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="time shift"):
+            plan_time_shift(np.array([0.0]), np.array([1.0]), 2, bad)
+
+
+def test_flow_plan_options_resolve_as_documented():
+    from adaptive_core.sampler import DEFAULT_FLOW_SHIFT, FEW_STEP_BUDGET, resolve_flow_plan
+    opt = dict(DEFAULTS)
+    plain = object()   # declares no shift
+    assert resolve_flow_plan(plain, opt, "flow", FEW_STEP_BUDGET) == (DEFAULT_FLOW_SHIFT, "hybrid")
+    assert resolve_flow_plan(plain, opt, "flow", FEW_STEP_BUDGET + 1) == (None, "hybrid")   # the ρ plan
+    assert resolve_flow_plan(plain, opt, "ve", 5) == (None, "data")
+    assert resolve_flow_plan(plain, {**opt, "mode": "tolerance"}, "flow", 5) == (None, "data")
+    assert resolve_flow_plan(plain, {**opt, "mode": "fixed"}, "flow", 5) == (None, "hybrid")
+    assert resolve_flow_plan(plain, {**opt, "schedule": "host"}, "flow", 5) == (None, "hybrid")
+    assert resolve_flow_plan(plain, {**opt, "flow_shift": 1.5, "prediction": "noise"}, "flow", 5) == (1.5, "noise")
+    assert resolve_flow_plan(plain, {**opt, "flow_shift": None}, "flow", 5) == (None, "hybrid")
+
+
+@pytest.mark.parametrize("options,match", [({"prediction": "eps"}, "unknown prediction"),
+                                           ({"flow_shift": -1.0}, "flow_shift"), ({"flow_shift": float("nan")}, "flow_shift"),
+                                           ({"flow_shift": True}, "flow_shift"), ({"flow_shift": "3"}, "flow_shift")])
+def test_bad_flow_plan_options_are_refused(options, match):
+    tb = make_testbed("gaussian", "flow")
+    with pytest.raises(ValueError, match=match):
+        sample_adaptive(tb, tb.noise([0]), karras_sigmas(5, tb.sigma_min, tb.sigma_max), model_type="flow", **options)
+
+
+def test_hybrid_prediction_is_data_then_noise(monkeypatch):
+    """"hybrid" with the switch at +inf is the data form and at −inf the noise form, step for step."""
+    import adaptive_core.sampler as sampler_module
+    tb = make_testbed("gmm_digits", "flow")
+    x, grid = tb.noise(range(3)), karras_sigmas(12, tb.sigma_min, tb.sigma_max)
+    runs = {p: sample_adaptive(tb, x, grid, model_type="flow", prediction=p) for p in ("data", "noise")}
+    for switch, same_as in [(math.inf, "data"), (-math.inf, "noise")]:
+        monkeypatch.setattr(sampler_module, "HYBRID_SWITCH_LAMBDA", switch)
+        assert torch.equal(sample_adaptive(tb, x, grid, model_type="flow", prediction="hybrid"), runs[same_as])
+    monkeypatch.undo()
+    mixed = sample_adaptive(tb, x, grid, model_type="flow", prediction="hybrid")
+    assert not torch.equal(mixed, runs["data"]) and not torch.equal(mixed, runs["noise"])
+

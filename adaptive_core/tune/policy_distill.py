@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..policy import N_OBSERVATIONS, OOD_Z, STD_FLOOR, load_policy
+from ..policy import LEGACY_BASE_PLAN, N_OBSERVATIONS, OOD_Z, STD_FLOOR, load_policy
 from .policy_train import DeterministicActor, _export_verified, _policy_manifest
 
 #: The student's hidden layer widths: the PPO members' (``policy`` trains 64-64 tanh MLPs).
@@ -60,6 +60,7 @@ class ImitationRecorder:
         self.order_dead_zone = getattr(teacher, "order_dead_zone", 0.5)
         self.min_lambda_progress = getattr(teacher, "min_lambda_progress", 0.0)
         self.early_step_cap = getattr(teacher, "early_step_cap", None)
+        self.base_options = getattr(teacher, "base_options", LEGACY_BASE_PLAN)
         self.observations: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
 

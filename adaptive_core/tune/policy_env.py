@@ -60,7 +60,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from ..policy import ACTION_KINDS, ACTION_SCALE, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE, check_early_step_cap
+from ..policy import (ACTION_KINDS, ACTION_SCALE, LEGACY_BASE_PLAN, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE,
+                      check_early_step_cap)
 from ..sampler import sample_adaptive
 from ..testbeds import CONDITIONAL_TESTBED_NAMES, TRAINED_TESTBED_NAMES, make_testbed
 
@@ -206,6 +207,7 @@ class _ThreadDecider:
     for its action (no fallback: training sees every row)."""
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "training-env"
+    base_options = LEGACY_BASE_PLAN   # policies are trained on the plan they run on (adaptive_core.policy)
 
     def __init__(self, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
         self.min_lambda_progress = float(min_lambda_progress)
@@ -352,7 +354,8 @@ class SamplingEnv(gym.Env):
             x, ref = noise_and_reference(config, tb, pool, self.reference_steps)
             heur = {}
             for budget in self.budgets:
-                out = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=tb.model_type)
+                out = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=tb.model_type,
+                                      **LEGACY_BASE_PLAN)   # the heuristic on the plan the policy runs on
                 heur[budget] = rmse_per_sample(out, ref)
             _SHARED[key] = (x, ref, heur, {int(s): i for i, s in enumerate(pool)})
         self._data[k] = _SHARED[key]

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..learned import sha256_of_file
-from ..policy import (ACTION_KINDS, ACTION_SCALE, EARLY_STEP_CAP_KEYS, MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS,
-                      OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest, check_early_step_cap)
+from ..policy import (ACTION_KINDS, ACTION_SCALE, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN, MANIFEST_FORMAT, MIN_SHARE,
+                      N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest,
+                      check_early_step_cap)
 from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
                          SamplingEnv, configs_of, evaluate_controller)
 
@@ -44,6 +45,7 @@ class SB3Decider:
     """A live SB3 model + VecNormalize as a sampler ``controller`` (deterministic actions, no fallback)."""
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "sb3-ppo"
+    base_options = LEGACY_BASE_PLAN   # the plan an exported policy runs on (adaptive_core.policy)
 
     def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
         self.model, self.vecnorm, self.min_lambda_progress = model, vecnorm, float(min_lambda_progress)

@@ -1,0 +1,203 @@
+"""Flow models: ADO's few-step shifted-time plan and hybrid prediction against the plan it replaced and the peers.
+
+``python -m adaptive_core.bench.flow_plan [--testbeds gaussian gmm_digits mnist_unet ...] [--nfe 5 8 10 15 20 30]
+[--seeds 64] [--first-seed 30000] [--peers default|none|NAME ...] [--jobs 2] [--out docs/bench/flow_plan]``
+
+For each flow testbed (the analytic ones against their exact reference, the trained networks against a λ-uniform
+solve with :data:`REFERENCE_STEPS` steps, CFG 1) and budget it runs, on the same noises:
+
+* ``ado``: ADO as shipped (:func:`~adaptive_core.sampler.resolve_flow_plan`: a plan uniform in shifted time for
+  budgets up to :data:`~adaptive_core.sampler.FEW_STEP_BUDGET`, the ρ plan above, hybrid prediction);
+* ``ado_before``: the options it replaced, ``prediction="data", flow_shift=None`` (data prediction on the ρ
+  plan, as before 2026-11-27);
+* the peers (:data:`PEERS`: fixed-grid samplers on the hosts' flow schedules), the best of them per budget.
+
+Writes ``<out>.json``, ``<out>.md`` (tables of RMSE and ratios) and ``<out>.png`` (ratios against NFE).
+The seeds default to 30000 onwards, which the rule was not chosen on (it was chosen on 20000–20063).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+#: Flow testbeds measured by default: the two analytic ones and five trained networks.
+TESTBEDS = ("gaussian", "gmm_digits", "mnist_unet", "digits_unet", "photo_unet", "skimage_unet", "mpl_unet")
+#: Reference solve steps per trained network (those of its own measurements, chosen by the convergence check
+#: in ``docs/policy/heldout_*_protocol.md``); others use the policy measurements' 128.
+REFERENCE_STEPS = {"digits_unet": 256, "skimage_unet": 256, "mpl_unet": 512}
+#: Peers: fixed-grid samplers on the flow schedules hosts offer (the "simple" shifted schedule and Karras).
+PEERS = ("diffusers_deis_3+simple", "diffusers_unipc_3+simple", "dpmpp_2m+simple", "dpmpp_3m+simple", "euler+simple",
+         "dpmpp_2m+karras")
+#: The options ``ado_before`` runs with.
+BEFORE = {"prediction": "data", "flow_shift": None}
+DEFAULT_OUT = Path("docs/bench/flow_plan")
+
+
+def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None = None) -> dict:
+    """RMSE to the reference of ``ado``, ``ado_before`` and each peer on flow testbed ``name`` (CFG 1) for each
+    budget in ``nfes``, over ``seeds``.  Returns {"testbed", "reference_steps", "rows": [{"nfe", "ado",
+    "ado_before", "peers": {name: rmse}, "best_peer", "best_peer_rmse"}]}."""
+    from .. import sample_adaptive
+    from ..tune.policy_env import Config, make_config_testbed, noise_and_reference, set_config_labels
+    from .metrics import rmse
+    from .run import host_sigmas, run_method
+    config = Config(name, "flow", 1.0)
+    steps = int(reference_steps or REFERENCE_STEPS.get(name, 128))
+    tb = make_config_testbed(config)
+    set_config_labels(config, tb, seeds)
+    x, ref = noise_and_reference(config, tb, seeds, steps)
+    rows = []
+    for n in nfes:
+        grid = host_sigmas(tb, n)
+        row = {"nfe": int(n),
+               "ado": rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type="flow"), ref),
+               "ado_before": rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type="flow", **BEFORE), ref),
+               "peers": {}}
+        for peer in peers:
+            out, _ = run_method(peer, tb, x, n)
+            row["peers"][peer] = rmse(out, ref)
+        if row["peers"]:
+            row["best_peer"], row["best_peer_rmse"] = min(row["peers"].items(), key=lambda kv: kv[1])
+        rows.append(row)
+    return {"testbed": config.key, "reference_steps": steps if config.trained else None, "rows": rows}
+
+
+def _job(job) -> dict:
+    torch.set_num_threads(1)
+    name, nfes, seeds, peers = job
+    return measure_testbed(name, nfes, seeds, peers)
+
+
+def geometric_mean(values) -> float:
+    """exp(mean(log v)) of positive values."""
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary(results: dict) -> dict:
+    """Geometric means and worst cells of ado / ado_before and ado / best peer over all rows (and per regime)."""
+    from ..sampler import FEW_STEP_BUDGET
+    out = {}
+    for key, den in (("vs_before", "ado_before"), ("vs_best_peer", "best_peer_rmse")):
+        cells = [(r["ado"] / r[den], t["testbed"], r["nfe"]) for t in results["testbeds"] for r in t["rows"] if den in r]
+        if not cells:
+            continue
+        few = [c for c in cells if c[2] <= FEW_STEP_BUDGET]
+        more = [c for c in cells if c[2] > FEW_STEP_BUDGET]
+        out[key] = {"geomean": geometric_mean(c[0] for c in cells),
+                    "geomean_few_step": geometric_mean(c[0] for c in few) if few else None,
+                    "geomean_more_steps": geometric_mean(c[0] for c in more) if more else None,
+                    "worst": max(cells)[0], "worst_cell": list(max(cells)[1:]), "cells": len(cells),
+                    "cells_above_1": sum(c[0] > 1 for c in cells), "cells_at_most_0.8": sum(c[0] <= 0.8 for c in cells)}
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The report: how to reproduce, the summary, and one table per testbed."""
+    meta, summ = results["meta"], results["summary"]
+    lines = ["# Flow models: the few-step shifted-time plan and hybrid prediction", "",
+             f"`{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}, torch {meta['torch']}; seeds "
+             f"{meta['seeds'][0]}–{meta['seeds'][1] - 1}). RMSE to the reference over all pixels of all images "
+             "(analytic testbeds: exact; trained networks: a λ-uniform solve with the steps shown). `ado` is ADO "
+             "as shipped, `before` the same with `prediction=\"data\", flow_shift=None` (the ρ plan in data "
+             "prediction, as before), the peers are fixed-grid samplers on the same noises.", ""]
+    for key, label in (("vs_before", "ADO / before"), ("vs_best_peer", "ADO / best peer")):
+        if key in summ:
+            s = summ[key]
+            lines.append(f"- **{label}**: geometric mean {s['geomean']:.3f} over {s['cells']} cells "
+                         f"({s['geomean_few_step']:.3f} at ≤ 10 NFE, "
+                         + (f"{s['geomean_more_steps']:.3f} above" if s["geomean_more_steps"] else "none above")
+                         + f"); worst {s['worst']:.3f} ({s['worst_cell'][0]}, {s['worst_cell'][1]} NFE); "
+                         f"{s['cells_above_1']} cells above 1, {s['cells_at_most_0.8']} at ≤ 0.8.")
+    for t in results["testbeds"]:
+        ref = f", reference {t['reference_steps']} steps" if t["reference_steps"] else ", exact reference"
+        lines += ["", f"## {t['testbed']}{ref}", "",
+                  "| NFE | ado | before | ado / before | best peer | ado / best peer |", "|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            peer = (f"{r['best_peer']} {r['best_peer_rmse']:.4g} | {r['ado'] / r['best_peer_rmse']:.3f}"
+                    if "best_peer" in r else "– | –")
+            lines.append(f"| {r['nfe']} | {r['ado']:.4g} | {r['ado_before']:.4g} | {r['ado'] / r['ado_before']:.3f} "
+                         f"| {peer} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Two panels against NFE, one line per testbed: ado / before and ado / best peer (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (den, title) in zip(axes, (("ado_before", "ADO / ADO before (ρ plan, data prediction)"),
+                                       ("best_peer_rmse", "ADO / best peer at the same NFE"))):
+        for t in results["testbeds"]:
+            rows = [r for r in t["rows"] if den in r]
+            if rows:
+                ax.plot([r["nfe"] for r in rows], [r["ado"] / r[den] for r in rows], marker="o", label=t["testbed"])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model calls (NFE)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("RMSE ratio (< 1: ADO as shipped is better)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.flow_plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--testbeds", nargs="+", default=list(TESTBEDS))
+    ap.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10, 15, 20, 30])
+    ap.add_argument("--seeds", type=int, default=64)
+    ap.add_argument("--first-seed", type=int, default=30000)
+    ap.add_argument("--peers", nargs="+", default=["default"], help='"default", "none" or peer names')
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path stem of the .json, .md and .png written")
+    args = ap.parse_args(argv)
+    from ..testbeds import TESTBED_NAMES, TRAINED_TESTBED_NAMES
+    unknown = [t for t in args.testbeds if t not in (*TESTBED_NAMES, *TRAINED_TESTBED_NAMES)]
+    if unknown:
+        ap.error(f"unknown testbed(s) {unknown}")
+    if args.seeds < 1 or any(n < 1 for n in args.nfe):
+        ap.error("--seeds and every --nfe must be at least 1")
+    peers = list(PEERS) if args.peers == ["default"] else [] if args.peers == ["none"] else list(args.peers)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    jobs = [(name, args.nfe, seeds, peers) for name in args.testbeds]
+    t0 = time.time()
+    if args.jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm.auto import tqdm
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            measured = list(tqdm(pool.map(_job, jobs), total=len(jobs), desc="flow testbeds", unit="testbed"))
+    else:
+        from tqdm.auto import tqdm
+        measured = [_job(job) for job in tqdm(jobs, desc="flow testbeds", unit="testbed")]
+    results = {"meta": {"command": "python -m adaptive_core.bench.flow_plan "
+                                   + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "seeds": [seeds[0], seeds[-1] + 1], "nfe": list(args.nfe), "peers": peers,
+                        "torch": torch.__version__, "seconds": time.time() - t0,
+                        "machine": f"{platform.machine()}, {min(args.jobs, len(jobs))} process(es) of 1 thread"},
+               "testbeds": measured}
+    results["summary"] = summary(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    args.out.with_suffix(".md").write_text(text)
+    plot(results, args.out.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
