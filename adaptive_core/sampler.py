@@ -120,34 +120,51 @@ def check_flow_plan_options(opt: dict) -> None:
         raise ValueError(f"flow_shift must be 'auto', None or a finite number > 0, got {shift!r}")
 
 
+def detect_guidance_scale(model) -> float | None:
+    """The classifier-free guidance scale of a run (Ho & Salimans 2022), or None where it declares none.
+
+    ComfyUI: the guider the sampler's model wraps, ``model.inner_model.cfg`` (``comfy/samplers.py::CFGGuider``;
+    Flux's basic guider keeps 1).  Otherwise a ``cfg_scale`` attribute of ``model`` (ADO's testbeds).
+    """
+    for value in (getattr(getattr(model, "inner_model", None), "cfg", None), getattr(model, "cfg_scale", None)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
 def resolve_flow_plan(model, opt: dict, model_type: str, budget: int) -> tuple[float | None, str]:
     """(flow_shift, prediction) that a run with ``budget`` model calls uses, from the options (checked by
     :func:`check_flow_plan_options`).
 
-    ``flow_shift`` applies to flow models in budget mode with ADO's own plan and a few-step budget (at most
-    :data:`FEW_STEP_BUDGET` calls): the plan is then uniform in shifted time
-    (:func:`~adaptive_core.controller.plan_time_shift`).  "auto" is the model's own shift
-    (:func:`detect_flow_shift`) or :data:`DEFAULT_FLOW_SHIFT`; a number is used as given; None keeps the ρ
-    plan.  Elsewhere (ve, larger budgets, other modes) it resolves to None and the ρ plan holds.
+    "auto" (both defaults) changes only unguided flow runs, those whose guidance scale is known to be 1
+    (:func:`detect_guidance_scale`): there ``flow_shift`` is the model's own shift (:func:`detect_flow_shift`,
+    else :data:`DEFAULT_FLOW_SHIFT`) in budget mode with ADO's own plan and at most :data:`FEW_STEP_BUDGET`
+    calls, where the plan is uniform in shifted time (:func:`~adaptive_core.controller.plan_time_shift`), and
+    ``prediction`` is "hybrid" outside tolerance mode.  Everywhere else "auto" resolves to None (the ρ plan)
+    and "data".  A number for ``flow_shift``, or a named prediction, is used as given (a shift only where the
+    few-step plan applies; None keeps the ρ plan).
 
-    ``prediction`` "auto" is "hybrid" for flow models in budget and fixed mode and "data" otherwise.
     "hybrid" takes the data-prediction form (DPM-Solver++, Lu et al. 2022b) for steps that start at high
     noise and the noise-prediction form (DPM-Solver / DEIS, Lu et al. 2022a; Zhang & Chen 2022) from
     :data:`HYBRID_SWITCH_LAMBDA` on.  Why: along a flow model's ODE the denoised prediction changes little at
     high noise and the noise prediction changes little at low noise, and each form extrapolates the quantity
-    that changes least.  Measured on seven flow testbeds (five trained networks, two analytic) at 5–30 NFE,
-    this rule has 0.73× the error of the data form on the ρ plan (geometric mean; ``docs/bench/flow_plan.md``).
+    that changes least.  On seven unguided flow testbeds (five trained networks, two analytic) at 5–30 NFE,
+    the unguided rule has 0.75× the error of the ρ plan in data prediction (geometric mean; 0.66× at ≤ 10
+    NFE).  Under guidance (CFG 2 on the two class-conditional networks) it was 1.3–1.9× worse at 8–10 NFE,
+    as noise-prediction solvers are under large guidance (Lu et al. 2022b), so a guided run keeps the data
+    form and the ρ plan (``docs/bench/flow_plan.md``).
     """
     shift, prediction = opt["flow_shift"], opt["prediction"]
+    unguided_flow = model_type == "flow" and detect_guidance_scale(model) == 1.0
     few_step = opt["mode"] == "budget" and opt["schedule"] == "ado" and budget <= FEW_STEP_BUDGET
-    if model_type != "flow" or not few_step:
+    if model_type != "flow" or not few_step or (shift == "auto" and not unguided_flow):
         shift = None
     elif shift == "auto":
         detected = detect_flow_shift(model)
         shift = DEFAULT_FLOW_SHIFT if detected is None else detected
     shift = None if shift is None else float(shift)
     if prediction == "auto":
-        prediction = "hybrid" if model_type == "flow" and opt["mode"] != "tolerance" else "data"
+        prediction = "hybrid" if unguided_flow and opt["mode"] != "tolerance" else "data"
     return shift, prediction
 
 
@@ -227,13 +244,13 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             ``predictor``: "midpoint" (damped, DPM-Solver++(2M)-style) or "exact" integration of the
             interpolant; ``prediction``: "data" (DPM-Solver++), "noise" (DPM-Solver/DEIS form), "hybrid"
             (data form at high noise, noise form from λ = :data:`HYBRID_SWITCH_LAMBDA` on) or "auto" (hybrid
-            for flow models outside tolerance mode, else data; :func:`resolve_flow_plan`);
+            for unguided flow runs outside tolerance mode, else data; :func:`resolve_flow_plan`);
             ``schedule``: "ado" (own plan) or "host" (the host grid as plan); ``rho``: shape of the first
             plan (uniform in σ^{1/ρ}; inf = λ-uniform; "prior" = the activity prior of
             :func:`~adaptive_core.controller.prior_plan`); ``flow_shift``: a flow model's few-step plan
             (budget mode, at most :data:`FEW_STEP_BUDGET` calls) is uniform in shifted time with this shift
-            ("auto": the model's own, :func:`detect_flow_shift`, else :data:`DEFAULT_FLOW_SHIFT`; None: the
-            ρ plan); ``adapt`` (bool): re-plan the remaining steps (ρ plans)
+            ("auto": the model's own, :func:`detect_flow_shift`, else :data:`DEFAULT_FLOW_SHIFT`, on
+            unguided runs only, :func:`detect_guidance_scale`; None: the ρ plan); ``adapt`` (bool): re-plan the remaining steps (ρ plans)
             of a sample once its measured activity decays faster than the plan assumes, with
             ``activity_exponent`` (see :func:`~adaptive_core.controller.replan_lambdas`); ``final_correction`` (bool): apply the last
             corrector to the returned sample.

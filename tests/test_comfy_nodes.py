@@ -133,13 +133,13 @@ def test_trace_is_sent_to_the_sampling_node(host):
 
 # --- ADO Adaptive Sampler (SamplerCustom / SamplerCustomAdvanced) ---------------------------------------------
 
-def _custom(host, sampler, kind="eps", steps=10, batch=2, callback=True, model=None, noise=None, lat=None):
+def _custom(host, sampler, kind="eps", steps=10, batch=2, callback=True, model=None, noise=None, lat=None, cfg=3.0):
     model = fakes.ModelPatcher(kind) if model is None else model
     sigmas = host.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps)
     lat = latent(batch) if lat is None else lat
     noise = host.sample.prepare_noise(lat["samples"], 5) if noise is None else noise
     cb = host.latent_preview.prepare_callback(model, steps) if callback else None
-    out = host.sample.sample_custom(model, noise, 3.0, sampler, sigmas, fakes.cond(1.0), fakes.cond(-1.0),
+    out = host.sample.sample_custom(model, noise, cfg, sampler, sigmas, fakes.cond(1.0), fakes.cond(-1.0),
                                     lat["samples"], callback=cb, seed=5)
     return model, out
 
@@ -189,8 +189,9 @@ def test_model_type_is_detected_from_model_sampling(host, kind, expected):
 @pytest.mark.parametrize("schedule,shift,expected", [("discrete_flow", 2.5, 2.5), ("discrete_flow", 1.0, 1.0),
                                                      ("flux", 1.15, math.exp(1.15))])
 def test_flow_shift_is_read_from_model_sampling(host, schedule, shift, expected):
-    """A few-step flow run plans in the model's own shifted time: ComfyUI's σ at half the schedule
-    (``percent_to_sigma(0.5)``) gives the shift for SD3-style (time_snr_shift) and Flux (flux_time_shift) models."""
+    """An unguided few-step flow run plans in the model's own shifted time: ComfyUI's σ at half the schedule
+    (``percent_to_sigma(0.5)``) gives the shift for SD3-style (time_snr_shift) and Flux (flux_time_shift) models;
+    the guider's CFG scale says whether the run is guided (a guided run keeps the ρ plan in data prediction)."""
     model = fakes.ModelPatcher("flow")
     cls = fakes.ModelSamplingFlux if schedule == "flux" else fakes.ModelSamplingDiscreteFlow
 
@@ -200,10 +201,12 @@ def test_flow_shift_is_read_from_model_sampling(host, schedule, shift, expected)
     model.model.model_sampling.shift = shift
     trace = host.pack.nodes.comfy_sampler.Trace()
     sampler = host.samplers.KSAMPLER(host.pack.nodes.sample_ado, extra_options={"trace": trace, "model_type": "auto"})
-    _custom(host, sampler, kind="flow", steps=6, model=model)
+    _custom(host, sampler, kind="flow", steps=6, model=model, cfg=1.0)
     assert trace.model_type == "flow"
     assert trace.options["flow_shift"] == pytest.approx(expected)
     assert trace.options["prediction"] == "hybrid"
+    _custom(host, sampler, kind="flow", steps=6, model=model, cfg=3.0)
+    assert (trace.options["flow_shift"], trace.options["prediction"]) == (None, "data")
 
 
 def test_cancel_stops_within_one_model_call(host):

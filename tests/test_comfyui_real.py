@@ -126,11 +126,26 @@ def test_sampler_custom_with_the_ado_node(real, progress, kind, mode):
     assert torch.isfinite(out["samples"]).all() and torch.isfinite(denoised["samples"]).all()
     assert forwards(model) == trace.nfe <= 9
     assert trace.model_type == ("flow" if kind == "flow" else "ve")
-    if kind == "flow" and mode == "budget":   # the shift read from the real model_sampling (tiny model: shift 1)
-        shift = float(model.get_model_object("model_sampling").shift)
-        assert trace.options["flow_shift"] == pytest.approx(shift) and trace.options["prediction"] == "hybrid"
+    if kind == "flow":   # CFG 3 read from the real guider: the guided run keeps the ρ plan in data prediction
+        assert (trace.options["flow_shift"], trace.options["prediction"]) == (None, "data")
     assert len(trace.samples[0]) == trace.nfe and trace.samples[0][0].sigma == pytest.approx(float(sigmas[0]))
     check_progress(progress, trace.nfe, 9)
+
+
+def test_unguided_flow_run_plans_in_the_models_shifted_time(real):
+    """CFG 1 through the real CFGGuider and the shift through the real model_sampling (tiny model: shift 1):
+    a few-step run takes the shifted-time plan with hybrid prediction."""
+    model = real.build("flow")
+    pos, neg = conds()
+    (sampler,) = real.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(0, "budget", 0.05)
+    trace = real.pack.nodes.comfy_sampler.Trace()
+    sampler.extra_options["trace"] = trace
+    (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, "simple", 8, 1.0)
+    out, _ = real.cs.SamplerCustom().sample(model, True, 11, 1.0, pos, neg, sampler, sigmas,
+                                            {"samples": torch.zeros(1, 4, 8, 8)})
+    assert torch.isfinite(out["samples"]).all() and trace.nfe == 8
+    shift = float(model.get_model_object("model_sampling").shift)
+    assert trace.options["flow_shift"] == pytest.approx(shift) and trace.options["prediction"] == "hybrid"
 
 
 @pytest.mark.parametrize("kind", KINDS)

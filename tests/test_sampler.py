@@ -379,16 +379,32 @@ def test_plan_time_shift_endpoints_and_order():
 
 def test_flow_plan_options_resolve_as_documented():
     from adaptive_core.sampler import DEFAULT_FLOW_SHIFT, FEW_STEP_BUDGET, resolve_flow_plan
+    from types import SimpleNamespace
     opt = dict(DEFAULTS)
-    plain = object()   # declares no shift
+    plain = SimpleNamespace(cfg_scale=1.0)   # unguided, declares no shift
     assert resolve_flow_plan(plain, opt, "flow", FEW_STEP_BUDGET) == (DEFAULT_FLOW_SHIFT, "hybrid")
+    assert resolve_flow_plan(SimpleNamespace(cfg_scale=1.0, shift=2.0), opt, "flow", 5) == (2.0, "hybrid")
     assert resolve_flow_plan(plain, opt, "flow", FEW_STEP_BUDGET + 1) == (None, "hybrid")   # the ρ plan
     assert resolve_flow_plan(plain, opt, "ve", 5) == (None, "data")
     assert resolve_flow_plan(plain, {**opt, "mode": "tolerance"}, "flow", 5) == (None, "data")
     assert resolve_flow_plan(plain, {**opt, "mode": "fixed"}, "flow", 5) == (None, "hybrid")
     assert resolve_flow_plan(plain, {**opt, "schedule": "host"}, "flow", 5) == (None, "hybrid")
-    assert resolve_flow_plan(plain, {**opt, "flow_shift": 1.5, "prediction": "noise"}, "flow", 5) == (1.5, "noise")
     assert resolve_flow_plan(plain, {**opt, "flow_shift": None}, "flow", 5) == (None, "hybrid")
+    # guided, or no declared guidance scale: the ρ plan in data prediction, unless the caller says otherwise
+    for model in (SimpleNamespace(cfg_scale=2.0), object()):
+        assert resolve_flow_plan(model, opt, "flow", 5) == (None, "data")
+        assert resolve_flow_plan(model, {**opt, "flow_shift": 1.5, "prediction": "noise"}, "flow", 5) == (1.5, "noise")
+
+
+def test_guidance_scale_is_read_from_the_guider_or_the_model():
+    from types import SimpleNamespace
+
+    from adaptive_core.sampler import detect_guidance_scale
+    assert detect_guidance_scale(SimpleNamespace(inner_model=SimpleNamespace(cfg=4.5))) == 4.5   # ComfyUI's CFGGuider
+    assert detect_guidance_scale(make_testbed("gaussian", "flow")) == 1.0
+    assert detect_guidance_scale(make_testbed("mnist_unet", "flow", cfg_scale=2.0)) == 2.0
+    for undeclared in (object(), SimpleNamespace(cfg_scale=True), SimpleNamespace(cfg_scale=float("nan"))):
+        assert detect_guidance_scale(undeclared) is None
 
 
 @pytest.mark.parametrize("options,match", [({"prediction": "eps"}, "unknown prediction"),

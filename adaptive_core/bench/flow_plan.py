@@ -1,15 +1,19 @@
 """Flow models: ADO's few-step shifted-time plan and hybrid prediction against the plan it replaced and the peers.
 
-``python -m adaptive_core.bench.flow_plan [--testbeds gaussian gmm_digits mnist_unet ...] [--nfe 5 8 10 15 20 30]
-[--seeds 64] [--first-seed 30000] [--peers default|none|NAME ...] [--jobs 2] [--out docs/bench/flow_plan]``
+``python -m adaptive_core.bench.flow_plan [--testbeds gaussian gmm_digits mnist_unet ...] [--cfg 1 2]
+[--nfe 5 8 10 15 20 30] [--seeds 64] [--first-seed 30000] [--peers default|none|NAME ...] [--jobs 2]
+[--out docs/bench/flow_plan]``
 
 For each flow testbed (the analytic ones against their exact reference, the trained networks against a λ-uniform
-solve with :data:`REFERENCE_STEPS` steps, CFG 1) and budget it runs, on the same noises:
+solve with :data:`REFERENCE_STEPS` steps; the class-conditional networks also at the other ``--cfg`` scales) and
+budget it runs, on the same noises:
 
-* ``ado``: ADO as shipped (:func:`~adaptive_core.sampler.resolve_flow_plan`: a plan uniform in shifted time for
-  budgets up to :data:`~adaptive_core.sampler.FEW_STEP_BUDGET`, the ρ plan above, hybrid prediction);
+* ``ado``: ADO as shipped (:func:`~adaptive_core.sampler.resolve_flow_plan`: on an unguided run a plan uniform in
+  shifted time for budgets up to :data:`~adaptive_core.sampler.FEW_STEP_BUDGET`, the ρ plan above, hybrid
+  prediction; a guided run keeps the ρ plan in data prediction);
 * ``ado_before``: the options it replaced, ``prediction="data", flow_shift=None`` (data prediction on the ρ
   plan, as before 2026-11-27);
+* on guided runs, ``unguided_rule``: the unguided rule forced (the evidence for keeping guided runs as before);
 * the peers (:data:`PEERS`: fixed-grid samplers on the hosts' flow schedules), the best of them per budget.
 
 Writes ``<out>.json``, ``<out>.md`` (tables of RMSE and ratios) and ``<out>.png`` (ratios against NFE).
@@ -40,15 +44,17 @@ BEFORE = {"prediction": "data", "flow_shift": None}
 DEFAULT_OUT = Path("docs/bench/flow_plan")
 
 
-def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None = None) -> dict:
-    """RMSE to the reference of ``ado``, ``ado_before`` and each peer on flow testbed ``name`` (CFG 1) for each
-    budget in ``nfes``, over ``seeds``.  Returns {"testbed", "reference_steps", "rows": [{"nfe", "ado",
-    "ado_before", "peers": {name: rmse}, "best_peer", "best_peer_rmse"}]}."""
+def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None = None, cfg: float = 1.0) -> dict:
+    """RMSE to the reference of ``ado``, ``ado_before`` (and ``unguided_rule`` when ``cfg`` ≠ 1) and each peer on
+    flow testbed ``name`` at CFG ``cfg`` for each budget in ``nfes``, over ``seeds``.  Returns {"testbed", "cfg",
+    "reference_steps", "rows": [{"nfe", "ado", "ado_before", ["unguided_rule"], "peers": {name: rmse},
+    "best_peer", "best_peer_rmse"}]}."""
     from .. import sample_adaptive
+    from ..sampler import FEW_STEP_BUDGET
     from ..tune.policy_env import Config, make_config_testbed, noise_and_reference, set_config_labels
     from .metrics import rmse
     from .run import host_sigmas, run_method
-    config = Config(name, "flow", 1.0)
+    config = Config(name, "flow", float(cfg))
     steps = int(reference_steps or REFERENCE_STEPS.get(name, 128))
     tb = make_config_testbed(config)
     set_config_labels(config, tb, seeds)
@@ -60,19 +66,23 @@ def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None =
                "ado": rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type="flow"), ref),
                "ado_before": rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type="flow", **BEFORE), ref),
                "peers": {}}
+        if float(cfg) != 1.0:
+            forced = {"prediction": "hybrid", "flow_shift": tb.shift if n <= FEW_STEP_BUDGET else None}
+            row["unguided_rule"] = rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type="flow", **forced), ref)
         for peer in peers:
             out, _ = run_method(peer, tb, x, n)
             row["peers"][peer] = rmse(out, ref)
         if row["peers"]:
             row["best_peer"], row["best_peer_rmse"] = min(row["peers"].items(), key=lambda kv: kv[1])
         rows.append(row)
-    return {"testbed": config.key, "reference_steps": steps if config.trained else None, "rows": rows}
+    return {"testbed": config.key, "cfg": float(cfg), "reference_steps": steps if config.trained else None,
+            "rows": rows}
 
 
 def _job(job) -> dict:
     torch.set_num_threads(1)
-    name, nfes, seeds, peers = job
-    return measure_testbed(name, nfes, seeds, peers)
+    name, nfes, seeds, peers, cfg = job
+    return measure_testbed(name, nfes, seeds, peers, cfg=cfg)
 
 
 def geometric_mean(values) -> float:
@@ -82,11 +92,16 @@ def geometric_mean(values) -> float:
 
 
 def summary(results: dict) -> dict:
-    """Geometric means and worst cells of ado / ado_before and ado / best peer over all rows (and per regime)."""
+    """Geometric means and worst cells of ado / ado_before and ado / best peer over the unguided rows (and per
+    regime), and of the unguided rule forced on guided rows / ado_before ("guided_unguided_rule_vs_before")."""
     from ..sampler import FEW_STEP_BUDGET
     out = {}
-    for key, den in (("vs_before", "ado_before"), ("vs_best_peer", "best_peer_rmse")):
-        cells = [(r["ado"] / r[den], t["testbed"], r["nfe"]) for t in results["testbeds"] for r in t["rows"] if den in r]
+    unguided = [t for t in results["testbeds"] if t.get("cfg", 1.0) == 1.0]
+    guided = [t for t in results["testbeds"] if t.get("cfg", 1.0) != 1.0]
+    for key, num, den, tbs in (("vs_before", "ado", "ado_before", unguided),
+                               ("vs_best_peer", "ado", "best_peer_rmse", unguided),
+                               ("guided_unguided_rule_vs_before", "unguided_rule", "ado_before", guided)):
+        cells = [(r[num] / r[den], t["testbed"], r["nfe"]) for t in tbs for r in t["rows"] if den in r and num in r]
         if not cells:
             continue
         few = [c for c in cells if c[2] <= FEW_STEP_BUDGET]
@@ -108,7 +123,9 @@ def markdown(results: dict) -> str:
              "(analytic testbeds: exact; trained networks: a λ-uniform solve with the steps shown). `ado` is ADO "
              "as shipped, `before` the same with `prediction=\"data\", flow_shift=None` (the ρ plan in data "
              "prediction, as before), the peers are fixed-grid samplers on the same noises.", ""]
-    for key, label in (("vs_before", "ADO / before"), ("vs_best_peer", "ADO / best peer")):
+    for key, label in (("vs_before", "ADO / before, unguided runs"), ("vs_best_peer", "ADO / best peer, unguided runs"),
+                       ("guided_unguided_rule_vs_before", "Guided runs (CFG 2), the unguided rule forced / before "
+                        "(ADO keeps the plan before on them)")):
         if key in summ:
             s = summ[key]
             lines.append(f"- **{label}**: geometric mean {s['geomean']:.3f} over {s['cells']} cells "
@@ -118,25 +135,28 @@ def markdown(results: dict) -> str:
                          f"{s['cells_above_1']} cells above 1, {s['cells_at_most_0.8']} at ≤ 0.8.")
     for t in results["testbeds"]:
         ref = f", reference {t['reference_steps']} steps" if t["reference_steps"] else ", exact reference"
+        forced = any("unguided_rule" in r for r in t["rows"])
         lines += ["", f"## {t['testbed']}{ref}", "",
-                  "| NFE | ado | before | ado / before | best peer | ado / best peer |", "|---|---|---|---|---|---|"]
+                  "| NFE | ado | before | ado / before | " + ("unguided rule forced / before | " if forced else "")
+                  + "best peer | ado / best peer |", "|---|---|---|---|---|---|" + ("---|" if forced else "")]
         for r in t["rows"]:
             peer = (f"{r['best_peer']} {r['best_peer_rmse']:.4g} | {r['ado'] / r['best_peer_rmse']:.3f}"
                     if "best_peer" in r else "– | –")
+            rule = f"{r['unguided_rule'] / r['ado_before']:.3f} | " if forced else ""
             lines.append(f"| {r['nfe']} | {r['ado']:.4g} | {r['ado_before']:.4g} | {r['ado'] / r['ado_before']:.3f} "
-                         f"| {peer} |")
+                         f"| {rule}{peer} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Two panels against NFE, one line per testbed: ado / before and ado / best peer (log scale)."""
+    """Two panels against NFE, one line per unguided testbed: ado / before and ado / best peer (log scale)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, (den, title) in zip(axes, (("ado_before", "ADO / ADO before (ρ plan, data prediction)"),
                                        ("best_peer_rmse", "ADO / best peer at the same NFE"))):
-        for t in results["testbeds"]:
+        for t in (t for t in results["testbeds"] if t.get("cfg", 1.0) == 1.0):   # guided runs: ado is before
             rows = [r for r in t["rows"] if den in r]
             if rows:
                 ax.plot([r["nfe"] for r in rows], [r["ado"] / r[den] for r in rows], marker="o", label=t["testbed"])
@@ -157,6 +177,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.flow_plan", description=__doc__.split("\n")[0])
     ap.add_argument("--testbeds", nargs="+", default=list(TESTBEDS))
+    ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 2.0],
+                    help="CFG scales of the class-conditional networks (the others run at 1)")
     ap.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10, 15, 20, 30])
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--first-seed", type=int, default=30000)
@@ -172,7 +194,9 @@ def main(argv=None) -> int:
         ap.error("--seeds and every --nfe must be at least 1")
     peers = list(PEERS) if args.peers == ["default"] else [] if args.peers == ["none"] else list(args.peers)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    jobs = [(name, args.nfe, seeds, peers) for name in args.testbeds]
+    from ..testbeds import CONDITIONAL_TESTBED_NAMES
+    jobs = [(name, args.nfe, seeds, peers, cfg) for name in args.testbeds
+            for cfg in (args.cfg if name in CONDITIONAL_TESTBED_NAMES else [1.0])]
     t0 = time.time()
     if args.jobs > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor

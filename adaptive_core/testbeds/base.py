@@ -31,6 +31,7 @@ class Testbed(ABC):
         shape: shape of one sample, e.g. ``(1, 8, 8)`` or ``(4, 16, 16)``.
         sigma_min, sigma_max: the noise range a host would sample over (flow: σ_max = 1).
         shift: the flow timestep shift (flow only; None for ve).
+        cfg_scale: the classifier-free guidance scale the denoiser applies (1: unguided, as every exact one).
     """
 
     family: str = "testbed"
@@ -40,6 +41,7 @@ class Testbed(ABC):
     sigma_min: float
     sigma_max: float
     shift: float | None = None
+    cfg_scale: float = 1.0
 
     def __init__(self) -> None:
         check_model_type(self.model_type)
