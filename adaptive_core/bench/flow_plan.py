@@ -117,15 +117,15 @@ def summary(results: dict) -> dict:
 def markdown(results: dict) -> str:
     """The report: how to reproduce, the summary, and one table per testbed."""
     meta, summ = results["meta"], results["summary"]
-    lines = ["# Flow models: the few-step shifted-time plan and hybrid prediction", "",
-             f"`{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}, torch {meta['torch']}; seeds "
+    intro = (f"`{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}, torch {meta['torch']}; seeds "
              f"{meta['seeds'][0]}–{meta['seeds'][1] - 1}). RMSE to the reference over all pixels of all images "
              "(analytic testbeds: exact; trained networks: a λ-uniform solve with the steps shown). `ado` is ADO "
              "as shipped, `before` the same with `prediction=\"data\", flow_shift=None` (the ρ plan in data "
-             "prediction, as before), the peers are fixed-grid samplers on the same noises.", ""]
+             "prediction, as before), the peers are fixed-grid samplers on the same noises.")
+    lines = ["# Flow models: the few-step shifted-time plan and hybrid prediction", "", intro, ""]
+    guided_label = "Guided runs (CFG 2), the unguided rule forced / before (ADO keeps the plan before on them)"
     for key, label in (("vs_before", "ADO / before, unguided runs"), ("vs_best_peer", "ADO / best peer, unguided runs"),
-                       ("guided_unguided_rule_vs_before", "Guided runs (CFG 2), the unguided rule forced / before "
-                        "(ADO keeps the plan before on them)")):
+                       ("guided_unguided_rule_vs_before", guided_label)):
         if key in summ:
             s = summ[key]
             lines.append(f"- **{label}**: geometric mean {s['geomean']:.3f} over {s['cells']} cells "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import sample_adaptive
+from ..trace import Trace
 from ..schedules import karras_sigmas, lambda_uniform_sigmas
 from ..testbeds import TESTBED_NAMES, make_testbed
 from .metrics import median_sample_rmse, psnr, rmse
@@ -53,22 +54,26 @@ def run_method(method: str, testbed, x: torch.Tensor, nfe: int, model=None) -> t
 
 
 def run_oracle(testbed, x: torch.Tensor, ref: torch.Tensor, nfe: int, fit_count: int,
-               jitter: float = 0.0) -> tuple[torch.Tensor, dict]:
+               jitter: float = 0.0, prediction: str = "auto") -> tuple[torch.Tensor, dict]:
     """ADO's integrator on the best fixed grid for this testbed and NFE (fitted on the first ``fit_count`` seeds);
     with ``jitter`` > 0, the best grid whose gain survives moving its points by that much in λ
-    (:func:`~adaptive_core.bench.oracle.optimize_schedule`)."""
+    (:func:`~adaptive_core.bench.oracle.optimize_schedule`).  ``prediction``: the integrator's form
+    (:func:`~adaptive_core.sampler.resolve_flow_plan`; "auto" is ADO's default for the run).  Returns (samples,
+    {"sigmas", "prediction"}) with the form the grid was fitted in, which a replay must use."""
     xs, refs = x[:fit_count], ref[:fit_count]
 
     def run(sigmas):
-        return sample_adaptive(testbed, xs, sigmas, model_type=testbed.model_type, mode="fixed")
+        return sample_adaptive(testbed, xs, sigmas, model_type=testbed.model_type, mode="fixed", prediction=prediction)
     # multi-start: ADO's own plan and the two common fixed schedules; keep the best after the search
     starts = [sample_adaptive_plan(testbed, nfe), host_sigmas(testbed, nfe),
               lambda_uniform_sigmas(nfe, testbed.sigma_min, testbed.sigma_max, testbed.model_type)]
     grid = min((optimize_schedule(run, refs, s, testbed.model_type, sweeps=2, iters=8, jitter=jitter)
                 for s in starts),
                key=lambda found: found[1])[0]
-    out = sample_adaptive(testbed, x, grid, model_type=testbed.model_type, mode="fixed")
-    return out, {"sigmas": grid.tolist()}
+    trace = Trace()
+    out = sample_adaptive(testbed, x, grid, model_type=testbed.model_type, mode="fixed", prediction=prediction,
+                          trace=trace)
+    return out, {"sigmas": grid.tolist(), "prediction": trace.options["prediction"]}
 
 
 def sample_adaptive_plan(testbed, nfe: int) -> torch.Tensor:

@@ -78,11 +78,13 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     grid is the best one whose gain survives moving its points by ±``jitter`` in λ
     (:func:`~adaptive_core.bench.oracle.optimize_schedule`).
 
-    Returns {str(nfe): {"sigmas", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg", "reference_steps",
-    "jitter"}}: the grid, its RMSE to the reference on the fit images (the grid itself, unmoved), ADO's (heuristic
-    controller, host grid) RMSE on the same images for scale, the seed range [first, end), the CFG scales, the
-    reference's step count (None on an analytic testbed: its reference is exact) and the jitter it was fitted
-    with."""
+    Returns {str(nfe): {"sigmas", "prediction", "fit_rmse", "fit_heuristic_rmse", "fit_seeds", "fit_cfg",
+    "reference_steps", "jitter"}}: the grid, the integrator form it was fitted in (the data prediction the policies
+    run on, :data:`~adaptive_core.policy.LEGACY_BASE_PLAN`), its RMSE to the reference on the fit images (the grid
+    itself, unmoved), ADO's (heuristic controller, host grid) RMSE on the same images for scale, the seed range
+    [first, end), the CFG scales, the reference's step count (None on an analytic testbed: its reference is exact)
+    and the jitter it was fitted with."""
+    from ..policy import LEGACY_BASE_PLAN
     from ..tune.policy_env import (
         TRAINED_REFERENCE_STEPS,
         Config,
@@ -114,9 +116,12 @@ def fit_config(model_type: str, cfg, nfes, fit_seeds: int, reference_steps: int 
     for nfe in nfes:
         if progress is not None:
             progress.set_postfix_str(f"nfe={nfe}")
-        fitted, extra = run_oracle(model, x, ref, int(nfe), len(x), jitter=jitter)
+        # in the integrator form the policies it teaches run on (adaptive_core.policy.LEGACY_BASE_PLAN)
+        fitted, extra = run_oracle(model, x, ref, int(nfe), len(x), jitter=jitter,
+                                   prediction=LEGACY_BASE_PLAN["prediction"])
         heuristic, _ = run_method("ado", model, x, int(nfe))
-        out[str(int(nfe))] = {"sigmas": extra["sigmas"], "fit_rmse": rmse(fitted, ref),
+        out[str(int(nfe))] = {"sigmas": extra["sigmas"], "prediction": extra["prediction"],
+                              "fit_rmse": rmse(fitted, ref),
                               "fit_heuristic_rmse": rmse(heuristic, ref), "fit_seeds": [0, int(fit_seeds)],
                               "fit_cfg": cfgs, "reference_steps": steps if config.trained else None,
                               "jitter": float(jitter)}

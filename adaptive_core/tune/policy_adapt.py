@@ -75,10 +75,11 @@ def measure_new(start_policy: str, adapted_policy: str, specs, nfes, seeds, grid
                 row[f"{name}_vs_heuristic"] = r["rmse"] / heur["rmse"]
                 row[f"{name}_vs_heuristic_ci90"] = _ci(r["rmse_images"], heur["rmse_images"])
                 row[f"{name}_mean_nfe"] = r["nfe"]
-            grid = grids.get(config.key, {}).get(str(n), {}).get("sigmas")
-            if grid is not None:
+            entry = grids.get(config.key, {}).get(str(n), {})
+            grid = entry.get("sigmas")
+            if grid is not None:   # replayed in the form it was fitted in (grids before that field: data)
                 out = sample_adaptive(tb, x, torch.tensor(grid, dtype=torch.float64), model_type=config.model_type,
-                                      mode="fixed")
+                                      mode="fixed", prediction=entry.get("prediction", "data"))
                 row["oracle"] = rmse(out, ref)
                 row["oracle_vs_heuristic"] = row["oracle"] / heur["rmse"]
                 row["adapted_vs_oracle"] = row["adapted"] / row["oracle"]

@@ -133,7 +133,8 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
             oracle = (cfg or {}).get("methods", {}).get("oracle", {}).get(str(n))
             if oracle is not None and "sigmas" in oracle:
                 grid = torch.tensor(oracle["sigmas"], dtype=torch.float64)
-                out = sample_adaptive(tb, x, grid, model_type=config.model_type, mode="fixed")
+                out = sample_adaptive(tb, x, grid, model_type=config.model_type, mode="fixed",
+                                      prediction=oracle.get("prediction", "data"))   # the form it was fitted in
                 row.update(oracle_rmse=rmse(out, ref), oracle_grid=oracle["sigmas"])
                 row["policy_vs_oracle"] = row["policy"] / row["oracle_rmse"]
                 row["heuristic_vs_oracle"] = row["heuristic"] / row["oracle_rmse"]
