@@ -167,7 +167,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("RMSE ratio (< 1: ADO as shipped is better)")
-    axes[1].legend(fontsize=7)
+    if axes[1].get_lines()[:-1]:   # testbed lines besides the reference at 1 (none without peers)
+        axes[1].legend(fontsize=7)
+    elif axes[0].get_lines()[:-1]:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
