@@ -120,19 +120,24 @@ def check_flow_plan_options(opt: dict) -> None:
         raise ValueError(f"flow_shift must be 'auto', None or a finite number > 0, got {shift!r}")
 
 
-def detect_guidance_scale(model) -> float | None:
+def detect_guidance_scale(model, extra_args: dict | None = None) -> float | None:
     """The classifier-free guidance scale of a run (Ho & Salimans 2022), or None where it declares none.
 
     ComfyUI: the guider the sampler's model wraps, ``model.inner_model.cfg`` (``comfy/samplers.py::CFGGuider``;
-    Flux's basic guider keeps 1).  Otherwise a ``cfg_scale`` attribute of ``model`` (ADO's testbeds).
+    Flux's basic guider keeps 1).  A1111/Forge: ``extra_args["cond_scale"]`` (``p.cfg_scale``, which
+    ``modules/sd_samplers_kdiffusion.py::KDiffusionSampler`` hands its CFG denoiser).  Otherwise a ``cfg_scale``
+    attribute of ``model`` (ADO's testbeds).
     """
-    for value in (getattr(getattr(model, "inner_model", None), "cfg", None), getattr(model, "cfg_scale", None)):
+    from_args = extra_args.get("cond_scale") if isinstance(extra_args, dict) else None
+    for value in (getattr(getattr(model, "inner_model", None), "cfg", None), from_args,
+                  getattr(model, "cfg_scale", None)):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     return None
 
 
-def resolve_flow_plan(model, opt: dict, model_type: str, budget: int) -> tuple[float | None, str]:
+def resolve_flow_plan(model, opt: dict, model_type: str, budget: int,
+                      extra_args: dict | None = None) -> tuple[float | None, str]:
     """(flow_shift, prediction) that a run with ``budget`` model calls uses, from the options (checked by
     :func:`check_flow_plan_options`).
 
@@ -155,7 +160,7 @@ def resolve_flow_plan(model, opt: dict, model_type: str, budget: int) -> tuple[f
     form and the ρ plan (``docs/bench/flow_plan.md``).
     """
     shift, prediction = opt["flow_shift"], opt["prediction"]
-    unguided_flow = model_type == "flow" and detect_guidance_scale(model) == 1.0
+    unguided_flow = model_type == "flow" and detect_guidance_scale(model, extra_args) == 1.0
     few_step = opt["mode"] == "budget" and opt["schedule"] == "ado" and budget <= FEW_STEP_BUDGET
     if model_type != "flow" or not few_step or (shift == "auto" and not unguided_flow):
         shift = None
@@ -328,7 +333,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     sigma_lo = float(grid[-2] if ends_in_zero else grid[-1])
     B = x.shape[0]
     budget = nfe_budget if mode != "fixed" else grid.numel() - 1
-    opt["flow_shift"], opt["prediction"] = resolve_flow_plan(model, opt, model_type, budget)
+    opt["flow_shift"], opt["prediction"] = resolve_flow_plan(model, opt, model_type, budget, extra_args)
     lam_start = np.full(B, half_log_snr(float(grid[0]), model_type))
     lam_lo = np.full(B, half_log_snr(sigma_lo, model_type))
     # the plan: evaluation points, plus (for a plan ending above 0) the end point reached without a call

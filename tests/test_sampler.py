@@ -401,6 +401,7 @@ def test_guidance_scale_is_read_from_the_guider_or_the_model():
 
     from adaptive_core.sampler import detect_guidance_scale
     assert detect_guidance_scale(SimpleNamespace(inner_model=SimpleNamespace(cfg=4.5))) == 4.5   # ComfyUI's CFGGuider
+    assert detect_guidance_scale(object(), {"cond": None, "cond_scale": 1.0}) == 1.0            # A1111/Forge extra_args
     assert detect_guidance_scale(make_testbed("gaussian", "flow")) == 1.0
     assert detect_guidance_scale(make_testbed("mnist_unet", "flow", cfg_scale=2.0)) == 2.0
     for undeclared in (object(), SimpleNamespace(cfg_scale=True), SimpleNamespace(cfg_scale=float("nan"))):

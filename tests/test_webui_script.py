@@ -170,6 +170,11 @@ def test_flow_model_detected_and_sampled_as_flow(monkeypatch, flavour):
     assert len(p.sampler.model_wrap_cfg.calls) == 6 and host.shared.state.steps_seen[-1] == 5
     expected, _ = direct_run(host, p, seed=4, model_type="flow")
     assert torch.equal(latents, expected)
+    # the CFG scale reaches the core in extra_args["cond_scale"]: a guided run keeps the ρ plan in data prediction,
+    # an unguided one (Flux in Forge runs at CFG 1) plans in shifted time with hybrid prediction
+    assert (p.sampler.ado_trace.options["flow_shift"], p.sampler.ado_trace.options["prediction"]) == (None, "data")
+    p, _, _ = generate(host, steps=6, seed=4, cfg_scale=1.0)
+    assert p.sampler.ado_trace.options["prediction"] == "hybrid" and p.sampler.ado_trace.options["flow_shift"] > 0
 
 
 def test_bad_setting_fails_with_its_name(host):
