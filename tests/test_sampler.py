@@ -365,6 +365,7 @@ def test_time_shift_plan_is_the_hosts_simple_flow_schedule():
         expected = flow_shift_sigmas(budget, shift, sigma_min=tb.sigma_min).tolist()
         assert np.allclose(trace.sigmas_taken(0), expected, rtol=1e-9, atol=1e-12)
         assert trace.options["flow_shift"] == shift and trace.options["prediction"] == "hybrid"
+        assert trace.options["predictor"] == "exact"
 
 
 def test_plan_time_shift_endpoints_and_order():
@@ -409,6 +410,7 @@ def test_guidance_scale_is_read_from_the_guider_or_the_model():
 
 
 @pytest.mark.parametrize("options,match", [({"prediction": "eps"}, "unknown prediction"),
+                                           ({"predictor": "rk4"}, "unknown predictor"),
                                            ({"flow_shift": -1.0}, "flow_shift"), ({"flow_shift": float("nan")}, "flow_shift"),
                                            ({"flow_shift": True}, "flow_shift"), ({"flow_shift": "3"}, "flow_shift")])
 def test_bad_flow_plan_options_are_refused(options, match):
