@@ -168,10 +168,10 @@ def resolve_flow_plan(model, opt: dict, model_type: str, budget: int,
     :data:`HYBRID_SWITCH_LAMBDA` on.  Why: along a flow model's ODE the denoised prediction changes little at
     high noise and the noise prediction changes little at low noise, and each form extrapolates the quantity
     that changes least.  On seven unguided flow testbeds (five trained networks, two analytic) at 5–30 NFE,
-    the unguided rule has 0.75× the error of the ρ plan in data prediction (geometric mean; 0.66× at ≤ 10
-    NFE).  Under guidance (CFG 2 on the two class-conditional networks) it was 1.3–1.9× worse at 8–10 NFE,
-    as noise-prediction solvers are under large guidance (Lu et al. 2022b), so a guided run keeps the data
-    form and the ρ plan (``docs/bench/flow_plan.md``).
+    the unguided rule (with :func:`resolve_predictor`) has 0.73× the error of the ρ plan in data prediction
+    (geometric mean on seeds it was not chosen on; 0.62× at ≤ 10 NFE).  Under guidance (CFG 2 on the two
+    class-conditional networks) it was 1.3–1.9× worse at 8–10 NFE, as noise-prediction solvers are under large
+    guidance (Lu et al. 2022b), so a guided run keeps the data form and the ρ plan (``docs/bench/flow_plan.md``).
     """
     shift, prediction = opt["flow_shift"], opt["prediction"]
     unguided_flow = model_type == "flow" and detect_guidance_scale(model, extra_args) == 1.0
