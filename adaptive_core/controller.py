@@ -80,7 +80,6 @@ def plan_time_shift(lam_start: np.ndarray, lam_end: np.ndarray, n_intervals: int
     return lam
 
 
-
 class ToleranceController:
     """Per-sample step-size control to a tolerance, capped by a model-call budget.
 

@@ -338,9 +338,9 @@ _CACHE: dict[tuple, Policy] = {}
 
 #: The sampler options a policy's decisions were learned on, where its manifest names none (``action.base_plan``):
 #: every policy so far was trained on the data-prediction form, the ρ plan and the midpoint predictor, also for
-#: flow models.  The sampler
-#: runs a policy on these unless the caller sets the option (:func:`adaptive_core.sample_adaptive`), because the
-#: policy scales the plan's next step and its corrections mean nothing on another plan.
+#: flow models.  The sampler runs a policy on these unless the caller sets the option
+#: (:func:`adaptive_core.sample_adaptive`), because the policy scales the plan's next step and its corrections
+#: mean nothing on another plan.
 LEGACY_BASE_PLAN = {"prediction": "data", "flow_shift": None, "predictor": "midpoint"}
 
 

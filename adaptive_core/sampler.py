@@ -260,20 +260,19 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             ``rtol``, ``atol``: tolerances of the scaled error estimate (Hairer et al. 1993);
             ``max_order`` (1–3): predictor order, the corrector adds one; ``high_order_max_step``: order 3
             only for steps up to this length in λ (None: always); ``corrector`` (bool): UniC corrector;
-            ``predictor``: "midpoint" (damped, DPM-Solver++(2M)-style), "exact" integration of the
-            interpolant, or "auto" (exact on a flow model's shifted-time plan, else midpoint;
-            :func:`resolve_predictor`); ``prediction``: "data" (DPM-Solver++), "noise" (DPM-Solver/DEIS form), "hybrid"
-            (data form at high noise, noise form from λ = :data:`HYBRID_SWITCH_LAMBDA` on) or "auto" (hybrid
-            for unguided flow runs outside tolerance mode, else data; :func:`resolve_flow_plan`);
-            ``schedule``: "ado" (own plan) or "host" (the host grid as plan); ``rho``: shape of the first
-            plan (uniform in σ^{1/ρ}; inf = λ-uniform; "prior" = the activity prior of
-            :func:`~adaptive_core.controller.prior_plan`); ``flow_shift``: a flow model's few-step plan
-            (budget mode, at most :data:`FEW_STEP_BUDGET` calls) is uniform in shifted time with this shift
-            ("auto": the model's own, :func:`detect_flow_shift`, else :data:`DEFAULT_FLOW_SHIFT`, on
-            unguided runs only, :func:`detect_guidance_scale`; None: the ρ plan); ``adapt`` (bool): re-plan the remaining steps (ρ plans)
-            of a sample once its measured activity decays faster than the plan assumes, with
-            ``activity_exponent`` (see :func:`~adaptive_core.controller.replan_lambdas`); ``final_correction`` (bool): apply the last
-            corrector to the returned sample.
+            ``predictor``: "midpoint" (damped, DPM-Solver++(2M)-style), "exact" integration of the interpolant, or
+            "auto" (exact on a flow model's shifted-time plan, else midpoint; :func:`resolve_predictor`);
+            ``prediction``: "data" (DPM-Solver++), "noise" (DPM-Solver/DEIS form), "hybrid" (data form at high
+            noise, noise form from λ = :data:`HYBRID_SWITCH_LAMBDA` on) or "auto" (hybrid for unguided flow runs
+            outside tolerance mode, else data; :func:`resolve_flow_plan`); ``schedule``: "ado" (own plan) or "host"
+            (the host grid as plan); ``rho``: shape of the first plan (uniform in σ^{1/ρ}; inf = λ-uniform; "prior"
+            = the activity prior of :func:`~adaptive_core.controller.prior_plan`); ``flow_shift``: a flow model's
+            few-step plan (budget mode, at most :data:`FEW_STEP_BUDGET` calls) is uniform in shifted time with this
+            shift ("auto": the model's own, :func:`detect_flow_shift`, else :data:`DEFAULT_FLOW_SHIFT`, on unguided
+            runs only, :func:`detect_guidance_scale`; None: the ρ plan); ``adapt`` (bool): re-plan the remaining
+            steps (ρ plans) of a sample once its measured activity decays faster than the plan assumes, with
+            ``activity_exponent`` (see :func:`~adaptive_core.controller.replan_lambdas`); ``final_correction``
+            (bool): apply the last corrector to the returned sample.
             Quality monitor (defaults in :data:`MONITOR_OPTIONS`): ``quality_target`` (RMSE > 0, budget mode
             with a plan ending in 0 only): each image stops, from its third call on, as soon as the estimated
             RMSE between its current denoised prediction and the sample its whole budget would give is at
@@ -301,7 +300,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         The sample at ``sigmas[-1]``: the denoised sample when the plan ends in 0.
 
     The integrator is DPM-Solver++(pM) for variable steps (Lu et al. 2022) with a UniC corrector (Zhao et al.
-    2023), in data- or noise-prediction form per step; the tolerance controller is a PI controller (Gustafsson 1991).
+    2023), in data- or noise-prediction form per step; the tolerance controller is a PI controller (Gustafsson
+    1991).
     """
     unknown = set(options) - set(DEFAULTS) - set(MONITOR_OPTIONS) - set(CONTROLLER_OPTIONS)
     if unknown:
@@ -816,7 +816,7 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
         for p in np.unique(order[rows]):
             sel = rows & (order == p)
             nodes = [np.zeros_like(h)] if p == 1 else _nodes(hist_lam, hist_n, lam_s, p)
-            res = exponential_step(x_s, np.where(sel, sigma_s, 0.5), sigma_t, alpha_t, np.where(sel, h, 1.0),
+            res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0),
                                    nodes, [values[-1 - j] for j in range(p)], weights, "noise" if noise else "data")
             out = res if out is None else _select(sel, res, out)
     return out, order
@@ -859,7 +859,7 @@ def _corrector(x_s, x_pred, lam_s, lam_t, hist_lam, hist_d, hist_n, d_t, order_u
             nodes = [np.where(sel, n, 2.0 + i) for i, n in enumerate(nodes)]
             values = ([eps_t] + [hist_e[-1 - j] for j in range(p)] if noise
                       else [d_t] + [hist_d[-1 - j] for j in range(p)])
-            res = exponential_step(x_s, np.where(sel, sigma_s, 0.5), sigma_t, alpha_t, np.where(sel, h, 1.0), nodes,
+            res = exponential_step(x_s, sigma_s, sigma_t, alpha_t, np.where(sel, h, 1.0), nodes,
                                    values, prediction="noise" if noise else "data")
             out = _select(sel, res, out)
     return out

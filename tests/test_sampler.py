@@ -411,7 +411,8 @@ def test_guidance_scale_is_read_from_the_guider_or_the_model():
 
 @pytest.mark.parametrize("options,match", [({"prediction": "eps"}, "unknown prediction"),
                                            ({"predictor": "rk4"}, "unknown predictor"),
-                                           ({"flow_shift": -1.0}, "flow_shift"), ({"flow_shift": float("nan")}, "flow_shift"),
+                                           ({"flow_shift": -1.0}, "flow_shift"),
+                                           ({"flow_shift": float("nan")}, "flow_shift"),
                                            ({"flow_shift": True}, "flow_shift"), ({"flow_shift": "3"}, "flow_shift")])
 def test_bad_flow_plan_options_are_refused(options, match):
     tb = make_testbed("gaussian", "flow")
