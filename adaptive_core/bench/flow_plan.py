@@ -80,6 +80,7 @@ def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None =
 
 
 def _job(job) -> dict:
+    """:func:`measure_testbed` in a worker process of one thread."""
     torch.set_num_threads(1)
     name, nfes, seeds, peers, cfg = job
     return measure_testbed(name, nfes, seeds, peers, cfg=cfg)
@@ -178,6 +179,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """CLI entry point (see the module docstring): measure, then write the JSON, the table and the plot."""
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.bench.flow_plan", description=__doc__.split("\n")[0])
     ap.add_argument("--testbeds", nargs="+", default=list(TESTBEDS))
     ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 2.0],
