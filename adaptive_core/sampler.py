@@ -142,7 +142,7 @@ def resolve_predictor(predictor: str, flow_shift: float | None) -> str:
     """The predictor's weights for a run: "auto" is "exact" integration of the interpolant on a flow model's
     shifted-time plan and the damped "midpoint" weights (DPM-Solver++(2M), Lu et al. 2022b) otherwise.  On the
     shifted-time plan the last step is long and starts at low noise, where the noise prediction it extrapolates
-    barely changes; there "exact" had 0.94× the error of "midpoint" at 5–10 NFE (geometric mean over seven
+    barely changes; there "exact" had 0.95× the error of "midpoint" at 5–10 NFE (geometric mean over seven
     unguided flow testbeds, validation seeds; ``docs/bench/flow_plan.md``) and lowered the FD of the MNIST
     network's samples at 5–6 NFE from 22 to 14."""
     if predictor != "auto":
