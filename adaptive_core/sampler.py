@@ -637,7 +637,9 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     Schulman et al. 2017 PPO trains it offline, :mod:`adaptive_core.tune.policy_env`).
 
     The heuristic plan's next point gives the base share of the remaining λ-span; the policy scales it
-    (:func:`adaptive_core.policy.share_from_action`).  The last call of the budget stays on the end point, so
+    (:func:`adaptive_core.policy.share_from_action`).  Where that share would be below the policy's
+    ``min_share`` (a shifted-time plan's short first steps), shares are measured from one planned step back, so
+    that action 0 still keeps the plan.  The last call of the budget stays on the end point, so
     the budget is never exceeded; a share of 1 ends the image early.  Where the policy moved a point, the rest of
     that image's plan is re-laid from it as the first plan was (uniform in σ^{1/ρ}, or in shifted time).  Rows whose observation is out
     of the training range keep the heuristic step (the policy's ``decide`` says so) and the trace notes it.
@@ -656,7 +658,20 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
         return lam_planned, None, None
     start = ctl.planning_start(lam_acc)
     span = np.maximum(lam_lo - start, 1e-12)
-    base = np.clip((lam_planned - start) / span, 1e-6, 1.0)
+    base = (lam_planned - start) / span
+    min_share = float(getattr(policy, "min_share"))
+    short = base < min_share
+    if short.any():
+        # a planned step the share cannot express (below the floor min_share, or one that starts before the
+        # planning start of a pure-noise row, as a shifted-time plan's first can): measure the shares from a start
+        # one planned step back (at least one giving a share of 2·min_share), so that action 0 keeps the plan
+        step = plan[np.arange(B), np.minimum(plan_idx + 1, plan.shape[1] - 1)] - lam_planned
+        reach = np.maximum(lam_lo - lam_planned, 0.0)
+        back = np.maximum(step, 2.0 * min_share * reach / (1.0 - 2.0 * min_share))
+        start = np.where(short, lam_planned - np.maximum(back, 1e-9), start)
+        span = np.maximum(lam_lo - start, 1e-12)
+        base = (lam_planned - start) / span
+    base = np.clip(base, 1e-6, 1.0)
     obs = policy_observation(features, estimates, base)
     acts_from = float(getattr(policy, "min_lambda_progress", 0.0))
     if acts_from > 0:   # (a NaN progress compares False: the row stays with the policy, whose fallback takes it)

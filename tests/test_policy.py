@@ -1356,3 +1356,21 @@ def test_policy_runs_on_the_plan_it_was_trained_on(tmp_path, hand_policy):
     bad = _write_policy(tmp_path / "b", _Tanh(), "bad", base_plan={"schedule": "host"})
     with pytest.raises(PolicyLoadError, match="base_plan"):
         Policy(bad)
+
+
+@pytest.mark.parametrize("model_type", ["ve", "flow"])
+def test_action_zero_keeps_the_plan_on_either_base(model_type):
+    """Action 0 reproduces the heuristic's run on the plan the policy runs on, also on a flow model's shifted-time
+    plan, whose first steps are shorter than the policy's minimum share of the span (they are then measured from
+    one planned step back)."""
+    tb = make_testbed("gmm_digits", model_type)
+    x = tb.noise(range(2))
+
+    class OnCurrentPlan(_Constant):
+        base_options = {"prediction": "auto", "flow_shift": "auto", "predictor": "auto"}
+    for controller, base in ((OnCurrentPlan((0.0, 0.0)), {}), (_Constant((0.0, 0.0)), dict(LEGACY_BASE_PLAN))):
+        for budget in (4, 5, 8, 10, 12, 30):
+            grid = host_sigmas(tb, budget)
+            heur = sample_adaptive(tb, x, grid, model_type=model_type, **base)
+            assert torch.allclose(sample_adaptive(tb, x, grid, model_type=model_type, controller=controller), heur,
+                                  rtol=0, atol=1e-6), (type(controller).__name__, budget)
