@@ -342,6 +342,11 @@ _CACHE: dict[tuple, Policy] = {}
 #: (:func:`adaptive_core.sample_adaptive`), because the policy scales the plan's next step and its corrections
 #: mean nothing on another plan.
 LEGACY_BASE_PLAN = {"prediction": "data", "flow_shift": None, "predictor": "midpoint"}
+#: The sampler's own defaults as a base plan (a policy trained on them follows the heuristic's plan of the day,
+#: e.g. the shifted-time plan of unguided flow runs); ``policy --base-plan current`` trains on it.
+CURRENT_BASE_PLAN = {"prediction": "auto", "flow_shift": "auto", "predictor": "auto"}
+#: The base plans the tuning tools name (``--base-plan``).
+BASE_PLANS = {"legacy": LEGACY_BASE_PLAN, "current": CURRENT_BASE_PLAN}
 
 
 def policy_base_options(spec: Any) -> dict:
@@ -350,7 +355,7 @@ def policy_base_options(spec: Any) -> dict:
     object's own ``base_options`` attribute ({} without one: the sampler's defaults)."""
     if isinstance(spec, (str, Path)):
         try:
-            spec = load_policy(str(spec).removeprefix("policy:"))
+            spec = load_policy(spec)   # (resolve_policy_path drops a "policy:" prefix)
         except (PolicyLoadError, OSError, ValueError):
             return {}
     return dict(getattr(spec, "base_options", None) or {})
@@ -367,7 +372,7 @@ def load_policy(spec: Any, device: str = "cpu") -> Policy:
     return load_cached(_CACHE, path, PolicyManifest, device, Policy)
 
 
-__all__ = ["ACTION_KINDS", "ACTION_SCALE", "LEGACY_BASE_PLAN", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS",
+__all__ = ["ACTION_KINDS", "ACTION_SCALE", "BASE_PLANS", "CURRENT_BASE_PLAN", "LEGACY_BASE_PLAN", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS",
            "OBSERVATION_NAMES", "OOD_Z", "ORDER_DEAD_ZONE", "POLICY_DIR", "Policy", "PolicyIntegrityError",
            "PolicyLoadError", "PolicyManifest", "bundled_policies", "load_policy", "order_delta_from_action",
            "policy_base_options", "policy_observation", "resolve_policy_path", "share_from_action"]

@@ -1374,3 +1374,29 @@ def test_action_zero_keeps_the_plan_on_either_base(model_type):
             heur = sample_adaptive(tb, x, grid, model_type=model_type, **base)
             assert torch.allclose(sample_adaptive(tb, x, grid, model_type=model_type, controller=controller), heur,
                                   rtol=0, atol=1e-6), (type(controller).__name__, budget)
+
+
+def test_training_on_the_current_plan_records_it(tmp_path):
+    """``train(base_plan=CURRENT_BASE_PLAN)``: the env's episodes and heuristic runs use the sampler's defaults, the
+    exported manifest says so, and the loaded policy runs on them (a flow run plans in shifted time)."""
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("stable_baselines3")
+    pytest.importorskip("onnxscript")
+    from adaptive_core.policy import CURRENT_BASE_PLAN
+    from adaptive_core.tune.policy_env import SamplingEnv
+    from adaptive_core.tune.policy_train import export_policy, train
+    with pytest.raises(ValueError, match="base_plan"):
+        SamplingEnv(testbeds=[("gaussian", "flow")], budgets=[5], seeds=range(2), base_plan={"schedule": "host"})
+    torch.set_num_threads(1)
+    model, vecnorm, history = train([("gaussian", "flow")], [5], timesteps=64, n_envs=1, n_steps=32, batch_size=32,
+                                    n_epochs=1, train_seeds=range(4), eval_seeds=range(20000, 20002),
+                                    eval_every=10 ** 9, progress=False, base_plan=CURRENT_BASE_PLAN)
+    path = export_policy(model, vecnorm, tmp_path / "current.onnx", trained_on={"testbeds": ["gaussian-flow"]},
+                         training={"timesteps": 64}, metrics={}, base_plan=CURRENT_BASE_PLAN)
+    policy = load_policy(path)
+    assert policy.base_options == CURRENT_BASE_PLAN
+    tb = make_testbed("gaussian", "flow")
+    trace = Trace()
+    sample_adaptive(tb, tb.noise(range(2)), host_sigmas(tb, 6), model_type="flow", trace=trace,
+                    controller=f"policy:{path}")
+    assert trace.options["flow_shift"] == tb.shift and trace.options["prediction"] == "hybrid"

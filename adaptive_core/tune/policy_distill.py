@@ -345,7 +345,8 @@ def export_student(student: DeterministicActor, teacher, onnx_path: Path, *, tra
     return _policy_manifest(onnx_path, n_actions, normalisation,
                             trained_on=teacher.manifest.trained_on if trained_on is None else trained_on,
                             training=training, metrics=metrics, min_lambda_progress=teacher.min_lambda_progress,
-                            early_step_cap=getattr(teacher, "early_step_cap", None), range_text=range_text)
+                            early_step_cap=getattr(teacher, "early_step_cap", None), range_text=range_text,
+                            base_plan=getattr(teacher, "base_options", None))   # the student runs on the teacher's plan
 
 
 def main(argv) -> int:

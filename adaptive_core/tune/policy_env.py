@@ -207,10 +207,9 @@ class _ThreadDecider:
     for its action (no fallback: training sees every row)."""
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "training-env"
-    base_options = LEGACY_BASE_PLAN   # policies are trained on the plan they run on (adaptive_core.policy)
-
-    def __init__(self, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
+    def __init__(self, min_lambda_progress: float = 0.0, early_step_cap=None, base_options=LEGACY_BASE_PLAN) -> None:
         self.min_lambda_progress = float(min_lambda_progress)
+        self.base_options = dict(base_options)   # policies are trained on the plan they run on (adaptive_core.policy)
         self.early_step_cap = early_step_cap   # (checked by the env) applied by the sampler, as at run time
         self.obs_q: queue.Queue = queue.Queue()
         self.act_q: queue.Queue = queue.Queue()
@@ -248,6 +247,9 @@ class SamplingEnv(gym.Env):
             by ``reset(seed=...)``).  An integer: from a separate RNG seeded with it, so two env copies given the
             same ``draw_seed`` run the same sequence of episodes (the trainer's paired episodes; ``info`` numbers
             them in ``episode_index``).  A seeded ``reset`` starts the sequence (and the numbering) over.
+        base_plan: the sampler options the episodes (and the reward's heuristic runs) use, the plan the policy
+            learns to correct: :data:`~adaptive_core.policy.LEGACY_BASE_PLAN` (default) or
+            :data:`~adaptive_core.policy.CURRENT_BASE_PLAN`; the exported manifest records it.
     """
 
     metadata = {"render_modes": []}
@@ -257,8 +259,13 @@ class SamplingEnv(gym.Env):
                  cfg_scales: Sequence[float] = TRAINED_CFG_SCALES, order_action: bool = True,
                  trained_seed_pool: int = TRAINED_SEED_POOL, reference_steps: int = TRAINED_REFERENCE_STEPS,
                  reward_scale: str = "per-config", error_reward: str = "both",
-                 min_lambda_progress: float = 0.0, draw_seed: int | None = None, early_step_cap=None) -> None:
+                 min_lambda_progress: float = 0.0, draw_seed: int | None = None, early_step_cap=None,
+                 base_plan=LEGACY_BASE_PLAN) -> None:
         super().__init__()
+        if not isinstance(base_plan, dict) or set(base_plan) - set(LEGACY_BASE_PLAN):
+            raise ValueError(f"base_plan must be a mapping with keys among {sorted(LEGACY_BASE_PLAN)}, "
+                             f"got {base_plan!r}")
+        self.base_plan = dict(base_plan)
         if not testbeds:
             raise ValueError("testbeds must name at least one (testbed, model type) pair")
         if not budgets or min(budgets) < 4:
@@ -355,7 +362,7 @@ class SamplingEnv(gym.Env):
             heur = {}
             for budget in self.budgets:
                 out = sample_adaptive(tb, x, host_grid(tb, budget), nfe_budget=budget, model_type=tb.model_type,
-                                      **LEGACY_BASE_PLAN)   # the heuristic on the plan the policy runs on
+                                      **self.base_plan)   # the heuristic on the plan the policy runs on
                 heur[budget] = rmse_per_sample(out, ref)
             _SHARED[key] = (x, ref, heur, {int(s): i for i, s in enumerate(pool)})
         self._data[k] = _SHARED[key]
@@ -384,7 +391,7 @@ class SamplingEnv(gym.Env):
         tb = self.testbeds[k]
         x, _ = self.noise_and_reference_of(k, [seed])
         set_config_labels(self.configs[k], tb, [seed])
-        decider = _ThreadDecider(self.min_lambda_progress, self.early_step_cap)
+        decider = _ThreadDecider(self.min_lambda_progress, self.early_step_cap, self.base_plan)
 
         def run():
             torch.set_num_threads(1)

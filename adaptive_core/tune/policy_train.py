@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..learned import sha256_of_file
-from ..policy import (ACTION_KINDS, ACTION_SCALE, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN, MANIFEST_FORMAT, MIN_SHARE,
-                      N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest,
+from ..policy import (ACTION_KINDS, ACTION_SCALE, BASE_PLANS, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN, MANIFEST_FORMAT,
+                      MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest,
                       check_early_step_cap)
 from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
                          SamplingEnv, configs_of, evaluate_controller)
@@ -45,10 +45,10 @@ class SB3Decider:
     """A live SB3 model + VecNormalize as a sampler ``controller`` (deterministic actions, no fallback)."""
 
     action_scale, min_share, order_dead_zone, name = ACTION_SCALE, MIN_SHARE, ORDER_DEAD_ZONE, "sb3-ppo"
-    base_options = LEGACY_BASE_PLAN   # the plan an exported policy runs on (adaptive_core.policy)
-
-    def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0, early_step_cap=None) -> None:
+    def __init__(self, model, vecnorm, min_lambda_progress: float = 0.0, early_step_cap=None,
+                 base_options=LEGACY_BASE_PLAN) -> None:
         self.model, self.vecnorm, self.min_lambda_progress = model, vecnorm, float(min_lambda_progress)
+        self.base_options = dict(base_options)   # the plan an exported policy runs on (adaptive_core.policy)
         self.early_step_cap = check_early_step_cap(early_step_cap)   # applied by the sampler, as to a loaded policy
 
     def decide(self, observation: np.ndarray):
@@ -204,7 +204,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
           error_reward: str = "both", keep_best: bool = False, select_by: str = "geomean",
           cell_sampling: str = "default", cell_sharpness: float = 8.0, min_lambda_progress: float = 0.0,
           early_step_cap=None, critic_warmup: int | None = None, target_kl: float | None = None,
-          baseline: str = "critic", tune_actor: str = "all"):
+          baseline: str = "critic", tune_actor: str = "all", base_plan=LEGACY_BASE_PLAN):
     """Train PPO; returns (model, vecnorm, history).  ``history``: training episodes (timestep, reward) and
     evaluations on held-out seeds (timestep, episodes, the geometric mean over configurations and budgets of the
     pooled RMSE ratio to the heuristic, and its −log as the evaluation reward), and what SB3 logged for each PPO
@@ -215,8 +215,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     critic from its training state if it has one (:func:`load_training_state`; else it starts fresh), and the
     command line starts the action noise at :data:`FINE_TUNE_LOG_STD_INIT`.
     ``cfg_scales``, ``order_action``, ``trained_seed_pool``, ``reference_steps``, ``reward_scale``,
-    ``error_reward``, ``min_lambda_progress``, ``early_step_cap``: see :class:`~.policy_env.SamplingEnv` (the
-    periodic evaluations apply them too).
+    ``error_reward``, ``min_lambda_progress``, ``early_step_cap``, ``base_plan``: see
+    :class:`~.policy_env.SamplingEnv` (the periodic evaluations apply them too).
     ``run_name``: the TensorBoard run's name (``<logdir>/<run_name>_<n>``).
     ``order_log_std_init``: the initial log-std of the order action (None: ``log_std_init``); it is set apart
     because the order changes only past |a₁| ≥ ½, which a small step-action noise would never explore.
@@ -266,7 +266,7 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
     torch.manual_seed(seed)
     env_kwargs = dict(cfg_scales=tuple(cfg_scales), order_action=order_action, trained_seed_pool=trained_seed_pool,
                       reference_steps=reference_steps, reward_scale=reward_scale, error_reward=error_reward,
-                      min_lambda_progress=min_lambda_progress, early_step_cap=early_step_cap)
+                      min_lambda_progress=min_lambda_progress, early_step_cap=early_step_cap, base_plan=base_plan)
     venv = make_vec_env(specs, budgets, train_seeds, n_envs, vec, nfe_weight, seed, paired=paired is not None,
                         **env_kwargs)
     vecnorm = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=1.0)
@@ -308,7 +308,8 @@ def train(specs, budgets, *, timesteps: int, n_envs: int = 4, vec: str = "dummy"
 
     def evaluate(step: int, episodes: int) -> dict:
         vecnorm.training = False
-        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress, early_step_cap), specs, budgets,
+        res = evaluate_controller(SB3Decider(model, vecnorm, min_lambda_progress, early_step_cap, base_plan), specs,
+                                  budgets,
                                   eval_seeds, references, **eval_kwargs)
         vecnorm.training = True
         summ = ratio_summary(res, heur)
@@ -660,10 +661,11 @@ def _export_verified(actor: nn.Module, onnx_path: Path, probe_mean: np.ndarray, 
 def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, trained_on: dict, training: dict,
                      metrics: dict, min_lambda_progress: float = 0.0, early_step_cap=None,
                      action_text: str = "a[0]", range_text: str = "the training mean",
-                     training_state: dict | None = None) -> Path:
+                     training_state: dict | None = None, base_plan: dict | None = None) -> Path:
     """Write the manifest (``<stem>.json``) of the ONNX policy at ``onnx_path``: its sha256, the action mapping
     and fallback rule of :mod:`adaptive_core.policy`, and the given normalisation and records.  ``early_step_cap``
-    (None or (below_lambda_progress, max_step_action)) is written only where given."""
+    (None or (below_lambda_progress, max_step_action)) and ``base_plan`` (the sampler options the policy runs on;
+    absent: :data:`~adaptive_core.policy.LEGACY_BASE_PLAN`) are written only where given."""
     cap = check_early_step_cap(early_step_cap)
     cap_entry = {} if cap is None else {"early_step_cap": dict(zip(EARLY_STEP_CAP_KEYS, cap))}
     manifest = PolicyManifest(
@@ -672,6 +674,7 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
         action={"kind": _action_kind(n_actions), "action_scale": ACTION_SCALE, "min_share": MIN_SHARE,
                 **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}),
                 "min_lambda_progress": float(min_lambda_progress), **cap_entry,
+                **({} if base_plan is None else {"base_plan": dict(base_plan)}),
                 "formula": f"share = clip(base_share * exp(action_scale * clip({action_text}, -1, 1)), min_share, 1); "
                            "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"
                            + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= order_dead_zone, "
@@ -690,7 +693,7 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
 
 
 def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training: dict, metrics: dict,
-                  min_lambda_progress: float = 0.0, early_step_cap=None) -> Path:
+                  min_lambda_progress: float = 0.0, early_step_cap=None, base_plan: dict | None = None) -> Path:
     """Write the deterministic actor as one ONNX file, its training state (the critic, for fine-tuning from the
     file: :func:`save_training_state`) and its manifest (``<stem>.json``); the ONNX output must equal SB3's
     deterministic actions on random observations to 1e-5.  Returns the manifest path."""
@@ -708,7 +711,7 @@ def export_policy(model, vecnorm, onnx_path: Path, *, trained_on: dict, training
                                 made_by=f"the PPO model at export ({training.get('command', 'policy')})")
     return _policy_manifest(onnx_path, n_actions, normalisation, trained_on=trained_on, training=training,
                             metrics=metrics, min_lambda_progress=min_lambda_progress,
-                            early_step_cap=early_step_cap, training_state=state)
+                            early_step_cap=early_step_cap, training_state=state, base_plan=base_plan)
 
 
 class EnsembleActor(nn.Module):
@@ -1020,6 +1023,10 @@ def main(argv) -> int:
     ap.add_argument("--min-lambda-progress", type=float, default=0.0,
                     help="the policy acts only from this share of the λ-span on; earlier steps stay the heuristic's, "
                          "in training and at run time (the image is decided at high noise)")
+    ap.add_argument("--base-plan", choices=sorted(BASE_PLANS), default=None,
+                    help="the sampler plan the policy learns to correct: legacy (data prediction, rho plan; the "
+                         "default, and what every bundled policy runs on) or current (the sampler's defaults, e.g. "
+                         "the shifted-time plan of unguided flow runs); fine-tuning from a manifest keeps its plan")
     ap.add_argument("--early-step-cap", type=parse_early_step_cap, default=None, metavar="P,A",
                     help="cap the step action at A on the decisions before the share P of the λ-span (steps at most "
                          "4^A times the heuristic's there), in training and at run time; e.g. 0.2,0.15 (default: "
@@ -1050,6 +1057,9 @@ def main(argv) -> int:
             ap.error(str(e))
         if args.early_step_cap is not None:
             print(f"note: training under the early-step cap of {args.init}: {args.early_step_cap}")
+    base_plan = BASE_PLANS[args.base_plan] if args.base_plan else LEGACY_BASE_PLAN
+    if args.base_plan is None and from_manifest and args.init.is_file():   # a policy keeps its plan when fine-tuned
+        base_plan = json.loads(args.init.read_text()).get("action", {}).get("base_plan", LEGACY_BASE_PLAN)
     if args.log_std_init is None:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
@@ -1077,7 +1087,7 @@ def main(argv) -> int:
                     trained_seed_pool=args.trained_seeds, reference_steps=args.reference_steps,
                     reward_scale=args.reward_scale, order_log_std_init=args.order_log_std_init,
                     error_reward=args.error_reward, min_lambda_progress=args.min_lambda_progress,
-                    early_step_cap=args.early_step_cap)
+                    early_step_cap=args.early_step_cap, base_plan=base_plan)
     if not 0.0 <= args.min_lambda_progress < 1.0:
         ap.error(f"--min-lambda-progress must be in [0, 1), got {args.min_lambda_progress}")
     eval_seeds = range(EVAL_SEEDS.start, EVAL_SEEDS.start + args.eval_seeds)
@@ -1121,7 +1131,7 @@ def main(argv) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = export_policy(model, vecnorm, args.out_dir / f"{args.name}.onnx", trained_on=trained_on,
                              training=training, metrics=metrics, min_lambda_progress=args.min_lambda_progress,
-                             early_step_cap=args.early_step_cap)
+                             early_step_cap=args.early_step_cap, base_plan=base_plan)
     curve = args.curve or args.out_dir / f"{args.name}_curve.png"
     plot_learning_curve(history, curve, f"PPO step policy {args.name}: {', '.join(trained_on['testbeds'])}")
     (args.out_dir / f"{args.name}_history.json").write_text(json.dumps(history, indent=1, default=float) + "\n")
