@@ -238,11 +238,10 @@ class Policy:
             raise PolicyLoadError(f"{self.path}: {e}") from None
         if self._mean.shape != (N_OBSERVATIONS,) or self._std.shape != (N_OBSERVATIONS,):
             raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
-        base = m.action.get("base_plan", LEGACY_BASE_PLAN)
-        if not isinstance(base, dict) or set(base) - set(LEGACY_BASE_PLAN):
-            raise PolicyLoadError(f"{self.path}: base_plan must be a mapping with keys among "
-                                  f"{sorted(LEGACY_BASE_PLAN)}, got {base!r}")
-        self.base_options = dict(base)
+        try:
+            self.base_options = check_base_plan(m.action.get("base_plan", LEGACY_BASE_PLAN))
+        except ValueError as e:
+            raise PolicyLoadError(f"{self.path}: {e}") from None
         self.ood_z = float(m.fallback.get("ood_z", OOD_Z))
         self._lo, self._hi = self._mean - self.ood_z * self._std, self._mean + self.ood_z * self._std
         self._session, self.providers = open_verified_session(self.path, m.onnx_file, m.sha256, device, "policy",
@@ -349,6 +348,14 @@ CURRENT_BASE_PLAN = {"prediction": "auto", "flow_shift": "auto", "predictor": "a
 BASE_PLANS = {"legacy": LEGACY_BASE_PLAN, "current": CURRENT_BASE_PLAN}
 
 
+def check_base_plan(base_plan) -> dict:
+    """A copy of ``base_plan`` (sampler options a policy runs on); ValueError unless it is a mapping whose keys are
+    among :data:`LEGACY_BASE_PLAN`'s."""
+    if not isinstance(base_plan, dict) or set(base_plan) - set(LEGACY_BASE_PLAN):
+        raise ValueError(f"base_plan must be a mapping with keys among {sorted(LEGACY_BASE_PLAN)}, got {base_plan!r}")
+    return dict(base_plan)
+
+
 def policy_base_options(spec: Any) -> dict:
     """The sampler options a step policy runs on: a :class:`Policy`'s ``base_options``, or those of the policy
     that ``spec`` names (a load error leaves {} here; the sampler reports it when it loads the policy), or an
@@ -374,5 +381,5 @@ def load_policy(spec: Any, device: str = "cpu") -> Policy:
 
 __all__ = ["ACTION_KINDS", "ACTION_SCALE", "BASE_PLANS", "CURRENT_BASE_PLAN", "LEGACY_BASE_PLAN", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS",
            "OBSERVATION_NAMES", "OOD_Z", "ORDER_DEAD_ZONE", "POLICY_DIR", "Policy", "PolicyIntegrityError",
-           "PolicyLoadError", "PolicyManifest", "bundled_policies", "load_policy", "order_delta_from_action",
+           "PolicyLoadError", "PolicyManifest", "bundled_policies", "check_base_plan", "load_policy", "order_delta_from_action",
            "policy_base_options", "policy_observation", "resolve_policy_path", "share_from_action"]

@@ -684,8 +684,7 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     cap = getattr(policy, "early_step_cap", None)
     if cap is not None:
         actions = cap_early_step_actions(actions, obs[rows], np.array([r is None for r in reasons]), cap)
-    share = share_from_action(base[rows], actions[:, 0], float(getattr(policy, "action_scale")),
-                              float(getattr(policy, "min_share")))
+    share = share_from_action(base[rows], actions[:, 0], float(getattr(policy, "action_scale")), min_share)
     order_delta = None
     if actions.shape[1] > 1:   # fallback rows act 0: the heuristic's order
         order_delta = np.zeros(B, dtype=np.int64)
@@ -809,8 +808,9 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
     With ``high_order_max_step``, orders above 2 are used only for steps of at most that many units of λ
     (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps).
     ``hist_e`` (ε̂ history) selects the noise-prediction form for the steps that start at λ ≥ ``noise_from``,
-    except for steps from pure noise.  ``order_delta`` (per sample, a policy's choice, :func:`adaptive_core.policy.order_delta_from_action`):
-    −1 lowers that order by one (at least 1), +1 drops the long-step limit, 0 keeps it.
+    except for steps from pure noise.  ``order_delta`` (per sample, a policy's choice,
+    :func:`adaptive_core.policy.order_delta_from_action`): −1 lowers that order by one (at least 1), +1 drops the
+    long-step limit, 0 keeps it.
     """
     noise_rows = _noise_rows(hist_e, lam_s, noise_from)
     history_order = np.clip(hist_n, 1, max_order)

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from ..policy import (ACTION_KINDS, ACTION_SCALE, LEGACY_BASE_PLAN, MIN_SHARE, N_OBSERVATIONS, ORDER_DEAD_ZONE,
-                      check_early_step_cap)
+                      check_base_plan, check_early_step_cap)
 from ..sampler import sample_adaptive
 from ..testbeds import CONDITIONAL_TESTBED_NAMES, TRAINED_TESTBED_NAMES, make_testbed
 
@@ -262,10 +262,7 @@ class SamplingEnv(gym.Env):
                  min_lambda_progress: float = 0.0, draw_seed: int | None = None, early_step_cap=None,
                  base_plan=LEGACY_BASE_PLAN) -> None:
         super().__init__()
-        if not isinstance(base_plan, dict) or set(base_plan) - set(LEGACY_BASE_PLAN):
-            raise ValueError(f"base_plan must be a mapping with keys among {sorted(LEGACY_BASE_PLAN)}, "
-                             f"got {base_plan!r}")
-        self.base_plan = dict(base_plan)
+        self.base_plan = check_base_plan(base_plan)
         if not testbeds:
             raise ValueError("testbeds must name at least one (testbed, model type) pair")
         if not budgets or min(budgets) < 4:
