@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
 from . import __version__
-from .policy import bundled_policies
+from .domain import controller_choices
 from .sampler import DEFAULTS
 from .trace import Trace
 
@@ -86,9 +86,10 @@ HOST_OPTIONS: tuple[HostOption, ...] = (
                "auto picks wrong", choices=("auto", "ve", "flow")),
     HostOption("ado_controller", "ADO controller", "heuristic", "ADO: step controller",
                "heuristic: ADO's budget planner (default); policy:NAME: a bundled PPO step policy that adjusts each "
-               "step from what the run shows (budget mode only; falls back to the heuristic where it is unsure). "
-               "It was tuned on small test networks: on your model compare it with the heuristic on a few seeds",
-               choices=("heuristic",) + tuple(f"policy:{n}" for n in bundled_policies())),
+               "step from what the run shows (budget mode only; falls back to the heuristic where it is unsure); "
+               "policy:auto: the bundled policy made for the model type and guidance of the run, else the "
+               "heuristic. Policies were tuned on small test networks: on your model compare with the heuristic "
+               "on a few seeds", choices=tuple(controller_choices())),
 )
 _BY_KEY = {o.key: o for o in HOST_OPTIONS}
 

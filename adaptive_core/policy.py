@@ -168,6 +168,8 @@ class PolicyManifest(JsonManifest):
             steps, ``"early_step_cap"`` (see the module docstring).
         fallback: ``{"ood_z", "std_floor", "rule"}``.
         trained_on: ``{"testbeds": [...], "model_types": [...], "budgets": [...]}``.
+        applies_to: ``{"model_types": [...], "guidance": [...]}``, the jobs ``controller="policy:auto"`` may give
+            this policy (:mod:`adaptive_core.domain`); empty: its ``trained_on.model_types`` under any guidance.
         training, metrics: configuration and evaluation numbers (provenance).
         training_state: optional ``{"file", "sha256", ...}``: the PPO critic that fine-tuning from this file
             starts from (``python -m adaptive_core.tune policy --init``); unused when sampling.
@@ -183,6 +185,7 @@ class PolicyManifest(JsonManifest):
     action: dict[str, Any] = field(default_factory=dict)
     fallback: dict[str, Any] = field(default_factory=dict)
     trained_on: dict[str, Any] = field(default_factory=dict)
+    applies_to: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] = field(default_factory=dict)
@@ -240,6 +243,9 @@ class Policy:
             raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
         try:
             self.base_options = check_base_plan(m.action.get("base_plan", LEGACY_BASE_PLAN))
+            if m.applies_to:
+                from .domain import check_scope
+                check_scope(m.applies_to)
         except ValueError as e:
             raise PolicyLoadError(f"{self.path}: {e}") from None
         self.ood_z = float(m.fallback.get("ood_z", OOD_Z))

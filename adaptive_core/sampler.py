@@ -38,8 +38,9 @@ DEFAULT_FLOW_SHIFT = 3.0
 MONITOR_OPTIONS = dict(quality_target=None, monitor=None, monitor_device="cpu")
 
 #: Who decides the step sizes: None / "heuristic" (the budget planner, the default), "policy:NAME" (a PPO policy
-#: of :mod:`adaptive_core.policy`, by bundled name or manifest path) or a policy object with ``decide``.  Recorded in
-#: the trace's options only when given.
+#: of :mod:`adaptive_core.policy`, by bundled name or manifest path), "policy:auto" (the bundled policy that
+#: :mod:`adaptive_core.domain` picks for the run's model type and guidance, else the heuristic) or a policy object
+#: with ``decide``.  Recorded in the trace's options only when given (for "policy:auto", the choice made).
 CONTROLLER_OPTIONS = dict(controller=None)
 
 
@@ -294,7 +295,9 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             budget holds), and falls back to the plan's step where the observation leaves its training range
             (``decision="policy-fallback"`` and a note in the trace).  It reads the bundled quality monitor's
             estimate; a policy or monitor that cannot be loaded falls back to the heuristic with a warning and
-            a trace note.
+            a trace note.  "policy:auto": the domain adapter (:mod:`adaptive_core.domain`) picks the bundled
+            policy whose scope covers the run's model type and guidance (the narrowest), or the heuristic where
+            none does; the trace notes which.
 
     Returns:
         The sample at ``sigmas[-1]``: the denoised sample when the plan ends in 0.
@@ -308,6 +311,11 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         raise TypeError(f"unknown option(s) {sorted(unknown)}; "
                         f"known: {sorted({**DEFAULTS, **MONITOR_OPTIONS, **CONTROLLER_OPTIONS})}")
     controller_spec = options.pop("controller", None)
+    model_type = detect_model_type(model) if model_type is None else model_type
+    check_model_type(model_type)
+    domain_note = None
+    if isinstance(controller_spec, str) and controller_spec == "policy:auto":
+        controller_spec, domain_note = _policy_for_job(model, model_type, extra_args)
     using_policy = controller_spec is not None and not (isinstance(controller_spec, str) and controller_spec == "heuristic")
     watching = using_policy or any(options.get(k, v) is not v for k, v in MONITOR_OPTIONS.items()
                                    if k != "monitor_device")
@@ -327,8 +335,6 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         raise ValueError(f"max_order must be 1, 2 or 3, got {opt['max_order']}")
     if float(opt["rtol"]) <= 0 or float(opt["atol"]) < 0:
         raise ValueError(f"rtol must be > 0 and atol ≥ 0, got rtol={opt['rtol']} atol={opt['atol']}")
-    model_type = detect_model_type(model) if model_type is None else model_type
-    check_model_type(model_type)
     check_flow_plan_options(opt)
     if not torch.is_tensor(x) or x.ndim < 2:
         raise ValueError(f"x must be a batched tensor [B, ...], got {type(x).__name__} "
@@ -368,11 +374,24 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         _check_policy_run(controller_spec, mode, ends_in_zero)
     if trace is not None:
         trace.start(B, model_type, budget, grid.tolist(), {**opt, "nfe_budget": budget})
+        if domain_note is not None:
+            trace.notes.append(domain_note)
     watch = _quality_watch(opt, mode, ends_in_zero, lam_start, lam_lo, budget, trace) if watching else None
     policy = _load_step_policy(controller_spec, watch, opt, trace) if using_policy else None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ±inf λ are handled explicitly
         return _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, ends_in_zero,
                     n_intervals, lam_start, lam_lo, plan, max_order, watch, policy)
+
+
+def _policy_for_job(model, model_type, extra_args):
+    """("policy:NAME" of the bundled policy the domain adapter picks for this run, or "heuristic" where none
+    covers it; the trace note saying which and why): :func:`adaptive_core.domain.select_policy`."""
+    from .domain import job_domain, select_policy
+    domain = job_domain(model, model_type, extra_args)
+    name = select_policy(domain)
+    if name is None:
+        return "heuristic", f"domain adapter: no bundled policy covers {domain.describe()}; heuristic controller"
+    return f"policy:{name}", f"domain adapter: {domain.describe()} -> policy:{name}"
 
 
 def _check_policy_run(spec, mode, ends_in_zero):

@@ -7,7 +7,7 @@ ComfyUI modules are imported inside the methods, so this file imports without Co
 from __future__ import annotations
 
 from ..adaptive_core import Trace, replay_sigmas
-from ..adaptive_core.policy import bundled_policies
+from ..adaptive_core.domain import controller_choices
 from ..adaptive_core.sampler import DEFAULTS, MODES
 from .comfy_sampler import AUTO, core_options, sample_ado
 from .trace_view import chart_payload
@@ -25,13 +25,9 @@ _TIP_RTOL = "Relative tolerance of the per-step error estimate (tolerance mode; 
 
 _TIP_CONTROLLER = ("heuristic: ADO's budget planner (default). policy:NAME: a bundled PPO step policy that adjusts "
                    "each step from what the run shows (budget mode only; it falls back to the heuristic where it is "
-                   "unsure, and says so in the trace). It was tuned on small test networks: on your model, compare "
-                   "it with the heuristic on a few seeds.")
-
-
-def controller_choices() -> list[str]:
-    """"heuristic" and "policy:NAME" for each bundled PPO step policy (policies/)."""
-    return ["heuristic"] + [f"policy:{n}" for n in bundled_policies()]
+                   "unsure, and says so in the trace). policy:auto: the bundled policy made for the model type and "
+                   "guidance of the run (e.g. unguided flow), else the heuristic. Policies were tuned on small test "
+                   "networks: on your model, compare with the heuristic on a few seeds.")
 
 
 def _schedulers() -> list[str]:

@@ -209,6 +209,26 @@ def test_flow_shift_is_read_from_model_sampling(host, schedule, shift, expected)
     assert (trace.options["flow_shift"], trace.options["prediction"]) == (None, "data")
 
 
+def test_policy_auto_follows_the_guiders_cfg(host):
+    """The node's ``policy:auto``: the domain adapter reads the guidance from ComfyUI's guider (``CFGGuider.cfg``,
+    mirrored by the fake) and runs the policy it picks, or the heuristic where no bundled policy covers the run;
+    each run's trace names the choice.  The budget holds either way."""
+    import types
+
+    from adaptive_core.domain import job_domain, select_policy
+    node = host.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]()
+    assert "policy:auto" in node.INPUT_TYPES()["optional"]["controller"][0]
+    for cfg in (1.0, 3.0):
+        trace = host.pack.nodes.comfy_sampler.Trace()
+        (sampler,) = node.get_sampler(nfe_budget=6, mode="budget", controller="policy:auto")
+        sampler.extra_options["trace"] = trace
+        model, out = _custom(host, sampler, kind="flow", steps=6, cfg=cfg)
+        chosen = select_policy(job_domain(types.SimpleNamespace(cfg_scale=cfg), "flow"))
+        assert trace.options["controller"] == ("heuristic" if chosen is None else f"policy:{chosen}")
+        assert any(n.startswith("domain adapter: flow, " + ("unguided" if cfg == 1.0 else "guided")) for n in trace.notes)
+        assert model.calls <= 6 and torch.isfinite(out).all()
+
+
 def test_cancel_stops_within_one_model_call(host):
     """ComfyUI's Cancel sets a flag that the progress hook checks; ADO also checks it before every call."""
     (sampler,) = host.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler()

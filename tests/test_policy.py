@@ -287,7 +287,8 @@ def tiny_training(tmp_path_factory):
                                     train_seeds=range(8), eval_seeds=range(20000, 20004), eval_every=10 ** 9,
                                     progress=False)
     path = export_policy(model, vecnorm, tmp_path_factory.mktemp("trained") / "tiny.onnx",
-                         trained_on={"testbeds": ["gaussian-ve", "gaussian-flow"]}, training={"timesteps": 256},
+                         trained_on={"testbeds": ["gaussian-ve", "gaussian-flow"], "model_types": ["flow", "ve"],
+                                     "configurations": ["gaussian-ve", "gaussian-flow"]}, training={"timesteps": 256},
                          metrics={"rmse_ratio_vs_heuristic": history["final"]["ratio"]})
     return model, vecnorm, history, path
 
@@ -297,6 +298,8 @@ def test_tiny_training_run_exports_a_loadable_policy(tiny_training):
     assert model.num_timesteps >= 256 and history["evals"]
     policy = load_policy(path)
     assert policy.manifest.format == MANIFEST_FORMAT and policy.manifest.trained_on["testbeds"]
+    # the domain adapter's scope follows from what it was trained on: analytic testbeds run unguided
+    assert policy.manifest.applies_to == {"model_types": ["flow", "ve"], "guidance": ["unguided"]}
     tb = make_testbed("gaussian", "ve")
     x = tb.noise(range(2))
     model_calls = _Counting(tb)
@@ -345,11 +348,11 @@ def test_host_option_selects_a_bundled_policy():
     from adaptive_core.policy import bundled_policies
     assert "ADO controller" not in hc.option_params({})                  # default images keep their parameters
     assert "controller" not in hc.sampler_kwargs({})[0]
-    for name in bundled_policies():
-        values = {"ado_controller": f"policy:{name}"}
-        assert hc.sampler_kwargs(values)[0]["controller"] == f"policy:{name}"
+    for spec in ["policy:auto"] + [f"policy:{name}" for name in bundled_policies()]:
+        values = {"ado_controller": spec}
+        assert hc.sampler_kwargs(values)[0]["controller"] == spec
         params = hc.option_params(values)
-        assert params["ADO controller"] == f"policy:{name}"
+        assert params["ADO controller"] == spec
         assert hc.sampler_kwargs(hc.options_from_params(params)) == hc.sampler_kwargs(values)
         assert "controller" not in hc.sampler_kwargs({**values, "ado_mode": "tolerance"})[0]
     with pytest.raises(ValueError, match="ado_controller"):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..domain import scope_of_trained_on
 from ..learned import sha256_of_file
 from ..policy import (ACTION_KINDS, ACTION_SCALE, BASE_PLANS, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN, MANIFEST_FORMAT,
                       MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest,
@@ -665,7 +666,8 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
     """Write the manifest (``<stem>.json``) of the ONNX policy at ``onnx_path``: its sha256, the action mapping
     and fallback rule of :mod:`adaptive_core.policy`, and the given normalisation and records.  ``early_step_cap``
     (None or (below_lambda_progress, max_step_action)) and ``base_plan`` (the sampler options the policy runs on;
-    absent: :data:`~adaptive_core.policy.LEGACY_BASE_PLAN`) are written only where given."""
+    absent: :data:`~adaptive_core.policy.LEGACY_BASE_PLAN`) are written only where given; ``applies_to``, the
+    jobs the domain adapter may give the policy, follows from ``trained_on`` (:mod:`adaptive_core.domain`)."""
     cap = check_early_step_cap(early_step_cap)
     cap_entry = {} if cap is None else {"early_step_cap": dict(zip(EARLY_STEP_CAP_KEYS, cap))}
     manifest = PolicyManifest(
@@ -685,8 +687,8 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
         fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
                   "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
                           f"ood_z * max(sqrt(var), std_floor) from {range_text}"},
-        trained_on=trained_on, training=training, metrics=metrics, training_state=training_state or {},
-        format=MANIFEST_FORMAT)
+        trained_on=trained_on, applies_to=scope_of_trained_on(trained_on) if trained_on.get("model_types") else {},
+        training=training, metrics=metrics, training_state=training_state or {}, format=MANIFEST_FORMAT)
     out = onnx_path.with_suffix(".json")
     out.write_text(manifest.to_json() + "\n")
     return out

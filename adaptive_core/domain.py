@@ -1,0 +1,162 @@
+"""The domain adapter: which step policy serves a sampling job.
+
+A step policy learns its corrections on the configurations it was trained on (model type, guided or not) and on
+the base plan it ran on there (:data:`adaptive_core.policy.LEGACY_BASE_PLAN` or the sampler's own defaults).  A
+policy taught one domain can be worse than the heuristic on another: the bundled policy trained on the legacy
+plan loses to the heuristic's shifted-time plan on unguided flow runs (docs/policy/README.md, section 5).  So
+``controller="policy:auto"`` lets this module pick, per run, the bundled policy made for the job's domain, in the
+spirit of mixture-of-experts gating (Jacobs et al. 1991) with a gate that reads the job's declared conditions
+rather than a learned one, as domain-specific experts in multi-domain RL are picked by their task identity
+(Rusu et al. 2016, "Policy distillation", keeps one head per task for the same reason).
+
+**A job's domain** (:func:`job_domain`): the model type ("ve" or "flow") and the guidance, "unguided" when the
+run's classifier-free guidance scale is known to be 1 (:func:`adaptive_core.sampler.detect_guidance_scale`) and
+"guided" otherwise, an unknown scale included, which is how the heuristic's own plan treats it
+(:func:`adaptive_core.sampler.resolve_flow_plan`).
+
+**A policy's scope** (:func:`policy_scope`): the manifest's ``applies_to`` (``{"model_types": [...],
+"guidance": [...]}``), written by the training tools from the configurations a policy was trained on; a
+manifest without it covers its ``trained_on.model_types`` under either guidance.
+
+**The rule** (:func:`select_policy`): among the policies whose scope covers the job, the one with the narrowest
+scope (fewest model types × guidance kinds); ties go to the first name in sort order.  No policy covers the job:
+None, and the sampler runs the heuristic and says so in the trace.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .policy import MANIFEST_FORMAT, PolicyLoadError
+
+#: The guidance kinds of a job and a policy's scope.
+GUIDANCE_KINDS = ("unguided", "guided")
+#: The model types a scope may name (adaptive_core.schedules).
+MODEL_TYPES = ("ve", "flow")
+#: The spec that hands the choice to this module: ``controller="policy:auto"``.
+AUTO_POLICY = "policy:auto"
+
+
+@dataclass(frozen=True)
+class JobDomain:
+    """What the policy choice of a run depends on: ``model_type`` ("ve" / "flow") and ``guidance`` ("unguided" /
+    "guided"), plus ``guidance_scale`` (the detected CFG scale, None where the host declares none) for the trace."""
+
+    model_type: str
+    guidance: str
+    guidance_scale: float | None = None
+
+    def describe(self) -> str:
+        """One line for the trace, e.g. "flow, unguided (CFG 1)"."""
+        scale = "CFG unknown" if self.guidance_scale is None else f"CFG {self.guidance_scale:g}"
+        return f"{self.model_type}, {self.guidance} ({scale})"
+
+
+def guidance_kind(guidance_scale: float | None) -> str:
+    """"unguided" for a classifier-free guidance scale of exactly 1 (Ho & Salimans 2022: the conditional model
+    alone), "guided" for any other scale and for an unknown one (None)."""
+    return "unguided" if guidance_scale == 1.0 else "guided"
+
+
+def job_domain(model, model_type: str, extra_args: dict | None = None) -> JobDomain:
+    """The :class:`JobDomain` of a run on ``model`` (the host's wrapped denoiser, as the sampler receives it)
+    of ``model_type``, its guidance read by :func:`adaptive_core.sampler.detect_guidance_scale` (ComfyUI's
+    ``CFGGuider.cfg``, A1111/Forge's ``extra_args["cond_scale"]``, a testbed's ``cfg_scale``)."""
+    from .sampler import detect_guidance_scale  # here: the sampler imports this module
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    scale = detect_guidance_scale(model, extra_args)
+    return JobDomain(model_type, guidance_kind(scale), scale)
+
+
+def check_scope(scope, where: str = "applies_to") -> dict:
+    """A normalised copy of a policy scope ``{"model_types": [...], "guidance": [...]}``; ValueError naming
+    ``where`` when it is not a mapping with exactly these keys, both non-empty lists of known values."""
+    if not isinstance(scope, dict) or set(scope) != {"model_types", "guidance"}:
+        raise ValueError(f"{where} must be a mapping with keys 'model_types' and 'guidance', got {scope!r}")
+    out = {}
+    for key, known in (("model_types", MODEL_TYPES), ("guidance", GUIDANCE_KINDS)):
+        values = scope[key]
+        if not isinstance(values, list) or not values or any(v not in known for v in values):
+            raise ValueError(f"{where}.{key} must be a non-empty list of {list(known)}, got {values!r}")
+        out[key] = sorted(set(values))
+    return out
+
+
+def scope_of_trained_on(trained_on: dict) -> dict:
+    """The scope a training run gives its policy, from its manifest's ``trained_on``: its ``model_types`` and the
+    guidance kinds of its ``configurations`` (keys as ``adaptive_core.tune.policy_env.Config.key``: a
+    class-conditional network's end in ``-cfg<scale>``; the others run unguided)."""
+    kinds = set()
+    for key in trained_on.get("configurations") or trained_on.get("testbeds") or []:
+        _, _, tail = str(key).rpartition("-cfg")
+        kinds.add(guidance_kind(float(tail)) if _ and tail.replace(".", "", 1).isdigit() else "unguided")
+    return check_scope({"model_types": sorted(set(trained_on.get("model_types") or [])), "guidance": sorted(kinds)},
+                       "trained_on")
+
+
+def policy_scope(manifest: dict, where: str = "policy") -> dict:
+    """The scope of a policy manifest (a parsed JSON dict): its ``applies_to``, else its
+    ``trained_on.model_types`` under either guidance.  ValueError (naming ``where``) when neither is usable."""
+    if manifest.get("applies_to"):
+        return check_scope(manifest["applies_to"], f"{where}: applies_to")
+    model_types = (manifest.get("trained_on") or {}).get("model_types")
+    if not model_types:
+        raise ValueError(f"{where}: the manifest names neither applies_to nor trained_on.model_types")
+    return check_scope({"model_types": list(model_types), "guidance": list(GUIDANCE_KINDS)},
+                       f"{where}: trained_on.model_types")
+
+
+def bundled_scopes(policy_dir: str | Path | None = None) -> dict[str, dict]:
+    """{name: scope} of the policy manifests in ``policy_dir`` (None: :data:`adaptive_core.policy.POLICY_DIR`,
+    policies/); a manifest whose scope is malformed raises PolicyLoadError naming the file (a bundled file is
+    never skipped silently)."""
+    from . import policy
+    scopes = {}
+    for path in sorted(Path(policy.POLICY_DIR if policy_dir is None else policy_dir).glob("*.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise PolicyLoadError(f"{path}: unreadable manifest ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            continue   # (the quality monitor's manifest lives here too)
+        try:
+            scopes[path.stem] = policy_scope(manifest, str(path))
+        except ValueError as e:
+            raise PolicyLoadError(str(e)) from None
+    return scopes
+
+
+def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:
+    """The name of the policy for ``domain`` among ``scopes`` ({name: scope}; the bundled policies by default):
+    of those whose scope covers the domain, the narrowest (fewest model types × guidance kinds), ties to the
+    first name in sort order; None when none covers it."""
+    scopes = bundled_scopes() if scopes is None else scopes
+    covering = [(len(s["model_types"]) * len(s["guidance"]), name) for name, s in sorted(scopes.items())
+                if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]]
+    return min(covering)[1] if covering else None
+
+
+def controller_choices() -> list[str]:
+    """The step controllers a host offers: "heuristic", :data:`AUTO_POLICY` (this module picks) and
+    "policy:NAME" for each bundled policy (:func:`adaptive_core.policy.bundled_policies`)."""
+    from .policy import bundled_policies
+    return ["heuristic", AUTO_POLICY] + [f"policy:{n}" for n in bundled_policies()]
+
+
+__all__ = [
+    "AUTO_POLICY",
+    "GUIDANCE_KINDS",
+    "MODEL_TYPES",
+    "JobDomain",
+    "bundled_scopes",
+    "check_scope",
+    "controller_choices",
+    "guidance_kind",
+    "job_domain",
+    "policy_scope",
+    "scope_of_trained_on",
+    "select_policy",
+]

@@ -1,0 +1,118 @@
+"""The domain adapter (adaptive_core.domain): a job's domain, policy scopes, the choice, and
+``controller="policy:auto"`` in the sampler."""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adaptive_core import sample_adaptive
+from adaptive_core.bench.run import host_sigmas
+from adaptive_core.domain import (
+    JobDomain,
+    bundled_scopes,
+    check_scope,
+    guidance_kind,
+    job_domain,
+    policy_scope,
+    scope_of_trained_on,
+    select_policy,
+)
+from adaptive_core.policy import (
+    POLICY_DIR,
+    PolicyLoadError,
+    bundled_policies,
+    load_policy,
+)
+from adaptive_core.testbeds import make_testbed
+from adaptive_core.trace import Trace
+
+
+def test_job_domain_reads_the_guidance_the_heuristic_reads():
+    assert job_domain(make_testbed("gaussian", "flow"), "flow") == JobDomain("flow", "unguided", 1.0)
+    assert job_domain(make_testbed("mnist_unet", "ve", cfg_scale=2.0), "ve").guidance == "guided"
+    comfy_guider = SimpleNamespace(inner_model=SimpleNamespace(cfg=1.0))      # comfy/samplers.py::CFGGuider.cfg
+    assert job_domain(comfy_guider, "flow").guidance == "unguided"
+    a1111 = job_domain(object(), "ve", {"cond_scale": 7.0})                   # A1111/Forge extra_args
+    assert (a1111.guidance, a1111.guidance_scale) == ("guided", 7.0)
+    unknown = job_domain(object(), "flow")
+    assert unknown.guidance == "guided" and unknown.guidance_scale is None and "CFG unknown" in unknown.describe()
+    assert guidance_kind(1.0) == "unguided" and guidance_kind(1.5) == "guided" and guidance_kind(None) == "guided"
+    with pytest.raises(ValueError, match="model_type"):
+        job_domain(object(), "eps")
+
+
+def test_scopes_are_checked_and_derived_from_training():
+    assert check_scope({"model_types": ["ve", "flow", "ve"], "guidance": ["unguided"]}) == \
+        {"model_types": ["flow", "ve"], "guidance": ["unguided"]}
+    for bad in ({"model_types": ["flow"]}, {"model_types": [], "guidance": ["guided"]},
+                {"model_types": ["eps"], "guidance": ["guided"]}, {"model_types": ["ve"], "guidance": "guided"},
+                ["ve"]):
+        with pytest.raises(ValueError, match="applies_to"):
+            check_scope(bad)
+    flow_cfg1 = {"model_types": ["flow"], "configurations": ["gaussian-flow", "mnist_unet-flow-cfg1", "photo_unet-flow"]}
+    assert scope_of_trained_on(flow_cfg1) == {"model_types": ["flow"], "guidance": ["unguided"]}
+    both = {"model_types": ["flow", "ve"], "configurations": ["gmm_digits-ve", "mnist_unet-flow-cfg2"]}
+    assert scope_of_trained_on(both)["guidance"] == ["guided", "unguided"]
+    # a manifest without applies_to covers its trained model types under any guidance
+    assert policy_scope({"trained_on": {"model_types": ["ve"]}}) == {"model_types": ["ve"],
+                                                                     "guidance": ["guided", "unguided"]}
+    with pytest.raises(ValueError, match="neither"):
+        policy_scope({"trained_on": {}}, "x.json")
+
+
+def test_the_narrowest_covering_scope_wins():
+    scopes = {"wide": {"model_types": ["flow", "ve"], "guidance": ["guided", "unguided"]},
+              "flow_free": {"model_types": ["flow"], "guidance": ["unguided"]},
+              "also_wide": {"model_types": ["flow", "ve"], "guidance": ["guided", "unguided"]}}
+    assert select_policy(JobDomain("flow", "unguided"), scopes) == "flow_free"
+    assert select_policy(JobDomain("flow", "guided"), scopes) == "also_wide"     # a tie: the first name
+    assert select_policy(JobDomain("ve", "guided"), {"flow_free": scopes["flow_free"]}) is None
+    for name, scope in bundled_scopes().items():       # every bundled manifest has a usable scope
+        assert name in bundled_policies() and scope["model_types"]
+
+
+def _policy_folder(tmp_path, monkeypatch, scopes):
+    """A policies/ folder of copies of the first bundled policy under other names and scopes."""
+    source = POLICY_DIR / f"{bundled_policies()[0]}.json"
+    manifest = json.loads(source.read_text())
+    for name, scope in scopes.items():
+        shutil.copy(POLICY_DIR / manifest["onnx_file"], tmp_path / f"{name}.onnx")
+        (tmp_path / f"{name}.json").write_text(json.dumps({**manifest, "onnx_file": f"{name}.onnx",
+                                                          "training_state": {}, "applies_to": scope}))
+    monkeypatch.setattr("adaptive_core.policy.POLICY_DIR", tmp_path)
+
+
+def test_policy_auto_runs_the_chosen_policy_and_says_so(tmp_path, monkeypatch):
+    _policy_folder(tmp_path, monkeypatch, {"for_ve": {"model_types": ["ve"], "guidance": ["guided", "unguided"]},
+                                           "for_flow": {"model_types": ["flow"], "guidance": ["unguided"]}})
+    tb = make_testbed("gaussian", "flow")
+    x, sigmas = tb.noise(range(3)), host_sigmas(tb, 8)
+    trace = Trace()
+    auto = sample_adaptive(tb, x, sigmas, model_type="flow", controller="policy:auto", trace=trace)
+    named = sample_adaptive(tb, x, sigmas, model_type="flow", controller="policy:for_flow")
+    assert torch.equal(auto, named)
+    assert trace.options["controller"] == "policy:for_flow"
+    assert any("domain adapter: flow, unguided (CFG 1) -> policy:for_flow" in n for n in trace.notes)
+
+
+def test_policy_auto_without_a_covering_policy_is_the_heuristic(tmp_path, monkeypatch):
+    _policy_folder(tmp_path, monkeypatch, {"for_flow": {"model_types": ["flow"], "guidance": ["unguided"]}})
+    tb = make_testbed("gaussian", "ve")
+    x, sigmas = tb.noise(range(2)), host_sigmas(tb, 6)
+    trace = Trace()
+    auto = sample_adaptive(tb, x, sigmas, model_type="ve", controller="policy:auto", trace=trace)
+    assert torch.equal(auto, sample_adaptive(tb, x, sigmas, model_type="ve"))
+    assert trace.options["controller"] == "heuristic"
+    assert any("no bundled policy covers ve, unguided" in n for n in trace.notes)
+
+
+def test_a_malformed_scope_is_refused(tmp_path, monkeypatch):
+    _policy_folder(tmp_path, monkeypatch, {"bad": {"model_types": ["sd"], "guidance": ["unguided"]}})
+    with pytest.raises(PolicyLoadError, match="model_types"):
+        load_policy("policy:bad")
+    with pytest.raises(PolicyLoadError, match="bad.json"):
+        bundled_scopes()
