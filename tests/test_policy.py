@@ -448,6 +448,7 @@ def test_policy_eval_rows_carry_per_image_numbers(tmp_path):
     assert (tmp_path / "per_image.png").read_bytes()[:4] == b"\x89PNG"
     same = per_image_summary([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
     assert same["per_image_geomean_ratio"] == 1.0 and same["share_of_images_worse"] == 0.0
+
     assert same["policy_vs_heuristic_ci90"] == pytest.approx([1.0, 1.0])
     # one image of ten carries the pooled error: the interval is wide although nine images halve their error
     lo, hi = pooled_ratio_interval([0.5] * 9 + [12.0], [1.0] * 9 + [10.0])
@@ -455,6 +456,22 @@ def test_policy_eval_rows_carry_per_image_numbers(tmp_path):
     with pytest.raises(ValueError, match="per-image"):
         pooled_ratio_interval([1.0, 2.0], [1.0])
 
+
+def test_policy_eval_auto_measures_the_domain_adapters_choice():
+    """``policy-eval --policy auto``: each configuration runs ``controller="policy:auto"``, and its rows name the
+    policy the adapter chose there, the same run as naming that policy."""
+    from adaptive_core.domain import job_domain, select_policy
+    from adaptive_core.tune.policy_env import evaluate_controller
+    from adaptive_core.tune.policy_eval import measure
+    seeds = range(30000, 30004)
+    res = measure("auto", [("gaussian", "flow"), ("gaussian", "ve")], [5], seeds, None, None)
+    for row in res["rows"]:
+        name, model_type = row["testbed"].split("-")
+        want = select_policy(job_domain(make_testbed(name, model_type), model_type))
+        assert row["chosen_policy"] == want
+        named = evaluate_controller(None if want is None else f"policy:{want}", [(name, model_type)], [5], seeds)
+        assert row["policy"] == named[row["testbed"]][5]["rmse"]
+    assert "policy:auto" in res["policy"] and res["latency_us_per_decision"] > 0
 
 def test_keep_best_ends_with_the_best_evaluated_policy(monkeypatch):
     """--keep-best: the model and observation statistics handed back are those of the best periodic evaluation

@@ -7,7 +7,9 @@ heuristic controller and with the policy, the policy's mean NFE, the best peer o
 re-run on the same held-out seeds, and the oracle fixed schedule: the best σ grid fitted with the reference in
 the loop on other seeds (the analytic benchmark's; for the trained networks ``docs/bench/trained/oracle.json``
 and ``oracle_photo.json`` of ``python -m adaptive_core.bench.trained_oracle``), also re-run on the same held-out
-seeds.  Also the policy's latency per decision on this CPU.
+seeds.  Also the policy's latency per decision on this CPU.  ``--policy auto`` measures
+``controller="policy:auto"``: each configuration runs the bundled policy the domain adapter picks for it
+(:mod:`adaptive_core.domain`), named in its rows (``chosen_policy``; None: the heuristic).
 
 A pooled RMSE over a few dozen images is carried by its hardest images (on the UNet the worst 3 of 64 can hold
 80% of the squared error), so each ratio comes with a paired bootstrap 90% interval over the images, the
@@ -101,7 +103,10 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     )
     cfg_scales = TRAINED_CFG_SCALES if cfg_scales is None else tuple(cfg_scales)
     reference_steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
-    policy = load_policy(policy_path)
+    auto = str(policy_path) == "auto"
+    chosen = _auto_choices(configs_of(specs, cfg_scales)) if auto else {}
+    policies = {name: load_policy(f"policy:{name}") for name in set(chosen.values()) - {None}} if auto else \
+        {"": load_policy(policy_path)}
     bench = json.loads(bench_results.read_text())["configs"] if bench_results and bench_results.is_file() else {}
     bench = {**bench, **trained_bench_peers(trained_bench)}
     oracle_files = [trained_oracle] if isinstance(trained_oracle, (str, Path)) else list(trained_oracle or [])
@@ -111,7 +116,7 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     refs: dict = {}
     kw = dict(cfg_scales=cfg_scales, reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, nfes, seeds, refs, **kw)
-    pol = evaluate_controller(f"policy:{policy_path}", specs, nfes, seeds, refs, **kw)
+    pol = evaluate_controller("policy:auto" if auto else f"policy:{policy_path}", specs, nfes, seeds, refs, **kw)
     rows = []
     for config in configs_of(specs, cfg_scales):
         key = config.key
@@ -119,7 +124,7 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
         set_config_labels(config, tb, seeds)
         for n in nfes:
             row = {"testbed": key, "nfe": n, "heuristic": heur[key][n]["rmse"], "policy": pol[key][n]["rmse"],
-                   "policy_mean_nfe": pol[key][n]["nfe"]}
+                   "policy_mean_nfe": pol[key][n]["nfe"], **({"chosen_policy": chosen[key]} if auto else {})}
             row["policy_vs_heuristic"] = row["policy"] / row["heuristic"]
             row.update(per_image_summary(pol[key][n]["rmse_images"], heur[key][n]["rmse_images"]))
             row["images"] = {"heuristic": [float(f"{v:.4g}") for v in heur[key][n]["rmse_images"]],
@@ -139,10 +144,21 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
                 row["policy_vs_oracle"] = row["policy"] / row["oracle_rmse"]
                 row["heuristic_vs_oracle"] = row["heuristic"] / row["oracle_rmse"]
             rows.append(row)
-    return {"policy": str(policy_path), "seeds": [seeds.start, seeds.stop], "rows": rows,
-            "reference_steps_trained": reference_steps, "trained_on": policy.manifest.trained_on,
-            "latency_us_per_decision": decision_latency_us(policy),
-            "train_seconds": policy.manifest.metrics.get("train_seconds"), "torch": torch.__version__}
+    one = next(iter(policies.values()), None)
+    return {"policy": "policy:auto (the domain adapter's choice per configuration)" if auto else str(policy_path),
+            "seeds": [seeds.start, seeds.stop], "rows": rows, "reference_steps_trained": reference_steps,
+            "trained_on": {n: p.manifest.trained_on for n, p in policies.items()} if auto else one.manifest.trained_on,
+            "latency_us_per_decision": max((decision_latency_us(p) for p in policies.values()), default=float("nan")),
+            "train_seconds": ({n: p.manifest.metrics.get("train_seconds") for n, p in policies.items()} if auto
+                              else one.manifest.metrics.get("train_seconds")), "torch": torch.__version__}
+
+
+def _auto_choices(configs) -> dict:
+    """{configuration key: the bundled policy name ``controller="policy:auto"`` picks for it, or None}
+    (:func:`adaptive_core.domain.select_policy` on the configuration's model type and guidance)."""
+    from ..domain import JobDomain, guidance_kind, select_policy
+    return {c.key: select_policy(JobDomain(c.model_type, guidance_kind(1.0 if c.cfg is None else c.cfg)))
+            for c in configs}
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -205,7 +221,9 @@ def main(argv) -> int:
     """Parse arguments, measure, print the table, write JSON."""
     from .policy_train import DEFAULT_TESTBEDS, parse_specs
     ap = argparse.ArgumentParser(prog="python -m adaptive_core.tune policy-eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policy", type=Path, required=True, help="policy manifest (.json)")
+    ap.add_argument("--policy", type=Path, required=True,
+                    help="policy manifest (.json), or 'auto': the bundled policy the domain adapter picks for each "
+                         "configuration (controller='policy:auto')")
     ap.add_argument("--testbeds", default=DEFAULT_TESTBEDS)
     ap.add_argument("--cfg", default="1,2", help="CFG scales of the trained testbeds (comma-separated)")
     ap.add_argument("--reference-steps", type=int, default=128,
@@ -237,6 +255,8 @@ def main(argv) -> int:
                   [float(c) for c in args.cfg.split(",")], args.reference_steps, args.trained_oracle)
     print(markdown(res))
     print(f"latency per decision: {res['latency_us_per_decision']:.1f} µs; training time: {res['train_seconds']} s")
+    for key, name in sorted({r["testbed"]: r["chosen_policy"] for r in res["rows"] if "chosen_policy" in r}.items()):
+        print(f"policy:auto on {key}: {'the heuristic' if name is None else 'policy:' + name}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         head = json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1)[:-2]
