@@ -116,3 +116,23 @@ def test_a_malformed_scope_is_refused(tmp_path, monkeypatch):
         load_policy("policy:bad")
     with pytest.raises(PolicyLoadError, match="bad.json"):
         bundled_scopes()
+
+
+def test_the_bundled_policies_cover_every_domain_within_budget():
+    """Every (model type, guidance) gets a bundled policy under ``policy:auto``; unguided flow gets one made for it
+    (the narrowest scope), and a run keeps the NFE cap."""
+    for model_type in ("ve", "flow"):
+        for guidance in ("unguided", "guided"):
+            name = select_policy(JobDomain(model_type, guidance))
+            assert name is not None and model_type in bundled_scopes()[name]["model_types"]
+    assert bundled_scopes()[select_policy(JobDomain("flow", "unguided"))] == {"model_types": ["flow"],
+                                                                             "guidance": ["unguided"]}
+    tb = make_testbed("gaussian", "flow")
+    calls = []
+
+    def model(x, sigma, **kw):
+        calls.append(1)
+        return tb(x, sigma, **kw)
+    model.cfg_scale = 1.0
+    out = sample_adaptive(model, tb.noise(range(2)), host_sigmas(tb, 7), model_type="flow", controller="policy:auto")
+    assert torch.isfinite(out).all() and len(calls) <= 7
