@@ -176,7 +176,7 @@ def conds(batch):
     return multicond, uncond
 
 
-def run(predictor, steps=6, batch=2, on_call=None):
+def run(predictor, steps=6, batch=2, on_call=None, cfg_scale=5.0):
     """One txt2img batch through StableDiffusionProcessingTxt2Img.sample; returns (p, samples, net)."""
     from modules import rng
     model, net = tiny_sd_model(predictor)
@@ -185,7 +185,7 @@ def run(predictor, steps=6, batch=2, on_call=None):
         original = net.forward
         net.forward = lambda *a, **k: (on_call(net), original(*a, **k))[1]
     p = processing.StableDiffusionProcessingTxt2Img(prompt="a tiny model", negative_prompt="", steps=steps,
-                                                    cfg_scale=5.0, width=64, height=64, batch_size=batch,
+                                                    cfg_scale=cfg_scale, width=64, height=64, batch_size=batch,
                                                     sampler_name=LABEL, scheduler="Automatic", seed=7,
                                                     do_not_save_samples=True, do_not_save_grid=True)
     p.setup_prompts()
@@ -261,6 +261,27 @@ def _flow():
     # Forge's flow grid ends in a repeated 0 (σ(t=0) = 0, then append_zero): still 5 calls, progress full
     assert torch.isfinite(samples).all() and p.sampler.ado_trace.nfe == 5
     assert shared.state.sampling_steps == 5 and shared.state.sampling_step == 4
+
+
+@stage("policy_auto")
+def _policy_auto():
+    """The "ADO: step controller" setting at policy:auto: the domain adapter reads the CFG scale Forge hands its
+    CFG denoiser (extra_args["cond_scale"]) and runs the bundled policy for the run; the trace names it."""
+    from backend.modules.k_prediction import PredictionDiscreteFlow
+
+    from adaptive_core.domain import JobDomain, select_policy
+    shared.opts.ado_controller = "policy:auto"
+    try:
+        for cfg, guidance in ((5.0, "guided"), (1.0, "unguided")):
+            p, samples, _ = run(PredictionDiscreteFlow(shift=3.0), steps=6, cfg_scale=cfg)
+            trace = p.sampler.ado_trace
+            want = select_policy(JobDomain("flow", guidance))
+            assert torch.isfinite(samples).all() and trace.nfe <= 6
+            assert trace.options["controller"] == f"policy:{want}", trace.options.get("controller")
+            assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g})") for n in trace.notes), trace.notes
+            report["facts"][f"policy_auto_cfg{cfg:g}"] = f"policy:{want}"
+    finally:
+        shared.opts.ado_controller = "heuristic"
 
 
 @stage("interrupt")

@@ -148,6 +148,27 @@ def test_unguided_flow_run_plans_in_the_models_shifted_time(real):
     assert trace.options["flow_shift"] == pytest.approx(shift) and trace.options["prediction"] == "hybrid"
 
 
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_policy_auto_reads_the_real_guiders_cfg(real, cfg):
+    """The node's controller "policy:auto": the domain adapter reads CFG from the real CFGGuider and runs the
+    bundled policy for the run (unguided flow: the one whose scope is flow/unguided), within the budget."""
+    from adaptive_core.domain import JobDomain, select_policy
+    model = real.build("flow")
+    pos, neg = conds()
+    (sampler,) = real.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(0, "budget", 0.05,
+                                                                                    controller="policy:auto")
+    trace = real.pack.nodes.comfy_sampler.Trace()
+    sampler.extra_options["trace"] = trace
+    (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, "simple", 8, 1.0)
+    out, _ = real.cs.SamplerCustom().sample(model, True, 11, cfg, pos, neg, sampler, sigmas,
+                                            {"samples": torch.zeros(1, 4, 8, 8)})
+    assert torch.isfinite(out["samples"]).all() and forwards(model) == trace.nfe <= 8
+    guidance = "unguided" if cfg == 1.0 else "guided"
+    want = select_policy(JobDomain("flow", guidance))
+    assert trace.options["controller"] == f"policy:{want}"
+    assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}) -> policy:{want}") for n in trace.notes)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ado_ksampler_denoise_and_inpainting_mask(real, kind):
     model = real.build(kind)

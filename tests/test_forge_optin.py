@@ -22,7 +22,7 @@ FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="opt-in: set FORGE_DIR to a Forge checkout "
                                 "(and FORGE_PYTHON to a Python with Forge's requirements)")
 DRIVER = Path(__file__).with_name("forge_optin_driver.py")
-STAGES = ["import", "register", "settings", "sample", "infotext", "flow", "interrupt"]
+STAGES = ["import", "register", "settings", "sample", "infotext", "flow", "policy_auto", "interrupt"]
 
 
 @pytest.fixture(scope="module")
