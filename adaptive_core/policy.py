@@ -243,6 +243,11 @@ class Policy:
             raise PolicyLoadError(f"{self.path}: normalisation must have {N_OBSERVATIONS} entries")
         try:
             self.base_options = check_base_plan(m.action.get("base_plan", LEGACY_BASE_PLAN))
+            rule = m.action.get("auto_plan_rule")
+            if uses_auto_plan(self.base_options) and rule != AUTO_PLAN_RULE:
+                raise ValueError(f"its base plan {self.base_options} was trained under the sampler's 'auto' rule "
+                                 f"{rule!r}, and this ADO's rule is {AUTO_PLAN_RULE!r}; fine-tune it on this one "
+                                 f"(python -m adaptive_core.tune policy --init {self.path} --base-plan current)")
             if m.applies_to:
                 from .domain import check_scope
                 check_scope(m.applies_to)
@@ -352,6 +357,17 @@ LEGACY_BASE_PLAN = {"prediction": "data", "flow_shift": None, "predictor": "midp
 CURRENT_BASE_PLAN = {"prediction": "auto", "flow_shift": "auto", "predictor": "auto"}
 #: The base plans the tuning tools name (``--base-plan``).
 BASE_PLANS = {"legacy": LEGACY_BASE_PLAN, "current": CURRENT_BASE_PLAN}
+#: What "auto" in a base plan means in this ADO: the rule of ``adaptive_core.sampler.resolve_flow_plan`` and
+#: ``resolve_predictor`` (unguided flow runs with ≤ 10 calls: shifted-time plan, hybrid prediction, exact
+#: predictor).  A manifest whose base plan says "auto" records the rule it was trained under
+#: (``action.auto_plan_rule``), and a policy trained under another rule is refused at load, since its corrections
+#: would be applied to a plan it never saw.  Change this tag whenever that rule changes.
+AUTO_PLAN_RULE = "shifted-time-hybrid/2026-11-27"
+
+
+def uses_auto_plan(base_plan: dict) -> bool:
+    """Whether a base plan leaves any option to the sampler's "auto" rule (:data:`AUTO_PLAN_RULE`)."""
+    return any(v == "auto" for v in base_plan.values())
 
 
 def check_base_plan(base_plan) -> dict:
@@ -385,7 +401,8 @@ def load_policy(spec: Any, device: str = "cpu") -> Policy:
     return load_cached(_CACHE, path, PolicyManifest, device, Policy)
 
 
-__all__ = ["ACTION_KINDS", "ACTION_SCALE", "BASE_PLANS", "CURRENT_BASE_PLAN", "LEGACY_BASE_PLAN", "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS",
+__all__ = ["ACTION_KINDS", "ACTION_SCALE", "AUTO_PLAN_RULE", "BASE_PLANS", "CURRENT_BASE_PLAN", "LEGACY_BASE_PLAN",
+           "MANIFEST_FORMAT", "MIN_SHARE", "N_OBSERVATIONS",
            "OBSERVATION_NAMES", "OOD_Z", "ORDER_DEAD_ZONE", "POLICY_DIR", "Policy", "PolicyIntegrityError",
            "PolicyLoadError", "PolicyManifest", "bundled_policies", "check_base_plan", "load_policy", "order_delta_from_action",
-           "policy_base_options", "policy_observation", "resolve_policy_path", "share_from_action"]
+           "policy_base_options", "policy_observation", "resolve_policy_path", "share_from_action", "uses_auto_plan"]

@@ -1372,8 +1372,17 @@ def test_policy_runs_on_the_plan_it_was_trained_on(tmp_path, hand_policy):
     assert options() == ("hybrid", tb.shift)                                    # the heuristic's flow plan
     assert options(controller=f"policy:{hand_policy}") == ("data", None)      # LEGACY_BASE_PLAN
     assert options(controller=f"policy:{hand_policy}", prediction="noise") == ("noise", None)
-    newer = _write_policy(tmp_path / "n", _Tanh(), "newer", base_plan={"prediction": "auto", "flow_shift": "auto"})
+    from adaptive_core.policy import AUTO_PLAN_RULE
+    newer = _write_policy(tmp_path / "n", _Tanh(), "newer", base_plan={"prediction": "auto", "flow_shift": "auto"},
+                          auto_plan_rule=AUTO_PLAN_RULE)
     assert options(controller=f"policy:{newer}") == ("hybrid", tb.shift)
+    # trained when "auto" meant another plan (or saying nothing): refused, and a run falls back to the heuristic
+    for rule in ({"auto_plan_rule": "an-older-rule"}, {}):
+        stale = _write_policy(tmp_path / "s", _Tanh(), "stale", base_plan={"prediction": "auto"}, **rule)
+        with pytest.raises(PolicyLoadError, match="'auto' rule"):
+            Policy(stale)
+    with pytest.warns(UserWarning, match="policy unavailable"):
+        assert options(controller=f"policy:{stale}") == ("hybrid", tb.shift)
     bad = _write_policy(tmp_path / "b", _Tanh(), "bad", base_plan={"schedule": "host"})
     with pytest.raises(PolicyLoadError, match="base_plan"):
         Policy(bad)
@@ -1416,6 +1425,8 @@ def test_training_on_the_current_plan_records_it(tmp_path):
                          training={"timesteps": 64}, metrics={}, base_plan=CURRENT_BASE_PLAN)
     policy = load_policy(path)
     assert policy.base_options == CURRENT_BASE_PLAN
+    from adaptive_core.policy import AUTO_PLAN_RULE
+    assert policy.manifest.action["auto_plan_rule"] == AUTO_PLAN_RULE
     tb = make_testbed("gaussian", "flow")
     trace = Trace()
     sample_adaptive(tb, tb.noise(range(2)), host_sigmas(tb, 6), model_type="flow", trace=trace,

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..domain import scope_of_trained_on
 from ..learned import sha256_of_file
-from ..policy import (ACTION_KINDS, ACTION_SCALE, BASE_PLANS, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN, MANIFEST_FORMAT,
-                      MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR, PolicyManifest,
-                      check_early_step_cap)
+from ..policy import (ACTION_KINDS, ACTION_SCALE, AUTO_PLAN_RULE, BASE_PLANS, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN,
+                      MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR,
+                      PolicyManifest, check_early_step_cap, uses_auto_plan)
 from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
                          SamplingEnv, configs_of, evaluate_controller)
 
@@ -677,6 +677,7 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
                 **({"order_dead_zone": ORDER_DEAD_ZONE} if n_actions > 1 else {}),
                 "min_lambda_progress": float(min_lambda_progress), **cap_entry,
                 **({} if base_plan is None else {"base_plan": dict(base_plan)}),
+                **({"auto_plan_rule": AUTO_PLAN_RULE} if base_plan is not None and uses_auto_plan(base_plan) else {}),
                 "formula": f"share = clip(base_share * exp(action_scale * clip({action_text}, -1, 1)), min_share, 1); "
                            "lambda_next = lambda + share * (lambda_end - lambda); base_share = the heuristic plan's"
                            + ("; order change = -1 if a[1] <= -order_dead_zone, +1 if a[1] >= order_dead_zone, "
