@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import controller as ctl
+from .domain import AUTO_POLICY
 from .schedules import check_model_type, half_log_snr, sigma_from_half_log_snr, signal_scale
 from .solver import exponential_step, nan_guard, per_sample, scaled_error
 from .trace import StepRecord, Trace
@@ -314,7 +315,7 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     model_type = detect_model_type(model) if model_type is None else model_type
     check_model_type(model_type)
     domain_note = None
-    if isinstance(controller_spec, str) and controller_spec == "policy:auto":
+    if isinstance(controller_spec, str) and controller_spec == AUTO_POLICY:
         controller_spec, domain_note = _policy_for_job(model, model_type, extra_args)
     using_policy = controller_spec is not None and not (isinstance(controller_spec, str) and controller_spec == "heuristic")
     watching = using_policy or any(options.get(k, v) is not v for k, v in MONITOR_OPTIONS.items()
