@@ -14,9 +14,16 @@ run's classifier-free guidance scale is known to be 1 (:func:`adaptive_core.samp
 "guided" otherwise, an unknown scale included, which is how the heuristic's own plan treats it
 (:func:`adaptive_core.sampler.resolve_flow_plan`).
 
+A flow run's domain also holds its time shift (:func:`adaptive_core.sampler.detect_flow_shift`; undeclared:
+:data:`adaptive_core.sampler.DEFAULT_FLOW_SHIFT`, the shift the heuristic then plans with).  The same data under
+another declared shift is another σ schedule and so another base plan, and a policy's corrections need not carry
+over: the unguided-flow policy, trained at shift 3, was 1.3–1.8× the heuristic's error at shift 1
+(docs/policy/README.md, section 6).
+
 **A policy's scope** (:func:`policy_scope`): the manifest's ``applies_to`` (``{"model_types": [...],
-"guidance": [...]}``), written by the training tools from the configurations a policy was trained on; a
-manifest without it covers its ``trained_on.model_types`` under either guidance.
+"guidance": [...]}``, and optionally ``"flow_shifts": [lo, hi]``, the shifts of flow runs it covers), written by
+the training tools from the configurations a policy was trained on; a manifest without it covers its
+``trained_on.model_types`` under either guidance and any shift.
 
 **The rule** (:func:`select_policy`): among the policies whose scope covers the job, the one with the narrowest
 scope (fewest model types × guidance kinds); ties go to the first name in sort order.  No policy covers the job:
@@ -25,6 +32,7 @@ None, and the sampler runs the heuristic and says so in the trace.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +54,13 @@ class JobDomain:
     model_type: str
     guidance: str
     guidance_scale: float | None = None
+    flow_shift: float | None = None
 
     def describe(self) -> str:
-        """One line for the trace, e.g. "flow, unguided (CFG 1)"."""
+        """One line for the trace, e.g. "flow, unguided (CFG 1), shift 3"."""
         scale = "CFG unknown" if self.guidance_scale is None else f"CFG {self.guidance_scale:g}"
-        return f"{self.model_type}, {self.guidance} ({scale})"
+        shift = "" if self.flow_shift is None else f", shift {self.flow_shift:g}"
+        return f"{self.model_type}, {self.guidance} ({scale}){shift}"
 
 
 def guidance_kind(guidance_scale: float | None) -> str:
@@ -62,27 +72,42 @@ def guidance_kind(guidance_scale: float | None) -> str:
 def job_domain(model, model_type: str, extra_args: dict | None = None) -> JobDomain:
     """The :class:`JobDomain` of a run on ``model`` (the host's wrapped denoiser, as the sampler receives it)
     of ``model_type``, its guidance read by :func:`adaptive_core.sampler.detect_guidance_scale` (ComfyUI's
-    ``CFGGuider.cfg``, A1111/Forge's ``extra_args["cond_scale"]``, a testbed's ``cfg_scale``)."""
-    from .sampler import detect_guidance_scale  # here: the sampler imports this module
+    ``CFGGuider.cfg``, A1111/Forge's ``extra_args["cond_scale"]``, a testbed's ``cfg_scale``), and for a flow
+    model its time shift (:func:`adaptive_core.sampler.detect_flow_shift`, else the default the heuristic uses)."""
+    from .sampler import DEFAULT_FLOW_SHIFT, detect_flow_shift, detect_guidance_scale  # here: sampler imports us
 
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     scale = detect_guidance_scale(model, extra_args)
-    return JobDomain(model_type, guidance_kind(scale), scale)
+    shift = None
+    if model_type == "flow":
+        shift = detect_flow_shift(model)
+        shift = DEFAULT_FLOW_SHIFT if shift is None else shift
+    return JobDomain(model_type, guidance_kind(scale), scale, shift)
 
 
 def check_scope(scope, where: str = "applies_to") -> dict:
-    """A normalised copy of a policy scope ``{"model_types": [...], "guidance": [...]}``; ValueError naming
-    ``where`` when it is not a mapping with exactly these keys, both non-empty lists of known values."""
-    if not isinstance(scope, dict) or set(scope) != {"model_types", "guidance"}:
-        raise ValueError(f"{where} must be a mapping with keys 'model_types' and 'guidance', got {scope!r}")
+    """A normalised copy of a policy scope ``{"model_types": [...], "guidance": [...]}`` with an optional
+    ``"flow_shifts": [lo, hi]``; ValueError naming ``where`` when it is not a mapping with these keys, the first
+    two non-empty lists of known values, the range two finite numbers 0 < lo ≤ hi."""
+    if not isinstance(scope, dict) or not {"model_types", "guidance"} <= set(scope) <= {"model_types", "guidance",
+                                                                                        "flow_shifts"}:
+        raise ValueError(f"{where} must be a mapping with keys 'model_types' and 'guidance' (and optionally "
+                         f"'flow_shifts'), got {scope!r}")
     out = {}
+    if "flow_shifts" in scope:
+        lo_hi = scope["flow_shifts"]
+        ok = (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, (int, float)) and not
+              isinstance(v, bool) and math.isfinite(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1])
+        if not ok:
+            raise ValueError(f"{where}.flow_shifts must be [lo, hi] with 0 < lo <= hi, got {lo_hi!r}")
+        out["flow_shifts"] = [float(lo_hi[0]), float(lo_hi[1])]
     for key, known in (("model_types", MODEL_TYPES), ("guidance", GUIDANCE_KINDS)):
         values = scope[key]
         if not isinstance(values, list) or not values or any(v not in known for v in values):
             raise ValueError(f"{where}.{key} must be a non-empty list of {list(known)}, got {values!r}")
         out[key] = sorted(set(values))
-    return out
+    return dict(sorted(out.items()))
 
 
 def scope_of_trained_on(trained_on: dict) -> dict:
@@ -131,12 +156,22 @@ def bundled_scopes(policy_dir: str | Path | None = None) -> dict[str, dict]:
 
 def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:
     """The name of the policy for ``domain`` among ``scopes`` ({name: scope}; the bundled policies by default):
-    of those whose scope covers the domain, the narrowest (fewest model types × guidance kinds), ties to the
+    of those whose scope covers the domain (model type, guidance, and a flow run's shift where the scope names a
+    range), the narrowest (fewest model types × guidance kinds), ties to the
     first name in sort order; None when none covers it."""
     scopes = bundled_scopes() if scopes is None else scopes
     covering = [(len(s["model_types"]) * len(s["guidance"]), name) for name, s in sorted(scopes.items())
-                if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]]
+                if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]
+                and _shift_covered(s, domain)]
     return min(covering)[1] if covering else None
+
+
+def _shift_covered(scope: dict, domain: JobDomain) -> bool:
+    """Whether ``scope``'s ``flow_shifts`` range (if any) holds a flow run's shift; ve runs are not restricted."""
+    if "flow_shifts" not in scope or domain.model_type != "flow" or domain.flow_shift is None:
+        return True
+    lo, hi = scope["flow_shifts"]
+    return lo <= domain.flow_shift <= hi
 
 
 def controller_choices() -> list[str]:

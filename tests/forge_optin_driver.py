@@ -275,11 +275,12 @@ def _policy_auto():
         for cfg, guidance in ((5.0, "guided"), (1.0, "unguided")):
             p, samples, _ = run(PredictionDiscreteFlow(shift=3.0), steps=6, cfg_scale=cfg)
             trace = p.sampler.ado_trace
-            want = select_policy(JobDomain("flow", guidance))
+            (note,) = [n for n in trace.notes if n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift ")]
+            shift = float(note.split("shift ")[1].split()[0].rstrip(";"))
+            want = select_policy(JobDomain("flow", guidance, cfg, shift))
             assert torch.isfinite(samples).all() and trace.nfe <= 6
-            assert trace.options["controller"] == f"policy:{want}", trace.options.get("controller")
-            assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g})") for n in trace.notes), trace.notes
-            report["facts"][f"policy_auto_cfg{cfg:g}"] = f"policy:{want}"
+            assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}"), trace.options
+            report["facts"][f"policy_auto_cfg{cfg:g}"] = f"{trace.options['controller']} (shift {shift:g})"
     finally:
         shared.opts.ado_controller = "heuristic"
 

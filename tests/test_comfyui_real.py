@@ -164,9 +164,10 @@ def test_policy_auto_reads_the_real_guiders_cfg(real, cfg):
                                             {"samples": torch.zeros(1, 4, 8, 8)})
     assert torch.isfinite(out["samples"]).all() and forwards(model) == trace.nfe <= 8
     guidance = "unguided" if cfg == 1.0 else "guided"
-    want = select_policy(JobDomain("flow", guidance))
-    assert trace.options["controller"] == f"policy:{want}"
-    assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}) -> policy:{want}") for n in trace.notes)
+    shift = float(model.get_model_object("model_sampling").shift)       # read from the real model_sampling
+    want = select_policy(JobDomain("flow", guidance, cfg, shift))
+    assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}")
+    assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift {shift:g}") for n in trace.notes)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -32,14 +32,18 @@ from adaptive_core.trace import Trace
 
 
 def test_job_domain_reads_the_guidance_the_heuristic_reads():
-    assert job_domain(make_testbed("gaussian", "flow"), "flow") == JobDomain("flow", "unguided", 1.0)
+    tb = make_testbed("gaussian", "flow")
+    assert job_domain(tb, "flow") == JobDomain("flow", "unguided", 1.0, tb.shift)
+    assert job_domain(make_testbed("gmm_digits@shift=1.5", "flow"), "flow").flow_shift == 1.5
+    assert job_domain(make_testbed("gaussian", "ve"), "ve").flow_shift is None
     assert job_domain(make_testbed("mnist_unet", "ve", cfg_scale=2.0), "ve").guidance == "guided"
     comfy_guider = SimpleNamespace(inner_model=SimpleNamespace(cfg=1.0))      # comfy/samplers.py::CFGGuider.cfg
     assert job_domain(comfy_guider, "flow").guidance == "unguided"
     a1111 = job_domain(object(), "ve", {"cond_scale": 7.0})                   # A1111/Forge extra_args
     assert (a1111.guidance, a1111.guidance_scale) == ("guided", 7.0)
-    unknown = job_domain(object(), "flow")
+    unknown = job_domain(object(), "flow")       # no CFG, no shift declared: guided, and the heuristic's shift 3
     assert unknown.guidance == "guided" and unknown.guidance_scale is None and "CFG unknown" in unknown.describe()
+    assert unknown.flow_shift == 3.0 and unknown.describe().endswith("shift 3")
     assert guidance_kind(1.0) == "unguided" and guidance_kind(1.5) == "guided" and guidance_kind(None) == "guided"
     with pytest.raises(ValueError, match="model_type"):
         job_domain(object(), "eps")
@@ -50,7 +54,9 @@ def test_scopes_are_checked_and_derived_from_training():
         {"model_types": ["flow", "ve"], "guidance": ["unguided"]}
     for bad in ({"model_types": ["flow"]}, {"model_types": [], "guidance": ["guided"]},
                 {"model_types": ["eps"], "guidance": ["guided"]}, {"model_types": ["ve"], "guidance": "guided"},
-                ["ve"]):
+                {"model_types": ["flow"], "guidance": ["guided"], "flow_shifts": [4, 3]},
+                {"model_types": ["flow"], "guidance": ["guided"], "flow_shifts": [0, float("inf")]},
+                {"model_types": ["flow"], "guidance": ["guided"], "cfg": [1, 2]}, ["ve"]):
         with pytest.raises(ValueError, match="applies_to"):
             check_scope(bad)
     flow_cfg1 = {"model_types": ["flow"], "configurations": ["gaussian-flow", "mnist_unet-flow-cfg1", "photo_unet-flow"]}
@@ -71,6 +77,11 @@ def test_the_narrowest_covering_scope_wins():
     assert select_policy(JobDomain("flow", "unguided"), scopes) == "flow_free"
     assert select_policy(JobDomain("flow", "guided"), scopes) == "also_wide"     # a tie: the first name
     assert select_policy(JobDomain("ve", "guided"), {"flow_free": scopes["flow_free"]}) is None
+    # a flow run outside a policy's shift range goes to the next covering policy
+    ranged = {**scopes, "flow_free": {**scopes["flow_free"], "flow_shifts": [3.0, 4.0]}}
+    assert select_policy(JobDomain("flow", "unguided", 1.0, 3.5), ranged) == "flow_free"
+    assert select_policy(JobDomain("flow", "unguided", 1.0, 1.0), ranged) == "also_wide"
+    assert select_policy(JobDomain("flow", "unguided", 1.0, 6.0), {"flow_free": ranged["flow_free"]}) is None
     for name, scope in bundled_scopes().items():       # every bundled manifest has a usable scope
         assert name in bundled_policies() and scope["model_types"]
 
@@ -96,7 +107,7 @@ def test_policy_auto_runs_the_chosen_policy_and_says_so(tmp_path, monkeypatch):
     named = sample_adaptive(tb, x, sigmas, model_type="flow", controller="policy:for_flow")
     assert torch.equal(auto, named)
     assert trace.options["controller"] == "policy:for_flow"
-    assert any("domain adapter: flow, unguided (CFG 1) -> policy:for_flow" in n for n in trace.notes)
+    assert any(f"domain adapter: flow, unguided (CFG 1), shift {tb.shift:g} -> policy:for_flow" in n for n in trace.notes)
 
 
 def test_policy_auto_without_a_covering_policy_is_the_heuristic(tmp_path, monkeypatch):
@@ -125,8 +136,12 @@ def test_the_bundled_policies_cover_every_domain_within_budget():
         for guidance in ("unguided", "guided"):
             name = select_policy(JobDomain(model_type, guidance))
             assert name is not None and model_type in bundled_scopes()[name]["model_types"]
-    assert bundled_scopes()[select_policy(JobDomain("flow", "unguided"))] == {"model_types": ["flow"],
-                                                                             "guidance": ["unguided"]}
+    made_for = bundled_scopes()[select_policy(JobDomain("flow", "unguided", 1.0, 3.0))]
+    assert (made_for["model_types"], made_for["guidance"]) == (["flow"], ["unguided"])
+    if "flow_shifts" in made_for:      # outside its measured shifts, a wider policy (or the heuristic) takes the run
+        lo, hi = made_for["flow_shifts"]
+        assert select_policy(JobDomain("flow", "unguided", 1.0, lo / 2)) != select_policy(JobDomain("flow", "unguided",
+                                                                                                   1.0, lo))
     tb = make_testbed("gaussian", "flow")
     calls = []
 
