@@ -74,7 +74,11 @@ def job_domain(model, model_type: str, extra_args: dict | None = None) -> JobDom
     of ``model_type``, its guidance read by :func:`adaptive_core.sampler.detect_guidance_scale` (ComfyUI's
     ``CFGGuider.cfg``, A1111/Forge's ``extra_args["cond_scale"]``, a testbed's ``cfg_scale``), and for a flow
     model its time shift (:func:`adaptive_core.sampler.detect_flow_shift`, else the default the heuristic uses)."""
-    from .sampler import DEFAULT_FLOW_SHIFT, detect_flow_shift, detect_guidance_scale  # here: sampler imports us
+    from .sampler import (  # here: sampler imports us
+        DEFAULT_FLOW_SHIFT,
+        detect_flow_shift,
+        detect_guidance_scale,
+    )
 
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
