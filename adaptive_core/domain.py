@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .policy import MANIFEST_FORMAT, PolicyLoadError
+from .policy import MANIFEST_FORMAT, PolicyLoadError, bundled_policies
 
 #: The guidance kinds of a job and a policy's scope.
 GUIDANCE_KINDS = ("unguided", "guided")
@@ -48,8 +48,9 @@ AUTO_POLICY = "policy:auto"
 
 @dataclass(frozen=True)
 class JobDomain:
-    """What the policy choice of a run depends on: ``model_type`` ("ve" / "flow") and ``guidance`` ("unguided" /
-    "guided"), plus ``guidance_scale`` (the detected CFG scale, None where the host declares none) for the trace."""
+    """What the policy choice of a run depends on: ``model_type`` ("ve" / "flow"), ``guidance`` ("unguided" /
+    "guided") and, for a flow run, ``flow_shift`` (its time shift; None for ve), plus ``guidance_scale`` (the
+    detected CFG scale, None where the host declares none) for the trace."""
 
     model_type: str
     guidance: str
@@ -120,8 +121,8 @@ def scope_of_trained_on(trained_on: dict) -> dict:
     class-conditional network's end in ``-cfg<scale>``; the others run unguided)."""
     kinds = set()
     for key in trained_on.get("configurations") or trained_on.get("testbeds") or []:
-        _, _, tail = str(key).rpartition("-cfg")
-        kinds.add(guidance_kind(float(tail)) if _ and tail.replace(".", "", 1).isdigit() else "unguided")
+        head, _, tail = str(key).rpartition("-cfg")
+        kinds.add(guidance_kind(float(tail)) if head and tail.replace(".", "", 1).isdigit() else "unguided")
     return check_scope({"model_types": sorted(set(trained_on.get("model_types") or [])), "guidance": sorted(kinds)},
                        "trained_on")
 
@@ -161,8 +162,8 @@ def bundled_scopes(policy_dir: str | Path | None = None) -> dict[str, dict]:
 def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:
     """The name of the policy for ``domain`` among ``scopes`` ({name: scope}; the bundled policies by default):
     of those whose scope covers the domain (model type, guidance, and a flow run's shift where the scope names a
-    range), the narrowest (fewest model types × guidance kinds), ties to the
-    first name in sort order; None when none covers it."""
+    range), the narrowest (fewest model types × guidance kinds), ties to the first name in sort order; None when
+    none covers it."""
     scopes = bundled_scopes() if scopes is None else scopes
     covering = [(len(s["model_types"]) * len(s["guidance"]), name) for name, s in sorted(scopes.items())
                 if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]
@@ -181,7 +182,6 @@ def _shift_covered(scope: dict, domain: JobDomain) -> bool:
 def controller_choices() -> list[str]:
     """The step controllers a host offers: "heuristic", :data:`AUTO_POLICY` (this module picks) and
     "policy:NAME" for each bundled policy (:func:`adaptive_core.policy.bundled_policies`)."""
-    from .policy import bundled_policies
     return ["heuristic", AUTO_POLICY] + [f"policy:{n}" for n in bundled_policies()]
 
 
