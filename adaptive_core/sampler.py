@@ -391,7 +391,7 @@ def _policy_for_job(model, model_type, extra_args):
     domain = job_domain(model, model_type, extra_args)
     name = select_policy(domain)
     if name is None:
-        return "heuristic", f"domain adapter: no bundled policy covers {domain.describe()}; heuristic controller"
+        return "heuristic", f"domain adapter: {domain.describe()} -> heuristic (no bundled policy covers it)"
     return f"policy:{name}", f"domain adapter: {domain.describe()} -> policy:{name}"
 
 

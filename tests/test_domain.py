@@ -118,7 +118,7 @@ def test_policy_auto_without_a_covering_policy_is_the_heuristic(tmp_path, monkey
     auto = sample_adaptive(tb, x, sigmas, model_type="ve", controller="policy:auto", trace=trace)
     assert torch.equal(auto, sample_adaptive(tb, x, sigmas, model_type="ve"))
     assert trace.options["controller"] == "heuristic"
-    assert any("no bundled policy covers ve, unguided" in n for n in trace.notes)
+    assert "domain adapter: ve, unguided (CFG 1) -> heuristic (no bundled policy covers it)" in trace.notes
 
 
 def test_a_malformed_scope_is_refused(tmp_path, monkeypatch):
