@@ -276,7 +276,7 @@ def _policy_auto():
             p, samples, _ = run(PredictionDiscreteFlow(shift=3.0), steps=6, cfg_scale=cfg)
             trace = p.sampler.ado_trace
             (note,) = [n for n in trace.notes if n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift ")]
-            shift = float(note.split("shift ")[1].split()[0].rstrip(";"))
+            shift = float(note.split("shift ")[1].split()[0])
             want = select_policy(JobDomain("flow", guidance, cfg, shift))
             assert torch.isfinite(samples).all() and trace.nfe <= 6
             assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}"), trace.options

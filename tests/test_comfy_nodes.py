@@ -225,7 +225,7 @@ def test_policy_auto_follows_the_guiders_cfg(host):
         model, out = _custom(host, sampler, kind="flow", steps=6, cfg=cfg)
         guidance = "unguided" if cfg == 1.0 else "guided"
         (note,) = [n for n in trace.notes if n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift ")]
-        shift = float(note.split("shift ")[1].split()[0].rstrip(";"))
+        shift = float(note.split("shift ")[1].split()[0])
         chosen = select_policy(job_domain(types.SimpleNamespace(cfg_scale=cfg, shift=shift), "flow"))
         assert trace.options["controller"] == ("heuristic" if chosen is None else f"policy:{chosen}")
         assert model.calls <= 6 and torch.isfinite(out).all()

@@ -465,7 +465,8 @@ def test_policy_eval_auto_measures_the_domain_adapters_choice():
     from adaptive_core.tune.policy_env import evaluate_controller
     from adaptive_core.tune.policy_eval import measure
     seeds = range(30000, 30004)
-    res = measure("auto", [("gaussian", "flow"), ("gaussian", "ve")], [5], seeds, None, None)
+    res = measure("auto", [("gaussian", "flow"), ("gaussian@shift=1", "flow"), ("gaussian", "ve")], [5], seeds,
+                  None, None)
     for row in res["rows"]:
         name, model_type = row["testbed"].split("-")
         want = select_policy(job_domain(make_testbed(name, model_type), model_type))

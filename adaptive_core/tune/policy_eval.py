@@ -92,6 +92,7 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     from ..bench.metrics import rmse
     from ..bench.run import best_peer, run_method
     from ..bench.trained_oracle import load_oracle_grids
+    from ..domain import job_domain, select_policy
     from ..policy import load_policy
     from ..sampler import sample_adaptive
     from .policy_env import (
@@ -104,9 +105,6 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     cfg_scales = TRAINED_CFG_SCALES if cfg_scales is None else tuple(cfg_scales)
     reference_steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
     auto = str(policy_path) == "auto"
-    chosen = _auto_choices(configs_of(specs, cfg_scales)) if auto else {}
-    policies = {name: load_policy(f"policy:{name}") for name in set(chosen.values()) - {None}} if auto else \
-        {"": load_policy(policy_path)}
     bench = json.loads(bench_results.read_text())["configs"] if bench_results and bench_results.is_file() else {}
     bench = {**bench, **trained_bench_peers(trained_bench)}
     oracle_files = [trained_oracle] if isinstance(trained_oracle, (str, Path)) else list(trained_oracle or [])
@@ -116,6 +114,11 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     refs: dict = {}
     kw = dict(cfg_scales=cfg_scales, reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, nfes, seeds, refs, **kw)
+    # policy:auto: the policy the domain adapter picks from each testbed, as the sampler does (or None: heuristic)
+    chosen = {c.key: select_policy(job_domain(refs[c.key][0], c.model_type)) for c in configs_of(specs, cfg_scales)} \
+        if auto else {}
+    policies = {name: load_policy(f"policy:{name}") for name in set(chosen.values()) - {None}} if auto else \
+        {"": load_policy(policy_path)}
     pol = evaluate_controller("policy:auto" if auto else f"policy:{policy_path}", specs, nfes, seeds, refs, **kw)
     rows = []
     for config in configs_of(specs, cfg_scales):
@@ -151,14 +154,6 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
             "latency_us_per_decision": max((decision_latency_us(p) for p in policies.values()), default=float("nan")),
             "train_seconds": ({n: p.manifest.metrics.get("train_seconds") for n, p in policies.items()} if auto
                               else one.manifest.metrics.get("train_seconds")), "torch": torch.__version__}
-
-
-def _auto_choices(configs) -> dict:
-    """{configuration key: the bundled policy name ``controller="policy:auto"`` picks for it, or None}
-    (:func:`adaptive_core.domain.select_policy` on the configuration's model type and guidance)."""
-    from ..domain import JobDomain, guidance_kind, select_policy
-    return {c.key: select_policy(JobDomain(c.model_type, guidance_kind(1.0 if c.cfg is None else c.cfg)))
-            for c in configs}
 
 
 def _ratio(row: dict, key: str) -> str:
