@@ -146,17 +146,35 @@ def bundled_scopes(policy_dir: str | Path | None = None) -> dict[str, dict]:
     from . import policy
     scopes = {}
     for path in sorted(Path(policy.POLICY_DIR if policy_dir is None else policy_dir).glob("*.json")):
+        scope = _manifest_scope(path)
+        if scope is not None:
+            scopes[path.stem] = scope
+    return scopes
+
+
+_SCOPE_CACHE: dict[tuple[str, int, int], dict | None] = {}
+
+
+def _manifest_scope(path: Path) -> dict | None:
+    """The scope of the policy manifest at ``path`` (None for a JSON file that is not a policy manifest, e.g. the
+    quality monitor's), cached by (path, size, mtime) so that ``policy:auto`` does not re-parse every bundled
+    manifest on each sampling call; an edited file is read again."""
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key in _SCOPE_CACHE:
+            return _SCOPE_CACHE[key]
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PolicyLoadError(f"{path}: unreadable manifest ({e})") from None
+    scope = None
+    if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise PolicyLoadError(f"{path}: unreadable manifest ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            continue   # (the quality monitor's manifest lives here too)
-        try:
-            scopes[path.stem] = policy_scope(manifest, str(path))
+            scope = policy_scope(manifest, str(path))
         except ValueError as e:
             raise PolicyLoadError(str(e)) from None
-    return scopes
+    _SCOPE_CACHE[key] = scope
+    return scope
 
 
 def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:

@@ -129,6 +129,19 @@ def test_a_malformed_scope_is_refused(tmp_path, monkeypatch):
         bundled_scopes()
 
 
+def test_an_edited_manifest_is_read_again(tmp_path, monkeypatch):
+    """The scopes are cached per file (policy:auto runs once per sampling call), but an edited manifest counts."""
+    _policy_folder(tmp_path, monkeypatch, {"p": {"model_types": ["flow"], "guidance": ["unguided"]}})
+    assert bundled_scopes()["p"]["model_types"] == ["flow"]
+    manifest = json.loads((tmp_path / "p.json").read_text())
+    manifest["applies_to"] = {"model_types": ["ve"], "guidance": ["unguided"]}
+    (tmp_path / "p.json").write_text(json.dumps(manifest, indent=1))     # another size, so another cache key
+    assert bundled_scopes()["p"]["model_types"] == ["ve"]
+    (tmp_path / "p.json").write_text("{")
+    with pytest.raises(PolicyLoadError, match="p.json"):
+        bundled_scopes()
+
+
 def test_the_bundled_policies_cover_every_domain_within_budget():
     """Every (model type, guidance) gets a bundled policy under ``policy:auto``; unguided flow gets one made for it
     (the narrowest scope), and a run keeps the NFE cap."""
