@@ -387,6 +387,11 @@ def test_episodes_to_final_reward():
     evals = [{"episodes": e, "eval_reward": r} for e, r in [(0, 0.0), (10, 0.097), (20, 0.08), (30, 0.099), (40, 0.1)]]
     got = episodes_to_final({"evals": evals})
     assert got["first"] == 10 and got["stays"] == 30 and got["final_reward"] == 0.1
+    assert got["rmse_first"] == 10 and got["rmse_stays"] == 10      # within ln 1.05 of 0.1 from 0.097 on
+    near_heuristic = [{"episodes": e, "eval_reward": r} for e, r in [(0, -0.06), (10, 0.0), (20, 0.02), (30, 0.01)]]
+    got = episodes_to_final({"evals": near_heuristic})
+    assert got["first"] == 30 and got["stays"] == 30                 # 5% of 0.01: only the final itself
+    assert got["rmse_first"] == 10 and got["rmse_stays"] == 10       # RMSE within 5% of the final from 10 on
     assert episodes_to_final({"evals": []})["first"] is None
 
 
