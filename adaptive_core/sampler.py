@@ -661,7 +661,8 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     ``min_share`` (a shifted-time plan's short first steps), shares are measured from one planned step back, so
     that action 0 still keeps the plan.  The last call of the budget stays on the end point, so
     the budget is never exceeded; a share of 1 ends the image early.  Where the policy moved a point, the rest of
-    that image's plan is re-laid from it as the first plan was (uniform in σ^{1/ρ}, or in shifted time).  Rows whose observation is out
+    that image's plan is re-laid from it as the first plan was (uniform in σ^{1/ρ}, the prior plan, or in shifted
+    time).  Rows whose observation is out
     of the training range keep the heuristic step (the policy's ``decide`` says so) and the trace notes it.
     Rows before the policy's ``min_lambda_progress`` share of the λ-span keep the heuristic's step and order
     without asking it (:mod:`adaptive_core.policy`, "Where it acts"); on the rows it decides before its
@@ -712,7 +713,6 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
                                                                                   ORDER_DEAD_ZONE)))
     lam_next = lam_planned.copy()
     labels: list = [None] * B
-    rho = opt["rho"] if not isinstance(opt["rho"], str) else DEFAULTS["rho"]
     for k, b in enumerate(rows):
         if reasons[k] is not None:
             labels[b] = "policy-fallback"
@@ -729,8 +729,12 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
             elif opt["flow_shift"] is not None:
                 plan[b, i:] = ctl.plan_time_shift(np.array([new]), lam_lo[b:b + 1], n_intervals - i,
                                                   opt["flow_shift"])[0]
+            elif opt["rho"] == "prior":
+                plan[b, i:] = ctl.prior_plan(np.array([new]), lam_lo[b:b + 1], n_intervals - i,
+                                             float(opt["activity_exponent"]))[0]
             else:
-                plan[b, i:] = ctl.plan_lambdas(np.array([new]), lam_lo[b:b + 1], n_intervals - i, float(rho))[0]
+                plan[b, i:] = ctl.plan_lambdas(np.array([new]), lam_lo[b:b + 1], n_intervals - i,
+                                               float(opt["rho"]))[0]
     return lam_next, labels, order_delta
 
 

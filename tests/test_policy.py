@@ -1438,3 +1438,38 @@ def test_training_on_the_current_plan_records_it(tmp_path):
     sample_adaptive(tb, tb.noise(range(2)), host_sigmas(tb, 6), model_type="flow", trace=trace,
                     controller=f"policy:{path}")
     assert trace.options["flow_shift"] == tb.shift and trace.options["prediction"] == "hybrid"
+
+
+class _MovesFirstPoint(_Constant):
+    """Moves the first point it decides (step action ``value``), then keeps the plan (action 0)."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.calls = 0
+
+    def decide(self, obs):
+        self.calls += 1
+        actions, reasons = super().decide(obs)
+        return actions * (self.calls == 1), reasons
+
+
+@pytest.mark.parametrize("rho", ["prior", 7.0])
+def test_a_moved_point_relays_the_plan_as_the_first_plan_was_laid(rho):
+    """Where the policy moves a point, the rest of the plan is laid from it by the same rule as the first plan:
+    the prior plan for rho="prior" (it was the σ^{1/ρ} plan of the default ρ), uniform in σ^{1/ρ} otherwise."""
+    from adaptive_core import controller as ctl
+    from adaptive_core.schedules import half_log_snr
+    tb = make_testbed("gaussian", "ve")
+    x, grid, budget = tb.noise(range(2)), host_sigmas(tb, 8), 8
+    trace = Trace()
+    sample_adaptive(tb, x, grid, model_type="ve", controller=_MovesFirstPoint(0.5), rho=rho, adapt=False,
+                    trace=trace)
+    lam = np.array([half_log_snr(s, "ve") for s in trace.sigmas_taken(0)[:-1]])
+    moved = [r.decision for r in trace.samples[0] if r.accepted].index("policy")
+    lam_lo = np.array([half_log_snr(float(grid[-2]), "ve")])
+    rest = budget - 1 - moved
+    if rho == "prior":
+        expected = ctl.prior_plan(lam[moved:moved + 1], lam_lo, rest, 0.25)[0]
+    else:
+        expected = ctl.plan_lambdas(lam[moved:moved + 1], lam_lo, rest, rho)[0]
+    np.testing.assert_allclose(lam[moved:], expected[:len(lam) - moved], rtol=1e-6, atol=1e-6)
