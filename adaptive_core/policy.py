@@ -17,7 +17,7 @@ here: numpy and, lazily, onnxruntime only).
   last evaluation λ), is ``clip(base_share · exp(action_scale · a₀), min_share, 1)``.  a₀ = 0 is the
   heuristic's step; a share of 1 jumps to the end (the image stops early: fewer NFE).  The sampler keeps the last
   call on the end point, so the budget is never exceeded; after a moved point the rest of the plan is re-laid
-  from it (uniform in σ^{1/ρ}).
+  from it as the first plan was (uniform in σ^{1/ρ}, the prior plan, or in shifted time).
 * a₁, the solver order of that step, relative to the heuristic's (:func:`order_delta_from_action`): a₁ ≤ −½
   lowers the predictor's order by one (at least 1); a₁ ≥ ½ lifts the heuristic's long-step limit (order 3 on
   steps longer than ``high_order_max_step`` where the history allows it); in between, the heuristic's order.
