@@ -143,14 +143,16 @@ def test_an_edited_manifest_is_read_again(tmp_path, monkeypatch):
 
 
 def test_the_bundled_policies_cover_every_domain_within_budget():
-    """Every (model type, guidance) gets a bundled policy under ``policy:auto``; unguided flow gets one made for it
-    (the narrowest scope), and a run keeps the NFE cap."""
+    """Every (model type, guidance) gets a bundled policy under ``policy:auto``; unguided and guided flow (at shift
+    3) get one made for each (the narrowest scope), and a run keeps the NFE cap."""
     for model_type in ("ve", "flow"):
         for guidance in ("unguided", "guided"):
             name = select_policy(JobDomain(model_type, guidance))
             assert name is not None and model_type in bundled_scopes()[name]["model_types"]
     made_for = bundled_scopes()[select_policy(JobDomain("flow", "unguided", 1.0, 3.0))]
     assert (made_for["model_types"], made_for["guidance"]) == (["flow"], ["unguided"])
+    guided = bundled_scopes()[select_policy(JobDomain("flow", "guided", 5.0, 3.0))]
+    assert (guided["model_types"], guided["guidance"]) == (["flow"], ["guided"])
     if "flow_shifts" in made_for:      # outside its measured shifts, a wider policy (or the heuristic) takes the run
         lo = made_for["flow_shifts"][0]
         assert select_policy(JobDomain("flow", "unguided", 1.0, lo / 2)) != select_policy(JobDomain("flow", "unguided",
