@@ -1473,3 +1473,15 @@ def test_a_moved_point_relays_the_plan_as_the_first_plan_was_laid(rho):
     else:
         expected = ctl.plan_lambdas(lam[moved:moved + 1], lam_lo, rest, rho)[0]
     np.testing.assert_allclose(lam[moved:], expected[:len(lam) - moved], rtol=1e-6, atol=1e-6)
+
+
+def test_training_seconds_sums_a_policys_ppo_stages():
+    """policy-eval reports a staged policy's whole training time, not its last stage's."""
+    from adaptive_core.tune.policy_eval import training_seconds
+    staged = load_policy("ppo_flow_guided").manifest
+    stages = staged.training["stages"]
+    assert len(stages) > 1
+    assert training_seconds(staged) == pytest.approx(sum(st["train_seconds"] for st in stages), abs=0.1)
+    assert training_seconds(staged) > staged.metrics["train_seconds"]
+    one = load_policy("ppo_ve_flow").manifest
+    assert "train_seconds_stages" not in one.metrics and training_seconds(one) == one.metrics["train_seconds"]

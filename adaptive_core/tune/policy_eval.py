@@ -152,8 +152,16 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
             "seeds": [seeds.start, seeds.stop], "rows": rows, "reference_steps_trained": reference_steps,
             "trained_on": {n: p.manifest.trained_on for n, p in policies.items()} if auto else one.manifest.trained_on,
             "latency_us_per_decision": max((decision_latency_us(p) for p in policies.values()), default=float("nan")),
-            "train_seconds": ({n: p.manifest.metrics.get("train_seconds") for n, p in policies.items()} if auto
-                              else one.manifest.metrics.get("train_seconds")), "torch": torch.__version__}
+            "train_seconds": ({n: training_seconds(p.manifest) for n, p in policies.items()} if auto
+                              else training_seconds(one.manifest)), "torch": torch.__version__}
+
+
+def training_seconds(manifest) -> float | None:
+    """The training time a policy manifest records: the sum over its PPO stages where it was trained in several
+    (``metrics.train_seconds_stages``; each stage's own ``train_seconds`` counts that stage only), else
+    ``metrics.train_seconds``."""
+    metrics = manifest.metrics
+    return metrics.get("train_seconds_stages", metrics.get("train_seconds"))
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -263,4 +271,4 @@ def main(argv) -> int:
 
 
 __all__ = ["decision_latency_us", "main", "markdown", "measure", "per_image_summary", "plot_per_image",
-           "pooled_ratio_interval", "trained_bench_peers"]
+           "pooled_ratio_interval", "trained_bench_peers", "training_seconds"]
