@@ -425,7 +425,8 @@ def main(argv) -> int:
                 "student": {"hidden": hidden, "activation": "tanh"}, "history": history,
                 "oracle_grids": oracle_note,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
-    teacher_seconds = float(teacher.manifest.metrics.get("train_seconds") or 0.0)
+    from .policy_eval import training_seconds
+    teacher_seconds = float(training_seconds(teacher.manifest) or 0.0)   # all of a staged teacher's PPO stages
     manifest = export_student(student, teacher, args.out_dir / f"{args.name}.onnx", training=training,
                               metrics={"train_seconds": round(teacher_seconds + seconds, 1),
                                        "distill_seconds": seconds},
