@@ -152,18 +152,20 @@ def bundled_scopes(policy_dir: str | Path | None = None) -> dict[str, dict]:
     return scopes
 
 
-_SCOPE_CACHE: dict[tuple[str, int, int], dict | None] = {}
+#: {resolved manifest path: ((size, mtime), scope)}: one entry per file, replaced when the file changes.
+_SCOPE_CACHE: dict[str, tuple[tuple[int, int], dict | None]] = {}
 
 
 def _manifest_scope(path: Path) -> dict | None:
     """The scope of the policy manifest at ``path`` (None for a JSON file that is not a policy manifest, e.g. the
-    quality monitor's), cached by (path, size, mtime) so that ``policy:auto`` does not re-parse every bundled
-    manifest on each sampling call; an edited file is read again."""
+    quality monitor's), cached per file by its size and mtime so that ``policy:auto`` does not re-parse every
+    bundled manifest on each sampling call; an edited file is read again."""
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key in _SCOPE_CACHE:
-            return _SCOPE_CACHE[key]
+        key, version = str(path.resolve()), (stat.st_size, stat.st_mtime_ns)
+        cached = _SCOPE_CACHE.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise PolicyLoadError(f"{path}: unreadable manifest ({e})") from None
@@ -173,7 +175,7 @@ def _manifest_scope(path: Path) -> dict | None:
             scope = policy_scope(manifest, str(path))
         except ValueError as e:
             raise PolicyLoadError(str(e)) from None
-    _SCOPE_CACHE[key] = scope
+    _SCOPE_CACHE[key] = (version, scope)
     return scope
 
 

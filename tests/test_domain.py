@@ -135,7 +135,7 @@ def test_an_edited_manifest_is_read_again(tmp_path, monkeypatch):
     assert bundled_scopes()["p"]["model_types"] == ["flow"]
     manifest = json.loads((tmp_path / "p.json").read_text())
     manifest["applies_to"] = {"model_types": ["ve"], "guidance": ["unguided"]}
-    (tmp_path / "p.json").write_text(json.dumps(manifest, indent=1))     # another size, so another cache key
+    (tmp_path / "p.json").write_text(json.dumps(manifest, indent=1))     # another size: the cached scope is stale
     assert bundled_scopes()["p"]["model_types"] == ["ve"]
     (tmp_path / "p.json").write_text("{")
     with pytest.raises(PolicyLoadError, match="p.json"):
