@@ -713,6 +713,8 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
                                                                                   ORDER_DEAD_ZONE)))
     lam_next = lam_planned.copy()
     labels: list = [None] * B
+    gain_of = getattr(policy, "action_gain", None) if trace is not None else None
+    gains = np.ones(len(rows)) if gain_of is None else np.asarray(gain_of(obs[rows]), dtype=np.float64)
     for k, b in enumerate(rows):
         if reasons[k] is not None:
             labels[b] = "policy-fallback"
@@ -720,6 +722,11 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
                 trace.notes.append(f"call {nfe}, sample {b}: policy fallback to the heuristic step ({reasons[k]})")
             continue
         labels[b] = "policy"
+        if gains[k] < 1.0:
+            soft, hard = float(policy.soft_z), float(policy.ood_z)
+            trace.notes.append(f"call {nfe}, sample {b}: policy action damped to {gains[k]:.2f} of itself (features "
+                               f"{hard - gains[k] * (hard - soft):.1f} std from the training mean; damping from "
+                               f"{soft:g}, fallback at {hard:g})")
         new = float(lam_lo[b]) if share[k] >= 1.0 else float(min(start[b] + share[k] * span[b], lam_lo[b]))
         if abs(new - lam_next[b]) > 1e-9 * max(1.0, abs(new)):   # (a = 0 is the planned point, up to rounding)
             lam_next[b] = new

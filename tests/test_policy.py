@@ -14,8 +14,8 @@ import torch
 
 from adaptive_core import sample_adaptive
 from adaptive_core.bench.run import host_sigmas
-from adaptive_core.policy import (LEGACY_BASE_PLAN, MANIFEST_FORMAT, N_OBSERVATIONS, OBSERVATION_NAMES, Policy,
-                                  PolicyIntegrityError, PolicyLoadError, PolicyManifest, load_policy,
+from adaptive_core.policy import (LEGACY_BASE_PLAN, MANIFEST_FORMAT, N_OBSERVATIONS, OBSERVATION_NAMES, SOFT_Z,
+                                  Policy, PolicyIntegrityError, PolicyLoadError, PolicyManifest, load_policy,
                                   order_delta_from_action, share_from_action)
 from adaptive_core.testbeds import make_testbed
 from adaptive_core.trace import Trace
@@ -23,9 +23,10 @@ from adaptive_core.trace import Trace
 pytest.importorskip("onnxruntime")
 
 
-def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaining_lambda", **action_extra):
+def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaining_lambda", soft_z=None,
+                  **action_extra):
     """Export ``module`` (raw observation [B, N] → action [B, 1] or [B, 2] for ``kind="share_and_order"``) with a
-    unit normalisation and write its manifest."""
+    unit normalisation (mean 0, std 2) and write its manifest (``soft_z`` None: no damping entry)."""
     pytest.importorskip("onnxscript")
     from adaptive_core.learned import sha256_of_file
     folder.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,8 @@ def _write_policy(folder, module, name="hand", ood_z=6.0, kind="share_of_remaini
                        normalisation={"applied_in_graph": True, "mean": [0.0] * N_OBSERVATIONS,
                                       "var": [4.0] * N_OBSERVATIONS, "epsilon": 1e-8, "clip_obs": 10.0},
                        action={"kind": kind, "action_scale": float(np.log(4.0)), "min_share": 0.02, **action_extra},
-                       fallback={"ood_z": ood_z, "std_floor": 0.05})
+                       fallback={"ood_z": ood_z, "std_floor": 0.05,
+                                 **({} if soft_z is None else {"soft_z": soft_z})})
     path = folder / f"{name}.json"
     path.write_text(m.to_json())
     return path
@@ -139,6 +141,42 @@ def test_out_of_range_falls_back_to_the_heuristic_and_says_so(tmp_path):
     obs = np.zeros((2, N_OBSERVATIONS), np.float32)
     obs[1, 0] = np.nan
     assert "not finite" in p.out_of_range(obs)[1]
+
+
+def test_actions_are_damped_between_soft_z_and_the_fallback(tmp_path):
+    """A row whose largest |z| is between soft_z and ood_z gets the policy's actions scaled linearly down to 0 at
+    ood_z (std 2 here: |z| 3 / 4.5 / 5.7 at entries 6 / 9 / 11.4); within soft_z the actions are the graph's;
+    without soft_z nothing is damped; a bad soft_z is refused."""
+    damped = Policy(_write_policy(tmp_path / "a", _Tanh(2), "soft", kind="share_and_order", soft_z=3.0))
+    plain = Policy(_write_policy(tmp_path / "b", _Tanh(2), "plain", kind="share_and_order"))
+    obs = np.zeros((5, N_OBSERVATIONS))
+    obs[1, 0], obs[2, 3], obs[3, 5], obs[4, 7] = 1.0, 6.0, -9.0, 11.4
+    want_gain = np.array([1.0, 1.0, 1.0, 0.5, 0.1])
+    assert np.allclose(damped.action_gain(obs), want_gain)
+    actions, reasons = damped.decide(obs)
+    assert reasons == [None] * 5 and np.allclose(actions, damped.act(obs) * want_gain[:, None])
+    assert np.abs(damped.act(obs)[3:]).min() > 1e-3        # (so the damping is visible)
+    assert np.allclose(plain.decide(obs)[0], plain.act(obs)) and np.all(plain.action_gain(obs) == 1.0)
+    obs[4, 7] = 12.5                                       # past ood_z: the fallback, not the damping
+    actions, reasons = damped.decide(obs)
+    assert reasons[4] is not None and np.all(actions[4] == 0.0)
+    for bad in (6.0, -1.0, "3"):
+        path = tmp_path / "b" / "plain.json"
+        m = json.loads(path.read_text())
+        m["fallback"]["soft_z"] = bad
+        (tmp_path / "b" / "bad.json").write_text(json.dumps(m))
+        with pytest.raises(PolicyLoadError, match="soft_z"):
+            Policy(tmp_path / "b" / "bad.json")
+
+
+def test_damped_decisions_are_noted_in_the_trace(tmp_path):
+    path = _write_policy(tmp_path, _Tanh(), "soft0", ood_z=1e6, soft_z=0.0)   # every row is damped a little
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise(range(2))
+    trace = Trace()
+    sample_adaptive(tb, x, host_sigmas(tb, 8), model_type="ve", controller=f"policy:{path}", trace=trace)
+    assert "policy" in [r.decision for r in trace.samples[0]]
+    assert any("policy action damped to" in n and "fallback at 1e+06" in n for n in trace.notes)
 
 
 def test_manifest_mismatch_is_rejected(hand_policy, tmp_path):
@@ -300,6 +338,7 @@ def test_tiny_training_run_exports_a_loadable_policy(tiny_training):
     assert policy.manifest.format == MANIFEST_FORMAT and policy.manifest.trained_on["testbeds"]
     # the domain adapter's scope follows from what it was trained on: analytic testbeds run unguided
     assert policy.manifest.applies_to == {"model_types": ["flow", "ve"], "guidance": ["unguided"]}
+    assert policy.soft_z == SOFT_Z and "soft_z" in policy.manifest.fallback["rule"]   # exports damp before the fallback
     tb = make_testbed("gaussian", "ve")
     x = tb.noise(range(2))
     model_calls = _Counting(tb)
@@ -449,6 +488,9 @@ def test_policy_eval_rows_carry_per_image_numbers(tmp_path):
     lo, hi = row["policy_vs_heuristic_ci90"]
     assert lo <= row["policy_vs_heuristic"] <= hi and 0 < row["per_image_geomean_ratio"]
     assert "gaussian-ve | yes | 5 |" in markdown(res) and f"({lo:.2f}–{hi:.2f})" in markdown(res)
+    auto = {**res, "trained_on": {"ppo_ve_flow": res["trained_on"]},   # --policy auto: per chosen policy
+            "rows": [{**row, "chosen_policy": "ppo_ve_flow"}, {**row, "testbed": "other-ve", "chosen_policy": None}]}
+    assert "gaussian-ve | yes | 5 |" in markdown(auto) and "other-ve | – (heuristic) | 5 |" in markdown(auto)
     assert len(row["images"]["policy"]) == len(row["images"]["heuristic"]) == 6
     plot_per_image(res, tmp_path / "per_image.png")
     assert (tmp_path / "per_image.png").read_bytes()[:4] == b"\x89PNG"

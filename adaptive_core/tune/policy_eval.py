@@ -169,15 +169,20 @@ def _ratio(row: dict, key: str) -> str:
 
 
 def markdown(res: dict) -> str:
-    """The measurement as a markdown table."""
-    trained = set(res["trained_on"].get("configurations", res["trained_on"].get("testbeds", [])))
+    """The measurement as a markdown table.  "in training": whether the row's configuration is among those the
+    policy was trained on (for ``--policy auto``, the policy chosen for that row)."""
+    def in_training(row: dict) -> str:
+        if "chosen_policy" in row and row["chosen_policy"] is None:
+            return "– (heuristic)"
+        on = res["trained_on"][row["chosen_policy"]] if "chosen_policy" in row else res["trained_on"]
+        return "yes" if row["testbed"] in set(on.get("configurations", on.get("testbeds", []))) else "**no (left out)**"
     lines = ["| testbed | in training | NFE | heuristic | policy (mean NFE) | policy / heuristic (90% CI) "
              "| per image: geo-mean ratio, share worse | best peer (same seeds) | policy / best peer "
              "| policy / oracle grid (same seeds) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         peer = f"{r['best_peer']} {r['best_peer_rmse']:.4g}" if "best_peer" in r else "–"
         lo, hi = r["policy_vs_heuristic_ci90"]
-        lines.append(f"| {r['testbed']} | {'yes' if r['testbed'] in trained else '**no (left out)**'} | {r['nfe']} | "
+        lines.append(f"| {r['testbed']} | {in_training(r)} | {r['nfe']} | "
                      f"{r['heuristic']:.4g} | {r['policy']:.4g} ({r['policy_mean_nfe']:.2f}) | "
                      f"{r['policy_vs_heuristic']:.3f} ({lo:.2f}–{hi:.2f}) | "
                      f"{r['per_image_geomean_ratio']:.2f}, {r['share_of_images_worse']:.0%} | {peer} | "

@@ -28,10 +28,17 @@ from torch import nn
 from ..domain import scope_of_trained_on
 from ..learned import sha256_of_file
 from ..policy import (ACTION_KINDS, ACTION_SCALE, AUTO_PLAN_RULE, BASE_PLANS, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN,
-                      MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, STD_FLOOR,
-                      PolicyManifest, check_early_step_cap, uses_auto_plan)
+                      MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, SOFT_Z,
+                      STD_FLOOR, PolicyManifest, check_early_step_cap, uses_auto_plan)
 from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
                          SamplingEnv, configs_of, evaluate_controller)
+
+#: The manifest's fallback rule in words (adaptive_core.policy, "Fallback rule" and "Damping before the fallback"):
+#: FALLBACK_RULE + where the range is centred + SOFT_Z_RULE.
+FALLBACK_RULE = ("a row falls back to the heuristic step when any observation is non-finite or more than "
+                 "ood_z * max(sqrt(var), std_floor) from ")
+SOFT_Z_RULE = ("; inside that range the row's actions are scaled by clip((ood_z - z_max) / (ood_z - soft_z), 0, 1), "
+               "z_max its largest |z|")
 
 #: Default training testbeds of the CLI: the shipped analytic and trained testbeds, ve and flow.
 DEFAULT_TESTBEDS = "gaussian:ve,gaussian:flow,gmm_digits:ve,gmm_digits:flow,mnist_unet:ve,mnist_unet:flow"
@@ -699,9 +706,8 @@ def _policy_manifest(onnx_path: Path, n_actions: int, normalisation: dict, *, tr
                            + "; rows with lambda_progress < min_lambda_progress keep the heuristic's step and order"
                            + ("" if cap is None else "; on decided rows with lambda_progress < early_step_cap."
                               "below_lambda_progress, a[0] is first capped at early_step_cap.max_step_action")},
-        fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR,
-                  "rule": "a row falls back to the heuristic step when any observation is non-finite or more than "
-                          f"ood_z * max(sqrt(var), std_floor) from {range_text}"},
+        fallback={"ood_z": OOD_Z, "std_floor": STD_FLOOR, "soft_z": SOFT_Z, "rule": FALLBACK_RULE + range_text
+                  + SOFT_Z_RULE},
         trained_on=trained_on, applies_to=scope_of_trained_on(trained_on) if trained_on.get("model_types") else {},
         training=training, metrics=metrics, training_state=training_state or {}, format=MANIFEST_FORMAT)
     out = onnx_path.with_suffix(".json")
