@@ -20,10 +20,16 @@ another declared shift is another σ schedule and so another base plan, and a po
 over: the unguided-flow policy, trained at shift 3, was 1.3–1.8× the heuristic's error at shift 1
 (docs/policy/README.md, section 6).
 
+A guided run's domain also holds its guidance scale.  A policy trained at CFG 1 and 2 has not seen the larger
+corrections of CFG 5–7 (the usual scales of SD 1.5 and SDXL): on the MNIST network at CFG 5, ve, the bundled
+policy trained at CFG ≤ 2 was 1.35× the heuristic's error at 5 NFE (docs/policy/README.md, section 9).
+
 **A policy's scope** (:func:`policy_scope`): the manifest's ``applies_to`` (``{"model_types": [...],
-"guidance": [...]}``, and optionally ``"flow_shifts": [lo, hi]``, the shifts of flow runs it covers), written by
-the training tools from the configurations a policy was trained on; a manifest without it covers its
-``trained_on.model_types`` under either guidance and any shift.
+"guidance": [...]}``, optionally ``"flow_shifts": [lo, hi]``, the shifts of flow runs it covers, and
+``"guidance_scales": [lo, hi]``, the CFG scales of guided runs it covers), written by the training tools from the
+configurations a policy was trained on (the guidance scales: the range of its guided configurations'); a
+manifest without it covers its ``trained_on.model_types`` under either guidance, any shift and any scale.  A
+guided run whose scale is unknown is outside every ``guidance_scales`` range.
 
 **The rule** (:func:`select_policy`): among the policies whose scope covers the job, the one with the narrowest
 scope (fewest model types × guidance kinds); ties go to the first name in sort order.  No policy covers the job:
@@ -91,22 +97,27 @@ def job_domain(model, model_type: str, extra_args: dict | None = None) -> JobDom
     return JobDomain(model_type, guidance_kind(scale), scale, shift)
 
 
+#: The optional range keys of a scope: [lo, hi] of a flow run's time shift and of a guided run's CFG scale.
+SCOPE_RANGES = ("flow_shifts", "guidance_scales")
+
+
 def check_scope(scope, where: str = "applies_to") -> dict:
-    """A normalised copy of a policy scope ``{"model_types": [...], "guidance": [...]}`` with an optional
-    ``"flow_shifts": [lo, hi]``; ValueError naming ``where`` when it is not a mapping with these keys, the first
-    two non-empty lists of known values, the range two finite numbers 0 < lo ≤ hi."""
+    """A normalised copy of a policy scope ``{"model_types": [...], "guidance": [...]}`` with optional
+    ``"flow_shifts": [lo, hi]`` and ``"guidance_scales": [lo, hi]``; ValueError naming ``where`` when it is not a
+    mapping with these keys, the first two non-empty lists of known values, a range two finite numbers
+    0 < lo ≤ hi."""
     if not isinstance(scope, dict) or not {"model_types", "guidance"} <= set(scope) <= {"model_types", "guidance",
-                                                                                        "flow_shifts"}:
+                                                                                        *SCOPE_RANGES}:
         raise ValueError(f"{where} must be a mapping with keys 'model_types' and 'guidance' (and optionally "
-                         f"'flow_shifts'), got {scope!r}")
+                         f"{' and '.join(repr(k) for k in SCOPE_RANGES)}), got {scope!r}")
     out = {}
-    if "flow_shifts" in scope:
-        lo_hi = scope["flow_shifts"]
+    for key in (k for k in SCOPE_RANGES if k in scope):
+        lo_hi = scope[key]
         ok = (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, (int, float)) and not
               isinstance(v, bool) and math.isfinite(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1])
         if not ok:
-            raise ValueError(f"{where}.flow_shifts must be [lo, hi] with 0 < lo <= hi, got {lo_hi!r}")
-        out["flow_shifts"] = [float(lo_hi[0]), float(lo_hi[1])]
+            raise ValueError(f"{where}.{key} must be [lo, hi] with 0 < lo <= hi, got {lo_hi!r}")
+        out[key] = [float(lo_hi[0]), float(lo_hi[1])]
     for key, known in (("model_types", MODEL_TYPES), ("guidance", GUIDANCE_KINDS)):
         values = scope[key]
         if not isinstance(values, list) or not values or any(v not in known for v in values):
@@ -116,15 +127,21 @@ def check_scope(scope, where: str = "applies_to") -> dict:
 
 
 def scope_of_trained_on(trained_on: dict) -> dict:
-    """The scope a training run gives its policy, from its manifest's ``trained_on``: its ``model_types`` and the
+    """The scope a training run gives its policy, from its manifest's ``trained_on``: its ``model_types``, the
     guidance kinds of its ``configurations`` (keys as ``adaptive_core.tune.policy_env.Config.key``: a
-    class-conditional network's end in ``-cfg<scale>``; the others run unguided)."""
-    kinds = set()
+    class-conditional network's end in ``-cfg<scale>``; the others run unguided) and, where some were guided, the
+    range of their CFG scales (``guidance_scales``)."""
+    kinds, guided_scales = set(), []
     for key in trained_on.get("configurations") or trained_on.get("testbeds") or []:
         head, _, tail = str(key).rpartition("-cfg")
-        kinds.add(guidance_kind(float(tail)) if head and tail.replace(".", "", 1).isdigit() else "unguided")
-    return check_scope({"model_types": sorted(set(trained_on.get("model_types") or [])), "guidance": sorted(kinds)},
-                       "trained_on")
+        scale = float(tail) if head and tail.replace(".", "", 1).isdigit() else 1.0
+        kinds.add(guidance_kind(scale))
+        if guidance_kind(scale) == "guided":
+            guided_scales.append(scale)
+    scope = {"model_types": sorted(set(trained_on.get("model_types") or [])), "guidance": sorted(kinds)}
+    if guided_scales:
+        scope["guidance_scales"] = [min(guided_scales), max(guided_scales)]
+    return check_scope(scope, "trained_on")
 
 
 def policy_scope(manifest: dict, where: str = "policy") -> dict:
@@ -181,14 +198,23 @@ def _manifest_scope(path: Path) -> dict | None:
 
 def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:
     """The name of the policy for ``domain`` among ``scopes`` ({name: scope}; the bundled policies by default):
-    of those whose scope covers the domain (model type, guidance, and a flow run's shift where the scope names a
-    range), the narrowest (fewest model types × guidance kinds), ties to the first name in sort order; None when
+    of those whose scope covers the domain (model type, guidance, a flow run's shift and a guided run's CFG scale
+    where the scope names their ranges), the narrowest (fewest model types × guidance kinds), ties to the first name in sort order; None when
     none covers it."""
     scopes = bundled_scopes() if scopes is None else scopes
     covering = [(len(s["model_types"]) * len(s["guidance"]), name) for name, s in sorted(scopes.items())
                 if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]
-                and _shift_covered(s, domain)]
+                and _shift_covered(s, domain) and _scale_covered(s, domain)]
     return min(covering)[1] if covering else None
+
+
+def _scale_covered(scope: dict, domain: JobDomain) -> bool:
+    """Whether ``scope``'s ``guidance_scales`` range (if any) holds a guided run's CFG scale (an unknown scale is
+    outside it); unguided runs are not restricted."""
+    if "guidance_scales" not in scope or domain.guidance != "guided":
+        return True
+    lo, hi = scope["guidance_scales"]
+    return domain.guidance_scale is not None and lo <= domain.guidance_scale <= hi
 
 
 def _shift_covered(scope: dict, domain: JobDomain) -> bool:
@@ -209,6 +235,7 @@ __all__ = [
     "AUTO_POLICY",
     "GUIDANCE_KINDS",
     "MODEL_TYPES",
+    "SCOPE_RANGES",
     "JobDomain",
     "bundled_scopes",
     "check_scope",

@@ -56,6 +56,8 @@ def test_scopes_are_checked_and_derived_from_training():
                 {"model_types": ["eps"], "guidance": ["guided"]}, {"model_types": ["ve"], "guidance": "guided"},
                 {"model_types": ["flow"], "guidance": ["guided"], "flow_shifts": [4, 3]},
                 {"model_types": ["flow"], "guidance": ["guided"], "flow_shifts": [0, float("inf")]},
+                {"model_types": ["ve"], "guidance": ["guided"], "guidance_scales": [7, 2]},
+                {"model_types": ["ve"], "guidance": ["guided"], "guidance_scales": [2]},
                 {"model_types": ["flow"], "guidance": ["guided"], "cfg": [1, 2]}, ["ve"]):
         with pytest.raises(ValueError, match="applies_to"):
             check_scope(bad)
@@ -63,6 +65,10 @@ def test_scopes_are_checked_and_derived_from_training():
     assert scope_of_trained_on(flow_cfg1) == {"model_types": ["flow"], "guidance": ["unguided"]}
     both = {"model_types": ["flow", "ve"], "configurations": ["gmm_digits-ve", "mnist_unet-flow-cfg2"]}
     assert scope_of_trained_on(both)["guidance"] == ["guided", "unguided"]
+    # the guided configurations' CFG scales bound the guided runs a trained policy covers
+    assert scope_of_trained_on(both)["guidance_scales"] == [2.0, 2.0]
+    guided = {"model_types": ["ve"], "configurations": ["mnist_unet-ve-cfg1.5", "mnist_unet-ve-cfg4", "x-ve-cfg1"]}
+    assert scope_of_trained_on(guided)["guidance_scales"] == [1.5, 4.0]
     # a manifest without applies_to covers its trained model types under any guidance
     assert policy_scope({"trained_on": {"model_types": ["ve"]}}) == {"model_types": ["ve"],
                                                                      "guidance": ["guided", "unguided"]}
@@ -82,6 +88,15 @@ def test_the_narrowest_covering_scope_wins():
     assert select_policy(JobDomain("flow", "unguided", 1.0, 3.5), ranged) == "flow_free"
     assert select_policy(JobDomain("flow", "unguided", 1.0, 1.0), ranged) == "also_wide"
     assert select_policy(JobDomain("flow", "unguided", 1.0, 6.0), {"flow_free": ranged["flow_free"]}) is None
+    # a guided run outside a policy's CFG range (or of unknown scale) goes to the next covering policy
+    by_scale = {"cfg_low": {"model_types": ["ve"], "guidance": ["guided"], "guidance_scales": [1.5, 2.0]},
+                "any_ve": {"model_types": ["ve"], "guidance": ["guided", "unguided"]}}
+    assert select_policy(JobDomain("ve", "guided", 2.0), by_scale) == "cfg_low"
+    assert select_policy(JobDomain("ve", "guided", 7.0), by_scale) == "any_ve"
+    assert select_policy(JobDomain("ve", "guided", None), by_scale) == "any_ve"
+    assert select_policy(JobDomain("ve", "guided", 7.0), {"cfg_low": by_scale["cfg_low"]}) is None
+    unguided_too = {"p": {"model_types": ["ve"], "guidance": ["guided", "unguided"], "guidance_scales": [2.0, 2.0]}}
+    assert select_policy(JobDomain("ve", "unguided", 1.0), unguided_too) == "p"    # the range bounds guided runs only
     for name, scope in bundled_scopes().items():       # every bundled manifest has a usable scope
         assert name in bundled_policies() and scope["model_types"]
 
@@ -146,8 +161,8 @@ def test_the_bundled_policies_cover_every_domain_within_budget():
     """Every (model type, guidance) gets a bundled policy under ``policy:auto``; unguided and guided flow (at shift
     3) get one made for each (the narrowest scope), and a run keeps the NFE cap."""
     for model_type in ("ve", "flow"):
-        for guidance in ("unguided", "guided"):
-            name = select_policy(JobDomain(model_type, guidance))
+        for guidance, scale in (("unguided", 1.0), ("guided", 2.0)):
+            name = select_policy(JobDomain(model_type, guidance, scale))
             assert name is not None and model_type in bundled_scopes()[name]["model_types"]
     made_for = bundled_scopes()[select_policy(JobDomain("flow", "unguided", 1.0, 3.0))]
     assert (made_for["model_types"], made_for["guidance"]) == (["flow"], ["unguided"])
