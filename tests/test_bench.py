@@ -116,6 +116,8 @@ def test_generality_check_runs_and_writes_its_table(tmp_path):
     x = torch.zeros(1, 4, 16, 16)
     assert not torch.equal(model(x + 1, torch.tensor([0.1])), model.testbed(x + 1, torch.tensor([0.1])))
     assert model.nfe == 1
+    from adaptive_core.domain import job_domain      # the wrapped testbed's domain: unguided, as the testbed
+    assert job_domain(model, "ve").guidance == job_domain(model.testbed, "ve").guidance == "unguided"
     # a policy beside the heuristic: its RMSE and ratio per row, one more column; a non-policy name is refused
     rows = generality.run(2, (5,), ("policy:ppo_ve_flow",), first_seed=7)
     assert len(rows) == len(generality.VARIANTS)

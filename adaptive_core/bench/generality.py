@@ -36,10 +36,13 @@ VARIANTS = [("gaussian, exponent 1", "gaussian", "ve", {"exponent": 1.0}, False)
 
 
 class ImperfectDenoiser:
-    """A testbed's exact denoiser plus a smooth systematic error, D + 0.03·sin(3·D), counting its calls."""
+    """A testbed's exact denoiser plus a smooth systematic error, D + 0.03·sin(3·D), counting its calls.  It declares
+    the testbed's guidance scale (``cfg_scale``, read by :func:`adaptive_core.sampler.detect_guidance_scale`), so
+    the run keeps the testbed's domain: the error is the denoiser's, not another kind of job."""
 
     def __init__(self, testbed) -> None:
         self.testbed, self.nfe = testbed, 0
+        self.cfg_scale = getattr(testbed, "cfg_scale", None)
 
     def reset_nfe(self) -> None:
         self.nfe = 0
