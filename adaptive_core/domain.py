@@ -135,8 +135,9 @@ def scope_of_trained_on(trained_on: dict) -> dict:
     for key in trained_on.get("configurations") or trained_on.get("testbeds") or []:
         head, _, tail = str(key).rpartition("-cfg")
         scale = float(tail) if head and tail.replace(".", "", 1).isdigit() else 1.0
-        kinds.add(guidance_kind(scale))
-        if guidance_kind(scale) == "guided":
+        kind = guidance_kind(scale)
+        kinds.add(kind)
+        if kind == "guided":
             guided_scales.append(scale)
     scope = {"model_types": sorted(set(trained_on.get("model_types") or [])), "guidance": sorted(kinds)}
     if guided_scales:
