@@ -168,6 +168,13 @@ def test_the_bundled_policies_cover_every_domain_within_budget():
     assert (made_for["model_types"], made_for["guidance"]) == (["flow"], ["unguided"])
     guided = bundled_scopes()[select_policy(JobDomain("flow", "guided", 5.0, 3.0))]
     assert (guided["model_types"], guided["guidance"]) == (["flow"], ["guided"])
+    for scale in (3.0, 5.0, 7.0):      # guided ve runs at the scales of SD 1.5 and SDXL get the guided ve policy
+        guided_ve = bundled_scopes()[select_policy(JobDomain("ve", "guided", scale))]
+        assert (guided_ve["model_types"], guided_ve["guidance"]) == (["ve"], ["guided"])
+        assert guided_ve["guidance_scales"][0] <= scale <= guided_ve["guidance_scales"][1]
+    low = select_policy(JobDomain("ve", "guided", 2.0))        # where the wider policy measured better, it keeps it
+    assert low is not None and set(bundled_scopes()[low]["guidance"]) == {"unguided", "guided"}
+    assert select_policy(JobDomain("ve", "guided", 12.0)) is None      # beyond every measured scale: the heuristic
     if "flow_shifts" in made_for:      # outside its measured shifts, a wider policy (or the heuristic) takes the run
         lo = made_for["flow_shifts"][0]
         assert select_policy(JobDomain("flow", "unguided", 1.0, lo / 2)) != select_policy(JobDomain("flow", "unguided",

@@ -197,6 +197,7 @@ def plot_per_image(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     keys = list(dict.fromkeys(r["testbed"] for r in res["rows"]))
     cols = min(4, len(keys))
     rows_n = -(-len(keys) // cols)
@@ -210,6 +211,8 @@ def plot_per_image(res: dict, path: Path) -> None:
             lo, hi = min(lo, h.min(), p.min()), max(hi, h.max(), p.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set(xscale="log", yscale="log", title=key, xlabel="heuristic RMSE (per image)")
+        for axis in (ax.xaxis, ax.yaxis):          # labels on the decades only: minor labels overlap in a narrow span
+            axis.set_minor_formatter(NullFormatter())
         ax.title.set_fontsize(9)
         ax.legend(fontsize=6, loc="upper left")
     for ax in axes[:, 0]:
