@@ -266,8 +266,9 @@ def _flow():
 @stage("policy_auto")
 def _policy_auto():
     """The "ADO: step controller" setting at policy:auto: the domain adapter reads the CFG scale Forge hands its
-    CFG denoiser (extra_args["cond_scale"]) and runs the bundled policy for the run; the trace names it."""
-    from backend.modules.k_prediction import PredictionDiscreteFlow
+    CFG denoiser (extra_args["cond_scale"]) and runs the bundled policy for the run (flow at CFG 5 and 1, ve at CFG
+    7); the trace names it."""
+    from backend.modules.k_prediction import Prediction, PredictionDiscreteFlow
 
     from adaptive_core.domain import JobDomain, select_policy
     shared.opts.ado_controller = "policy:auto"
@@ -281,6 +282,14 @@ def _policy_auto():
             assert torch.isfinite(samples).all() and trace.nfe <= 6
             assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}"), trace.options
             report["facts"][f"policy_auto_cfg{cfg:g}"] = f"{trace.options['controller']} (shift {shift:g})"
+        # an SD 1.5-style run (epsilon prediction: ve to ADO) at CFG 7, the scale its users run at
+        p, samples, _ = run(Prediction(prediction_type="epsilon"), steps=6, cfg_scale=7.0)
+        trace = p.sampler.ado_trace
+        assert any(n.startswith("domain adapter: ve, guided (CFG 7)") for n in trace.notes), trace.notes
+        want = select_policy(JobDomain("ve", "guided", 7.0))
+        assert torch.isfinite(samples).all() and trace.nfe <= 6
+        assert want is not None and trace.options["controller"] == f"policy:{want}", trace.options
+        report["facts"]["policy_auto_ve_cfg7"] = trace.options["controller"]
     finally:
         shared.opts.ado_controller = "heuristic"
 

@@ -170,6 +170,25 @@ def test_policy_auto_reads_the_real_guiders_cfg(real, cfg):
     assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift {shift:g}") for n in trace.notes)
 
 
+def test_policy_auto_on_a_guided_ve_run_at_cfg_7(real):
+    """An SD 1.5-style run (epsilon prediction: ve to ADO) at CFG 7 under "policy:auto": the real CFGGuider's scale
+    takes it to the bundled policy whose scope covers guided ve runs there (docs/policy/README.md, section 10)."""
+    from adaptive_core.domain import JobDomain, select_policy
+    model = real.build("eps")
+    pos, neg = conds()
+    (sampler,) = real.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(0, "budget", 0.05,
+                                                                                    controller="policy:auto")
+    trace = real.pack.nodes.comfy_sampler.Trace()
+    sampler.extra_options["trace"] = trace
+    (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, "karras", 6, 1.0)
+    out, _ = real.cs.SamplerCustom().sample(model, True, 11, 7.0, pos, neg, sampler, sigmas,
+                                            {"samples": torch.zeros(1, 4, 8, 8)})
+    assert torch.isfinite(out["samples"]).all() and forwards(model) == trace.nfe <= 6
+    want = select_policy(JobDomain("ve", "guided", 7.0))
+    assert want is not None and trace.options["controller"] == f"policy:{want}"
+    assert any(n.startswith("domain adapter: ve, guided (CFG 7)") for n in trace.notes)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ado_ksampler_denoise_and_inpainting_mask(real, kind):
     model = real.build(kind)
