@@ -148,21 +148,28 @@ def test_unguided_flow_run_plans_in_the_models_shifted_time(real):
     assert trace.options["flow_shift"] == pytest.approx(shift) and trace.options["prediction"] == "hybrid"
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_policy_auto_reads_the_real_guiders_cfg(real, cfg):
-    """The node's controller "policy:auto": the domain adapter reads CFG from the real CFGGuider and runs the
-    bundled policy for the run (unguided flow: the one whose scope is flow/unguided), within the budget."""
-    from adaptive_core.domain import JobDomain, select_policy
-    model = real.build("flow")
+def run_policy_auto(real, kind, cfg, scheduler, steps):
+    """One SamplerCustom run of the ADO node under controller "policy:auto" on a real model of ``kind`` at CFG
+    ``cfg`` with ``steps`` steps of the real ``scheduler``; checks the output and the budget, returns (model, trace)."""
+    model = real.build(kind)
     pos, neg = conds()
     (sampler,) = real.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(0, "budget", 0.05,
                                                                                     controller="policy:auto")
     trace = real.pack.nodes.comfy_sampler.Trace()
     sampler.extra_options["trace"] = trace
-    (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, "simple", 8, 1.0)
+    (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, scheduler, steps, 1.0)
     out, _ = real.cs.SamplerCustom().sample(model, True, 11, cfg, pos, neg, sampler, sigmas,
                                             {"samples": torch.zeros(1, 4, 8, 8)})
-    assert torch.isfinite(out["samples"]).all() and forwards(model) == trace.nfe <= 8
+    assert torch.isfinite(out["samples"]).all() and forwards(model) == trace.nfe <= steps
+    return model, trace
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_policy_auto_reads_the_real_guiders_cfg(real, cfg):
+    """The node's controller "policy:auto": the domain adapter reads CFG from the real CFGGuider and runs the
+    bundled policy for the run (unguided flow: the one whose scope is flow/unguided), within the budget."""
+    from adaptive_core.domain import JobDomain, select_policy
+    model, trace = run_policy_auto(real, "flow", cfg, "simple", 8)
     guidance = "unguided" if cfg == 1.0 else "guided"
     shift = float(model.get_model_object("model_sampling").shift)       # read from the real model_sampling
     want = select_policy(JobDomain("flow", guidance, cfg, shift))
@@ -174,16 +181,7 @@ def test_policy_auto_on_a_guided_ve_run_at_cfg_7(real):
     """An SD 1.5-style run (epsilon prediction: ve to ADO) at CFG 7 under "policy:auto": the real CFGGuider's scale
     takes it to the bundled policy whose scope covers guided ve runs there (docs/policy/README.md, section 10)."""
     from adaptive_core.domain import JobDomain, select_policy
-    model = real.build("eps")
-    pos, neg = conds()
-    (sampler,) = real.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(0, "budget", 0.05,
-                                                                                    controller="policy:auto")
-    trace = real.pack.nodes.comfy_sampler.Trace()
-    sampler.extra_options["trace"] = trace
-    (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, "karras", 6, 1.0)
-    out, _ = real.cs.SamplerCustom().sample(model, True, 11, 7.0, pos, neg, sampler, sigmas,
-                                            {"samples": torch.zeros(1, 4, 8, 8)})
-    assert torch.isfinite(out["samples"]).all() and forwards(model) == trace.nfe <= 6
+    _, trace = run_policy_auto(real, "eps", 7.0, "karras", 6)
     want = select_policy(JobDomain("ve", "guided", 7.0))
     assert want is not None and trace.options["controller"] == f"policy:{want}"
     assert any(n.startswith("domain adapter: ve, guided (CFG 7)") for n in trace.notes)
