@@ -200,8 +200,8 @@ def _manifest_scope(path: Path) -> dict | None:
 def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:
     """The name of the policy for ``domain`` among ``scopes`` ({name: scope}; the bundled policies by default):
     of those whose scope covers the domain (model type, guidance, a flow run's shift and a guided run's CFG scale
-    where the scope names their ranges), the narrowest (fewest model types × guidance kinds), ties to the first name in sort order; None when
-    none covers it."""
+    where the scope names their ranges), the narrowest (fewest model types × guidance kinds), ties to the first
+    name in sort order; None when none covers it."""
     scopes = bundled_scopes() if scopes is None else scopes
     covering = [(len(s["model_types"]) * len(s["guidance"]), name) for name, s in sorted(scopes.items())
                 if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]
