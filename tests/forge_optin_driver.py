@@ -273,23 +273,22 @@ def _policy_auto():
     from adaptive_core.domain import JobDomain, select_policy
     shared.opts.ado_controller = "policy:auto"
     try:
-        for cfg, guidance in ((5.0, "guided"), (1.0, "unguided")):
-            p, samples, _ = run(PredictionDiscreteFlow(shift=3.0), steps=6, cfg_scale=cfg)
+        # flow (SD3-style, shift 3) guided and unguided; ve (SD 1.5-style epsilon prediction) at CFG 7, its users' scale
+        for prediction, model_type, cfg, fact in ((PredictionDiscreteFlow(shift=3.0), "flow", 5.0, "policy_auto_cfg5"),
+                                                  (PredictionDiscreteFlow(shift=3.0), "flow", 1.0, "policy_auto_cfg1"),
+                                                  (Prediction(prediction_type="epsilon"), "ve", 7.0,
+                                                   "policy_auto_ve_cfg7")):
+            guidance = "unguided" if cfg == 1.0 else "guided"
+            p, samples, _ = run(prediction, steps=6, cfg_scale=cfg)
             trace = p.sampler.ado_trace
-            (note,) = [n for n in trace.notes if n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift ")]
-            shift = float(note.split("shift ")[1].split()[0])
-            want = select_policy(JobDomain("flow", guidance, cfg, shift))
+            prefix = f"domain adapter: {model_type}, {guidance} (CFG {cfg:g})"
+            (note,) = [n for n in trace.notes if n.startswith(prefix)]
+            shift = float(note.split("shift ")[1].split()[0]) if model_type == "flow" else None
+            want = select_policy(JobDomain(model_type, guidance, cfg, shift))
             assert torch.isfinite(samples).all() and trace.nfe <= 6
             assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}"), trace.options
-            report["facts"][f"policy_auto_cfg{cfg:g}"] = f"{trace.options['controller']} (shift {shift:g})"
-        # an SD 1.5-style run (epsilon prediction: ve to ADO) at CFG 7, the scale its users run at
-        p, samples, _ = run(Prediction(prediction_type="epsilon"), steps=6, cfg_scale=7.0)
-        trace = p.sampler.ado_trace
-        assert any(n.startswith("domain adapter: ve, guided (CFG 7)") for n in trace.notes), trace.notes
-        want = select_policy(JobDomain("ve", "guided", 7.0))
-        assert torch.isfinite(samples).all() and trace.nfe <= 6
-        assert want is not None and trace.options["controller"] == f"policy:{want}", trace.options
-        report["facts"]["policy_auto_ve_cfg7"] = trace.options["controller"]
+            assert model_type == "flow" or want is not None     # guided ve at CFG 7 has a bundled policy
+            report["facts"][fact] = trace.options["controller"] + ("" if shift is None else f" (shift {shift:g})")
     finally:
         shared.opts.ado_controller = "heuristic"
 
