@@ -24,12 +24,18 @@ A guided run's domain also holds its guidance scale.  A policy trained at CFG 1 
 corrections of CFG 5–7 (the usual scales of SD 1.5 and SDXL): on the MNIST network at CFG 5, ve, the bundled
 policy trained at CFG ≤ 2 was 1.35× the heuristic's error at 5 NFE (docs/policy/README.md, section 9).
 
+A run's domain also holds its budget (model calls).  A policy is trained at a few budgets, and its gain over the
+heuristic need not hold at every one: the policy for guided ve runs, trained at 5–10 calls, gained at 5–8 and lost
+at 10 on both networks it was trained on (docs/policy/README.md, section 11).
+
 **A policy's scope** (:func:`policy_scope`): the manifest's ``applies_to`` (``{"model_types": [...],
 "guidance": [...]}``, optionally ``"flow_shifts": [lo, hi]``, the shifts of flow runs it covers, and
-``"guidance_scales": [lo, hi]``, the CFG scales of guided runs it covers), written by the training tools from the
-configurations a policy was trained on (the guidance scales: the range of its guided configurations'); a
-manifest without it covers its ``trained_on.model_types`` under either guidance, any shift and any scale.  A
-guided run whose scale is unknown is outside every ``guidance_scales`` range.
+``"guidance_scales": [lo, hi]``, the CFG scales of guided runs it covers, and ``"nfe_budgets": [lo, hi]``, the
+budgets it covers), written by the training tools from the configurations a policy was trained on (the guidance
+scales: the range of its guided configurations'; a budget range only where a measurement bounds it); a manifest
+without it covers its ``trained_on.model_types`` under either guidance, any shift, scale and budget.  A guided run
+whose scale is unknown is outside every ``guidance_scales`` range, a run whose budget is unknown outside every
+``nfe_budgets`` range.
 
 **The rule** (:func:`select_policy`): among the policies whose scope covers the job, the one with the narrowest
 scope (fewest model types × guidance kinds); ties go to the first name in sort order.  No policy covers the job:
@@ -55,19 +61,21 @@ AUTO_POLICY = "policy:auto"
 @dataclass(frozen=True)
 class JobDomain:
     """What the policy choice of a run depends on: ``model_type`` ("ve" / "flow"), ``guidance`` ("unguided" /
-    "guided") and, for a flow run, ``flow_shift`` (its time shift; None for ve), plus ``guidance_scale`` (the
-    detected CFG scale, None where the host declares none) for the trace."""
+    "guided"), ``guidance_scale`` (the detected CFG scale, None where the host declares none), for a flow run
+    ``flow_shift`` (its time shift; None for ve), and ``nfe_budget`` (the run's model calls; None: unknown)."""
 
     model_type: str
     guidance: str
     guidance_scale: float | None = None
     flow_shift: float | None = None
+    nfe_budget: int | None = None
 
     def describe(self) -> str:
-        """One line for the trace, e.g. "flow, unguided (CFG 1), shift 3"."""
+        """One line for the trace, e.g. "flow, unguided (CFG 1), shift 3, 8 calls"."""
         scale = "CFG unknown" if self.guidance_scale is None else f"CFG {self.guidance_scale:g}"
         shift = "" if self.flow_shift is None else f", shift {self.flow_shift:g}"
-        return f"{self.model_type}, {self.guidance} ({scale}){shift}"
+        budget = "" if self.nfe_budget is None else f", {self.nfe_budget} calls"
+        return f"{self.model_type}, {self.guidance} ({scale}){shift}{budget}"
 
 
 def guidance_kind(guidance_scale: float | None) -> str:
@@ -76,11 +84,12 @@ def guidance_kind(guidance_scale: float | None) -> str:
     return "unguided" if guidance_scale == 1.0 else "guided"
 
 
-def job_domain(model, model_type: str, extra_args: dict | None = None) -> JobDomain:
+def job_domain(model, model_type: str, extra_args: dict | None = None, nfe_budget: int | None = None) -> JobDomain:
     """The :class:`JobDomain` of a run on ``model`` (the host's wrapped denoiser, as the sampler receives it)
-    of ``model_type``, its guidance read by :func:`adaptive_core.sampler.detect_guidance_scale` (ComfyUI's
-    ``CFGGuider.cfg``, A1111/Forge's ``extra_args["cond_scale"]``, a testbed's ``cfg_scale``), and for a flow
-    model its time shift (:func:`adaptive_core.sampler.detect_flow_shift`, else the default the heuristic uses)."""
+    of ``model_type`` with ``nfe_budget`` model calls, its guidance read by
+    :func:`adaptive_core.sampler.detect_guidance_scale` (ComfyUI's ``CFGGuider.cfg``, A1111/Forge's
+    ``extra_args["cond_scale"]``, a testbed's ``cfg_scale``), and for a flow model its time shift
+    (:func:`adaptive_core.sampler.detect_flow_shift`, else the default the heuristic uses)."""
     from .sampler import (  # here: sampler imports us
         DEFAULT_FLOW_SHIFT,
         detect_flow_shift,
@@ -94,22 +103,23 @@ def job_domain(model, model_type: str, extra_args: dict | None = None) -> JobDom
     if model_type == "flow":
         shift = detect_flow_shift(model)
         shift = DEFAULT_FLOW_SHIFT if shift is None else shift
-    return JobDomain(model_type, guidance_kind(scale), scale, shift)
+    return JobDomain(model_type, guidance_kind(scale), scale, shift, nfe_budget)
 
 
-#: The optional range keys of a scope: [lo, hi] of a flow run's time shift and of a guided run's CFG scale.
-SCOPE_RANGES = ("flow_shifts", "guidance_scales")
+#: The optional range keys of a scope: [lo, hi] of a flow run's time shift, of a guided run's CFG scale and of a
+#: run's budget in model calls.
+SCOPE_RANGES = ("flow_shifts", "guidance_scales", "nfe_budgets")
 
 
 def check_scope(scope, where: str = "applies_to") -> dict:
     """A normalised copy of a policy scope ``{"model_types": [...], "guidance": [...]}`` with optional
-    ``"flow_shifts": [lo, hi]`` and ``"guidance_scales": [lo, hi]``; ValueError naming ``where`` when it is not a
-    mapping with these keys, the first two non-empty lists of known values, a range two finite numbers
-    0 < lo ≤ hi."""
+    ``"flow_shifts": [lo, hi]``, ``"guidance_scales": [lo, hi]`` and ``"nfe_budgets": [lo, hi]``; ValueError
+    naming ``where`` when it is not a mapping with these keys, the first two non-empty lists of known values, a
+    range two finite numbers 0 < lo ≤ hi."""
     if not isinstance(scope, dict) or not {"model_types", "guidance"} <= set(scope) <= {"model_types", "guidance",
                                                                                         *SCOPE_RANGES}:
         raise ValueError(f"{where} must be a mapping with keys 'model_types' and 'guidance' (and optionally "
-                         f"{' and '.join(repr(k) for k in SCOPE_RANGES)}), got {scope!r}")
+                         f"{', '.join(repr(k) for k in SCOPE_RANGES)}), got {scope!r}")
     out = {}
     for key in (k for k in SCOPE_RANGES if k in scope):
         lo_hi = scope[key]
@@ -200,12 +210,12 @@ def _manifest_scope(path: Path) -> dict | None:
 def select_policy(domain: JobDomain, scopes: dict[str, dict] | None = None) -> str | None:
     """The name of the policy for ``domain`` among ``scopes`` ({name: scope}; the bundled policies by default):
     of those whose scope covers the domain (model type, guidance, a flow run's shift and a guided run's CFG scale
-    where the scope names their ranges), the narrowest (fewest model types × guidance kinds), ties to the first
-    name in sort order; None when none covers it."""
+    and its budget, where the scope names their ranges), the narrowest (fewest model types × guidance kinds), ties
+    to the first name in sort order; None when none covers it."""
     scopes = bundled_scopes() if scopes is None else scopes
     covering = [(len(s["model_types"]) * len(s["guidance"]), name) for name, s in sorted(scopes.items())
                 if domain.model_type in s["model_types"] and domain.guidance in s["guidance"]
-                and _shift_covered(s, domain) and _scale_covered(s, domain)]
+                and _shift_covered(s, domain) and _scale_covered(s, domain) and _budget_covered(s, domain)]
     return min(covering)[1] if covering else None
 
 
@@ -216,6 +226,14 @@ def _scale_covered(scope: dict, domain: JobDomain) -> bool:
         return True
     lo, hi = scope["guidance_scales"]
     return domain.guidance_scale is not None and lo <= domain.guidance_scale <= hi
+
+
+def _budget_covered(scope: dict, domain: JobDomain) -> bool:
+    """Whether ``scope``'s ``nfe_budgets`` range (if any) holds the run's budget (an unknown budget is outside it)."""
+    if "nfe_budgets" not in scope:
+        return True
+    lo, hi = scope["nfe_budgets"]
+    return domain.nfe_budget is not None and lo <= domain.nfe_budget <= hi
 
 
 def _shift_covered(scope: dict, domain: JobDomain) -> bool:

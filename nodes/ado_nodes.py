@@ -71,8 +71,9 @@ class ADOAdaptiveSampler:
             "schedule": (["ado", "host"], {"default": DEFAULTS["schedule"],
                                            "tooltip": "ado: ADO plans its own noise levels between the sigmas' "
                                                       "ends; host: the connected sigmas are the plan."}),
-            "max_order": ("INT", {"default": DEFAULTS["max_order"], "min": 1, "max": 3,
-                                  "tooltip": "Highest order of the multistep predictor (the corrector adds one)."}),
+            "max_order": ("INT", {"default": 0, "min": 0, "max": 3,
+                                  "tooltip": "Highest order of the multistep predictor (the corrector adds one). "
+                                             "0 = auto: 2 on guided runs above CFG 2, else 3."}),
             "model_type": ([AUTO, "ve", "flow"], {"default": AUTO,
                                                    "tooltip": "auto: flow for rectified-flow models (SD3, Flux, "
                                                               "Wan…), ve for eps / v models (SD1.x, SDXL)."}),
@@ -88,7 +89,7 @@ class ADOAdaptiveSampler:
                    "evaluations than the budget.")
 
     def get_sampler(self, nfe_budget=0, mode=DEFAULTS["mode"], rtol=DEFAULTS["rtol"], atol=DEFAULTS["atol"],
-                    schedule=DEFAULTS["schedule"], max_order=DEFAULTS["max_order"], model_type=AUTO,
+                    schedule=DEFAULTS["schedule"], max_order=0, model_type=AUTO,
                     controller="heuristic"):
         """Return ``(KSAMPLER(sample_ado, options),)`` for ComfyUI's custom-sampling nodes."""
         import comfy.samplers

@@ -54,14 +54,15 @@ def core_options(nfe_budget: int = 0, mode: str = "budget", rtol: float | None =
     """Turn node widget values into keyword arguments of :func:`adaptive_core.sample_adaptive`.
 
     ``nfe_budget=0`` means "one model call per interval of the host's sigmas" (the core's default);
-    ``model_type="auto"`` detects flow models from ComfyUI's CONST model_sampling.  None values are left out
-    so the core's defaults apply.  Raises ValueError for a negative budget.
+    ``model_type="auto"`` detects flow models from ComfyUI's CONST model_sampling.  None values, and
+    ``max_order=0`` (the widget's "auto"), are left out so the core's defaults apply.  Raises ValueError for a
+    negative budget.
     """
     if int(nfe_budget) < 0:
         raise ValueError(f"nfe_budget must be ≥ 0 (0 = the sigmas' step count), got {nfe_budget}")
     out = {"nfe_budget": int(nfe_budget) or None, "mode": mode,
            "model_type": None if model_type in (AUTO, None) else model_type}
-    for k, v in (("rtol", rtol), ("atol", atol), ("schedule", schedule), ("max_order", max_order)):
+    for k, v in (("rtol", rtol), ("atol", atol), ("schedule", schedule), ("max_order", max_order or None)):
         if v is not None:
             out[k] = v
     return out

@@ -222,6 +222,9 @@ def _sample():
     assert shared.state.current_latent is not None
     report["facts"]["unet_calls"] = net.calls
     report["facts"]["sigma_max"] = p.sampler.ado_trace.planned_sigmas[0]
+    # the CFG scale Forge hands its denoiser (extra_args["cond_scale"], 5 here) sets the heuristic's order: 2 above 2
+    assert p.sampler.ado_trace.options["max_order"] == 2, p.sampler.ado_trace.options
+    report["facts"]["max_order_cfg5"] = p.sampler.ado_trace.options["max_order"]
 
 
 @stage("infotext")
@@ -283,8 +286,8 @@ def _policy_auto():
             trace = p.sampler.ado_trace
             prefix = f"domain adapter: {model_type}, {guidance} (CFG {cfg:g})"
             (note,) = [n for n in trace.notes if n.startswith(prefix)]
-            shift = float(note.split("shift ")[1].split()[0]) if model_type == "flow" else None
-            want = select_policy(JobDomain(model_type, guidance, cfg, shift))
+            shift = float(note.split("shift ")[1].split(",")[0]) if model_type == "flow" else None
+            want = select_policy(JobDomain(model_type, guidance, cfg, shift, nfe_budget=6))
             assert torch.isfinite(samples).all() and trace.nfe <= 6
             assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}"), trace.options
             assert model_type == "flow" or want is not None     # guided ve at CFG 7 has a bundled policy

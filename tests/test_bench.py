@@ -243,3 +243,24 @@ def test_flow_plan_report_runs_and_compares_with_the_earlier_plan(tmp_path):
     assert res["summary"]["vs_before"]["geomean"] == pytest.approx(math.exp(sum(map(math.log, ratios)) / 2))
     assert "vs_best_peer" not in res["summary"]
     assert "| 5 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_guided_order_report_runs_ado_at_the_order_the_rule_picks(tmp_path, monkeypatch):
+    """``python -m adaptive_core.bench.guided_order`` on a tiny run (the MNIST network, 2 images, a 16-step reference):
+    JSON, table and plot; at CFG 3 ADO as shipped is its order-2 row, at CFG 1.5 its order-3 row, and the summary's
+    ratios are those of its rows."""
+    from adaptive_core.bench import guided_order
+    monkeypatch.setattr(guided_order, "REFERENCE_STEPS", 16)
+    out = tmp_path / "go"
+    assert guided_order.main(["--testbeds", "mnist_unet", "--model-types", "ve", "--cfg", "1.5", "3", "--nfe", "6",
+                              "--seeds", "2", "--peers", "none", "--jobs", "1", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    low, high = res["configs"]
+    assert (low["cfg"], low["auto_order"], high["cfg"], high["auto_order"]) == (1.5, 3, 3.0, 2)
+    assert low["rows"][0]["ado"] == low["rows"][0]["order3"] != low["rows"][0]["order2"]
+    assert high["rows"][0]["ado"] == high["rows"][0]["order2"] != high["rows"][0]["order3"]
+    r = high["rows"][0]
+    assert res["summary"]["rule_order2"]["order2_vs_order3"]["geomean"] == pytest.approx(r["order2"] / r["order3"])
+    assert "| 6 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        guided_order.main(["--testbeds", "gaussian"])           # not a class-conditional testbed

@@ -169,6 +169,18 @@ def test_a_single_sigma_returns_the_input(host):
     assert host.pack.nodes.sample_ado(model, x, torch.tensor([1.5])) is x and model.calls == 0
 
 
+@pytest.mark.parametrize("widget,cfg,expected", [(0, 7.0, 2), (0, 2.0, 3), (3, 7.0, 3), (1, 7.0, 1)])
+def test_sampler_node_max_order_widget(host, widget, cfg, expected):
+    """max_order 0 (the widget's default) is "auto": the guider's CFG scale decides (order 2 above CFG 2); a saved
+    workflow's 1–3 is used as given."""
+    trace = host.pack.nodes.comfy_sampler.Trace()
+    (sampler,) = host.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(nfe_budget=8, max_order=widget)
+    assert ("max_order" in sampler.extra_options) == (widget != 0)
+    sampler.extra_options["trace"] = trace
+    _custom(host, sampler, steps=8, cfg=cfg)
+    assert trace.options["max_order"] == expected
+
+
 def test_sampler_node_rejects_bad_widgets(host):
     node = host.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]()
     with pytest.raises(ValueError, match="nfe_budget"):
@@ -225,8 +237,8 @@ def test_policy_auto_follows_the_guiders_cfg(host):
         model, out = _custom(host, sampler, kind="flow", steps=6, cfg=cfg)
         guidance = "unguided" if cfg == 1.0 else "guided"
         (note,) = [n for n in trace.notes if n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift ")]
-        shift = float(note.split("shift ")[1].split()[0])
-        chosen = select_policy(job_domain(types.SimpleNamespace(cfg_scale=cfg, shift=shift), "flow"))
+        shift = float(note.split("shift ")[1].split(",")[0])
+        chosen = select_policy(job_domain(types.SimpleNamespace(cfg_scale=cfg, shift=shift), "flow", nfe_budget=6))
         assert trace.options["controller"] == ("heuristic" if chosen is None else f"policy:{chosen}")
         assert model.calls <= 6 and torch.isfinite(out).all()
 

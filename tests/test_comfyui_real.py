@@ -148,13 +148,14 @@ def test_unguided_flow_run_plans_in_the_models_shifted_time(real):
     assert trace.options["flow_shift"] == pytest.approx(shift) and trace.options["prediction"] == "hybrid"
 
 
-def run_policy_auto(real, kind, cfg, scheduler, steps):
-    """One SamplerCustom run of the ADO node under controller "policy:auto" on a real model of ``kind`` at CFG
-    ``cfg`` with ``steps`` steps of the real ``scheduler``; checks the output and the budget, returns (model, trace)."""
+def run_policy_auto(real, kind, cfg, scheduler, steps, controller="policy:auto"):
+    """One SamplerCustom run of the ADO node under ``controller`` ("policy:auto" by default) on a real model of
+    ``kind`` at CFG ``cfg`` with ``steps`` steps of the real ``scheduler``; checks the output and the budget, returns
+    (model, trace)."""
     model = real.build(kind)
     pos, neg = conds()
     (sampler,) = real.pack.NODE_CLASS_MAPPINGS["ADOAdaptiveSampler"]().get_sampler(0, "budget", 0.05,
-                                                                                    controller="policy:auto")
+                                                                                    controller=controller)
     trace = real.pack.nodes.comfy_sampler.Trace()
     sampler.extra_options["trace"] = trace
     (sigmas,) = real.cs.BasicScheduler().get_sigmas(model, scheduler, steps, 1.0)
@@ -172,7 +173,7 @@ def test_policy_auto_reads_the_real_guiders_cfg(real, cfg):
     model, trace = run_policy_auto(real, "flow", cfg, "simple", 8)
     guidance = "unguided" if cfg == 1.0 else "guided"
     shift = float(model.get_model_object("model_sampling").shift)       # read from the real model_sampling
-    want = select_policy(JobDomain("flow", guidance, cfg, shift))
+    want = select_policy(JobDomain("flow", guidance, cfg, shift, nfe_budget=8))
     assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}")
     assert any(n.startswith(f"domain adapter: flow, {guidance} (CFG {cfg:g}), shift {shift:g}") for n in trace.notes)
 
@@ -182,9 +183,17 @@ def test_policy_auto_on_a_guided_ve_run_at_cfg_7(real):
     takes it to the bundled policy whose scope covers guided ve runs there (docs/policy/README.md, section 10)."""
     from adaptive_core.domain import JobDomain, select_policy
     _, trace = run_policy_auto(real, "eps", 7.0, "karras", 6)
-    want = select_policy(JobDomain("ve", "guided", 7.0))
+    want = select_policy(JobDomain("ve", "guided", 7.0, nfe_budget=6))
     assert want is not None and trace.options["controller"] == f"policy:{want}"
     assert any(n.startswith("domain adapter: ve, guided (CFG 7)") for n in trace.notes)
+
+
+@pytest.mark.parametrize("cfg,order", [(7.0, 2), (2.0, 3), (1.0, 3)])
+def test_the_real_guiders_cfg_sets_the_predictor_order(real, cfg, order):
+    """The heuristic's ``max_order="auto"`` (the node's widget 0) reads the real CFGGuider's scale: order 2 above
+    CFG 2 (adaptive_core.sampler.resolve_max_order), else 3."""
+    _, trace = run_policy_auto(real, "eps", cfg, "karras", 8, controller="heuristic")
+    assert trace.options["max_order"] == order
 
 
 @pytest.mark.parametrize("kind", KINDS)

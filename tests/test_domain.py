@@ -122,7 +122,33 @@ def test_policy_auto_runs_the_chosen_policy_and_says_so(tmp_path, monkeypatch):
     named = sample_adaptive(tb, x, sigmas, model_type="flow", controller="policy:for_flow")
     assert torch.equal(auto, named)
     assert trace.options["controller"] == "policy:for_flow"
-    assert any(f"domain adapter: flow, unguided (CFG 1), shift {tb.shift:g} -> policy:for_flow" in n for n in trace.notes)
+    assert any(f"domain adapter: flow, unguided (CFG 1), shift {tb.shift:g}, 8 calls -> policy:for_flow" in n
+               for n in trace.notes)
+
+
+def test_a_budget_range_bounds_a_policy_to_the_budgets_it_was_measured_at(tmp_path, monkeypatch):
+    """A scope's ``nfe_budgets`` holds the runs whose budget lies in it (an unknown budget is outside): the sampler
+    passes the run's budget, ``nfe_budget`` or else the sigmas' step count, and outside the range the wider policy
+    (or the heuristic) takes the run."""
+    _policy_folder(tmp_path, monkeypatch, {"few": {"model_types": ["ve"], "guidance": ["unguided"],
+                                                   "nfe_budgets": [5, 8]},
+                                           "wide": {"model_types": ["ve", "flow"], "guidance": ["unguided"]}})
+    assert select_policy(JobDomain("ve", "unguided", 1.0, nfe_budget=5)) == "few"
+    assert select_policy(JobDomain("ve", "unguided", 1.0, nfe_budget=8)) == "few"
+    for outside in (4, 10, None):
+        assert select_policy(JobDomain("ve", "unguided", 1.0, nfe_budget=outside)) == "wide"
+    tb = make_testbed("gaussian", "ve")
+    x = tb.noise(range(2))
+    for budget, sigmas_steps, want in ((6, 20, "few"), (None, 8, "few"), (None, 12, "wide"), (12, 6, "wide")):
+        trace = Trace()
+        sample_adaptive(tb, x, host_sigmas(tb, sigmas_steps), nfe_budget=budget, model_type="ve",
+                        controller="policy:auto", trace=trace)
+        assert trace.options["controller"] == f"policy:{want}", (budget, sigmas_steps)
+        calls = budget or sigmas_steps
+        assert any(n.startswith(f"domain adapter: ve, unguided (CFG 1), {calls} calls -> policy:{want}")
+                   for n in trace.notes)
+    with pytest.raises(ValueError, match="nfe_budgets"):
+        check_scope({"model_types": ["ve"], "guidance": ["guided"], "nfe_budgets": [8, 5]})
 
 
 def test_policy_auto_without_a_covering_policy_is_the_heuristic(tmp_path, monkeypatch):
@@ -133,7 +159,7 @@ def test_policy_auto_without_a_covering_policy_is_the_heuristic(tmp_path, monkey
     auto = sample_adaptive(tb, x, sigmas, model_type="ve", controller="policy:auto", trace=trace)
     assert torch.equal(auto, sample_adaptive(tb, x, sigmas, model_type="ve"))
     assert trace.options["controller"] == "heuristic"
-    assert "domain adapter: ve, unguided (CFG 1) -> heuristic (no bundled policy covers it)" in trace.notes
+    assert "domain adapter: ve, unguided (CFG 1), 6 calls -> heuristic (no bundled policy covers it)" in trace.notes
 
 
 def test_a_malformed_scope_is_refused(tmp_path, monkeypatch):
@@ -166,12 +192,16 @@ def test_the_bundled_policies_cover_every_domain_within_budget():
             assert name is not None and model_type in bundled_scopes()[name]["model_types"]
     made_for = bundled_scopes()[select_policy(JobDomain("flow", "unguided", 1.0, 3.0))]
     assert (made_for["model_types"], made_for["guidance"]) == (["flow"], ["unguided"])
-    guided = bundled_scopes()[select_policy(JobDomain("flow", "guided", 5.0, 3.0))]
-    assert (guided["model_types"], guided["guidance"]) == (["flow"], ["guided"])
+    for scale in (2.0, 5.0):           # guided flow runs get a guided flow policy, one per side of the order rule
+        guided = bundled_scopes()[select_policy(JobDomain("flow", "guided", scale, 3.0))]
+        assert (guided["model_types"], guided["guidance"]) == (["flow"], ["guided"])
+        assert guided["guidance_scales"][0] <= scale <= guided["guidance_scales"][1]
+    assert select_policy(JobDomain("flow", "guided", 2.0, 3.0)) != select_policy(JobDomain("flow", "guided", 5.0, 3.0))
     for scale in (3.0, 5.0, 7.0):      # guided ve runs at the scales of SD 1.5 and SDXL get the guided ve policy
-        guided_ve = bundled_scopes()[select_policy(JobDomain("ve", "guided", scale))]
+        guided_ve = bundled_scopes()[select_policy(JobDomain("ve", "guided", scale, nfe_budget=6))]
         assert (guided_ve["model_types"], guided_ve["guidance"]) == (["ve"], ["guided"])
         assert guided_ve["guidance_scales"][0] <= scale <= guided_ve["guidance_scales"][1]
+        assert select_policy(JobDomain("ve", "guided", scale, nfe_budget=10)) is None   # where it lost: heuristic
     low = select_policy(JobDomain("ve", "guided", 2.0))        # where the wider policy measured better, it keeps it
     assert low is not None and set(bundled_scopes()[low]["guidance"]) == {"unguided", "guided"}
     assert select_policy(JobDomain("ve", "guided", 12.0)) is None      # beyond every measured scale: the heuristic

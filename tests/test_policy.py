@@ -1436,6 +1436,27 @@ def test_policy_runs_on_the_plan_it_was_trained_on(tmp_path, hand_policy):
         Policy(bad)
 
 
+def test_a_policy_keeps_the_order_it_was_trained_at_on_a_guided_run(tmp_path, hand_policy):
+    """Above CFG 2 the heuristic runs order 2 (``resolve_max_order``), but a policy runs at the order of its base plan:
+    3 for a manifest whose base plan names none (every policy before the rule was trained at 3), its own where it
+    names one; the caller's ``max_order`` wins."""
+    from adaptive_core.policy import check_base_plan
+    tb = make_testbed("gaussian", "ve")
+    tb.cfg_scale = 5.0   # declared guidance (the denoiser is unchanged): what detect_guidance_scale reads
+    x, grid = tb.noise(range(2)), host_sigmas(tb, 8)
+
+    def order(**kw):
+        trace = Trace()
+        sample_adaptive(tb, x, grid, model_type="ve", trace=trace, **kw)
+        return trace.options["max_order"]
+    assert order() == 2
+    assert order(controller=f"policy:{hand_policy}") == 3
+    assert order(controller=f"policy:{hand_policy}", max_order=1) == 1
+    assert check_base_plan({"prediction": "data"}) == {"prediction": "data", "max_order": 3}
+    own = _write_policy(tmp_path / "o", _Tanh(), "own", base_plan={**LEGACY_BASE_PLAN, "max_order": 2})
+    assert order(controller=f"policy:{own}") == 2
+
+
 @pytest.mark.parametrize("model_type", ["ve", "flow"])
 def test_action_zero_keeps_the_plan_on_either_base(model_type):
     """Action 0 reproduces the heuristic's run on the plan the policy runs on, also on a flow model's shifted-time

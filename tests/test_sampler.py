@@ -433,3 +433,42 @@ def test_hybrid_prediction_is_data_then_noise(monkeypatch):
     mixed = sample_adaptive(tb, x, grid, model_type="flow", prediction="hybrid")
     assert not torch.equal(mixed, runs["data"]) and not torch.equal(mixed, runs["noise"])
 
+
+
+class GuidedDiagonalGaussian(DiagonalGaussian):
+    """:class:`DiagonalGaussian` declaring a CFG scale the way ADO's testbeds do (``cfg_scale``), so that
+    :func:`adaptive_core.sampler.detect_guidance_scale` reads it; the denoiser itself is unchanged."""
+
+    def __init__(self, cfg_scale, model_type="ve"):
+        super().__init__(model_type)
+        self.cfg_scale = cfg_scale
+
+
+def test_max_order_auto_takes_order_2_above_cfg_2_only():
+    from types import SimpleNamespace
+
+    from adaptive_core.sampler import DEFAULT_MAX_ORDER, HIGH_GUIDANCE_SCALE, resolve_max_order
+    assert DEFAULTS["max_order"] == "auto" and DEFAULT_MAX_ORDER == 3 and HIGH_GUIDANCE_SCALE == 2.0
+    for scale, order in ((1.0, 3), (1.5, 3), (2.0, 3), (2.01, 2), (5.0, 2), (7.5, 2)):
+        assert resolve_max_order("auto", SimpleNamespace(cfg_scale=scale)) == order, scale
+    assert resolve_max_order("auto", object()) == 3                              # no declared scale: the default
+    assert resolve_max_order("auto", object(), {"cond_scale": 7.0}) == 2         # A1111/Forge extra_args
+    assert resolve_max_order("auto", SimpleNamespace(inner_model=SimpleNamespace(cfg=4.5))) == 2   # ComfyUI guider
+    for given in (1, 2, 3):
+        assert resolve_max_order(given, SimpleNamespace(cfg_scale=7.0)) == given   # an explicit order is kept
+    for bad in (0, 4, 2.5, "two", True, None):
+        with pytest.raises(ValueError, match="max_order"):
+            resolve_max_order(bad, object())
+
+
+@pytest.mark.parametrize("scale,order", [(7.0, 2), (1.0, 3)])
+def test_a_guided_run_samples_as_the_resolved_order_and_traces_it(scale, order):
+    sig = karras_sigmas(8, SD15_SIGMA_MIN, SD15_SIGMA_MAX)
+    x = noise() * SD15_SIGMA_MAX
+    trace = Trace()
+    auto = sample_adaptive(GuidedDiagonalGaussian(scale), x, sig, model_type="ve", trace=trace)
+    explicit = sample_adaptive(GuidedDiagonalGaussian(scale), x, sig, model_type="ve", max_order=order)
+    other = sample_adaptive(GuidedDiagonalGaussian(scale), x, sig, model_type="ve", max_order=5 - order)
+    assert torch.equal(auto, explicit) and not torch.equal(auto, other)
+    assert trace.options["max_order"] == order
+    assert max(r.order for recs in trace.samples for r in recs) <= order   # the predictor's order

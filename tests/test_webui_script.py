@@ -94,8 +94,10 @@ def test_steps_are_the_nfe_budget_with_progress_preview_and_cfg(host):
     assert state.current_latent is not None                       # live preview fed every call
     expected, _ = direct_run(host, p, seed=11)
     assert torch.equal(latents, expected)
-    _, other, _ = generate(host, steps=8, cfg_scale=1.0, seed=11)
+    assert p.sampler.ado_trace.options["max_order"] == 2   # extra_args["cond_scale"] 4 > 2: the guided order
+    p1, other, _ = generate(host, steps=8, cfg_scale=1.0, seed=11)
     assert not torch.allclose(other, latents)
+    assert p1.sampler.ado_trace.options["max_order"] == 3
 
 
 def test_infotext_per_image_and_paste_restores_options(host):

@@ -51,14 +51,10 @@ def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None =
     "best_peer", "best_peer_rmse"}]}."""
     from .. import sample_adaptive
     from ..sampler import FEW_STEP_BUDGET
-    from ..tune.policy_env import Config, make_config_testbed, noise_and_reference, set_config_labels
     from .metrics import rmse
-    from .run import host_sigmas, run_method
-    config = Config(name, "flow", float(cfg))
+    from .run import host_sigmas
     steps = int(reference_steps or REFERENCE_STEPS.get(name, 128))
-    tb = make_config_testbed(config)
-    set_config_labels(config, tb, seeds)
-    x, ref = noise_and_reference(config, tb, seeds, steps)
+    config, tb, x, ref = config_and_reference(name, "flow", cfg, seeds, steps)
     rows = []
     for n in nfes:
         grid = host_sigmas(tb, n)
@@ -69,14 +65,39 @@ def measure_testbed(name: str, nfes, seeds, peers, reference_steps: int | None =
         if float(cfg) != 1.0:
             forced = {"prediction": "hybrid", "flow_shift": tb.shift if n <= FEW_STEP_BUDGET else None}
             row["unguided_rule"] = rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type="flow", **forced), ref)
-        for peer in peers:
-            out, _ = run_method(peer, tb, x, n)
-            row["peers"][peer] = rmse(out, ref)
-        if row["peers"]:
-            row["best_peer"], row["best_peer_rmse"] = min(row["peers"].items(), key=lambda kv: kv[1])
+        add_peers(row, peers, tb, x, n, ref)
         rows.append(row)
     return {"testbed": config.key, "cfg": float(cfg), "reference_steps": steps if config.trained else None,
             "rows": rows}
+
+
+def config_and_reference(name: str, model_type: str, cfg: float, seeds, reference_steps: int):
+    """(config, testbed, noise, reference) of testbed ``name`` as ``model_type`` at CFG ``cfg`` over ``seeds``, the
+    reference a λ-uniform solve of ``reference_steps`` steps (exact on the analytic testbeds), as the policy
+    measurements make them (:func:`adaptive_core.tune.policy_env.noise_and_reference`, cached in build/)."""
+    from ..tune.policy_env import (
+        Config,
+        make_config_testbed,
+        noise_and_reference,
+        set_config_labels,
+    )
+    config = Config(name, model_type, float(cfg))
+    tb = make_config_testbed(config)
+    set_config_labels(config, tb, seeds)
+    x, ref = noise_and_reference(config, tb, seeds, reference_steps)
+    return config, tb, x, ref
+
+
+def add_peers(row: dict, peers, tb, x, nfe: int, ref) -> None:
+    """Run each of ``peers`` at ``nfe`` calls from ``x`` on ``tb``; put their RMSE to ``ref`` in ``row["peers"]``
+    and the best of them in ``row["best_peer"]``, ``row["best_peer_rmse"]``."""
+    from .metrics import rmse
+    from .run import run_method
+    for peer in peers:
+        out, _ = run_method(peer, tb, x, nfe)
+        row["peers"][peer] = rmse(out, ref)
+    if row["peers"]:
+        row["best_peer"], row["best_peer_rmse"] = min(row["peers"].items(), key=lambda kv: kv[1])
 
 
 def _job(job) -> dict:
@@ -185,11 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 2.0],
                     help="CFG scales of the class-conditional networks (the others run at 1)")
     ap.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10, 15, 20, 30])
-    ap.add_argument("--seeds", type=int, default=64)
-    ap.add_argument("--first-seed", type=int, default=30000)
-    ap.add_argument("--peers", nargs="+", default=["default"], help='"default", "none" or peer names')
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path stem of the .json, .md and .png written")
+    add_run_arguments(ap, DEFAULT_OUT, '"default", "none" or peer names')
     args = ap.parse_args(argv)
     from ..testbeds import TESTBED_NAMES, TRAINED_TESTBED_NAMES
     unknown = [t for t in args.testbeds if t not in (*TESTBED_NAMES, *TRAINED_TESTBED_NAMES)]
@@ -203,15 +220,7 @@ def main(argv=None) -> int:
     jobs = [(name, args.nfe, seeds, peers, cfg) for name in args.testbeds
             for cfg in (args.cfg if name in CONDITIONAL_TESTBED_NAMES else [1.0])]
     t0 = time.time()
-    if args.jobs > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        from tqdm.auto import tqdm
-        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
-            measured = list(tqdm(pool.map(_job, jobs), total=len(jobs), desc="flow testbeds", unit="testbed"))
-    else:
-        from tqdm.auto import tqdm
-        measured = [_job(job) for job in tqdm(jobs, desc="flow testbeds", unit="testbed")]
+    measured = run_jobs(_job, jobs, args.jobs, "flow testbeds", "testbed")
     results = {"meta": {"command": "python -m adaptive_core.bench.flow_plan "
                                    + " ".join(argv if argv is not None else sys.argv[1:]),
                         "seeds": [seeds[0], seeds[-1] + 1], "nfe": list(args.nfe), "peers": peers,
@@ -219,13 +228,40 @@ def main(argv=None) -> int:
                         "machine": f"{platform.machine()}, {min(args.jobs, len(jobs))} process(es) of 1 thread"},
                "testbeds": measured}
     results["summary"] = summary(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    args.out.with_suffix(".md").write_text(text)
-    plot(results, args.out.with_suffix(".png"))
-    print(text)
+    write_outputs(results, args.out, markdown, plot)
     return 0
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, default_out: Path, peers_help: str) -> None:
+    """The options these reports share: ``--seeds`` (64), ``--first-seed`` (30000), ``--peers``, ``--jobs`` (2) and
+    ``--out`` (the path stem of the files written)."""
+    ap.add_argument("--seeds", type=int, default=64)
+    ap.add_argument("--first-seed", type=int, default=30000)
+    ap.add_argument("--peers", nargs="+", default=["default"], help=peers_help)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=default_out, help="path stem of the .json, .md and .png written")
+
+
+def run_jobs(job, jobs: list, processes: int, desc: str, unit: str) -> list:
+    """``[job(j) for j in jobs]``, in ``processes`` worker processes when more than one (and more than one job), with
+    a progress bar."""
+    from tqdm.auto import tqdm
+    if processes > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
+            return list(tqdm(pool.map(job, jobs), total=len(jobs), desc=desc, unit=unit))
+    return [job(j) for j in tqdm(jobs, desc=desc, unit=unit)]
+
+
+def write_outputs(results: dict, out: Path, markdown, plot) -> None:
+    """Write ``results`` to ``<out>.json``, ``markdown(results)`` to ``<out>.md`` (and print it) and
+    ``plot(results, <out>.png)``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    out.with_suffix(".md").write_text(text)
+    plot(results, out.with_suffix(".png"))
+    print(text)
 
 
 if __name__ == "__main__":

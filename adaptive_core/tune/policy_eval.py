@@ -115,8 +115,8 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
     kw = dict(cfg_scales=cfg_scales, reference_steps=reference_steps)
     heur = evaluate_controller(None, specs, nfes, seeds, refs, **kw)
     # policy:auto: the policy the domain adapter picks from each testbed, as the sampler does (or None: heuristic)
-    chosen = {c.key: select_policy(job_domain(refs[c.key][0], c.model_type)) for c in configs_of(specs, cfg_scales)} \
-        if auto else {}
+    chosen = {(c.key, n): select_policy(job_domain(refs[c.key][0], c.model_type, nfe_budget=n))
+              for c in configs_of(specs, cfg_scales) for n in nfes} if auto else {}
     policies = {name: load_policy(f"policy:{name}") for name in set(chosen.values()) - {None}} if auto else \
         {"": load_policy(policy_path)}
     pol = evaluate_controller("policy:auto" if auto else f"policy:{policy_path}", specs, nfes, seeds, refs, **kw)
@@ -127,7 +127,7 @@ def measure(policy_path: Path, specs, nfes, seeds, bench_results: Path | None, t
         set_config_labels(config, tb, seeds)
         for n in nfes:
             row = {"testbed": key, "nfe": n, "heuristic": heur[key][n]["rmse"], "policy": pol[key][n]["rmse"],
-                   "policy_mean_nfe": pol[key][n]["nfe"], **({"chosen_policy": chosen[key]} if auto else {})}
+                   "policy_mean_nfe": pol[key][n]["nfe"], **({"chosen_policy": chosen[key, n]} if auto else {})}
             row["policy_vs_heuristic"] = row["policy"] / row["heuristic"]
             row.update(per_image_summary(pol[key][n]["rmse_images"], heur[key][n]["rmse_images"]))
             row["images"] = {"heuristic": [float(f"{v:.4g}") for v in heur[key][n]["rmse_images"]],
@@ -266,8 +266,9 @@ def main(argv) -> int:
                   [float(c) for c in args.cfg.split(",")], args.reference_steps, args.trained_oracle)
     print(markdown(res))
     print(f"latency per decision: {res['latency_us_per_decision']:.1f} µs; training time: {res['train_seconds']} s")
-    for key, name in sorted({r["testbed"]: r["chosen_policy"] for r in res["rows"] if "chosen_policy" in r}.items()):
-        print(f"policy:auto on {key}: {'the heuristic' if name is None else 'policy:' + name}")
+    for (key, n), name in sorted({(r["testbed"], r["nfe"]): r["chosen_policy"] for r in res["rows"]
+                                  if "chosen_policy" in r}.items()):
+        print(f"policy:auto on {key} at {n} NFE: {'the heuristic' if name is None else 'policy:' + name}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         head = json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1)[:-2]

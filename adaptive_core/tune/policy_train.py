@@ -29,7 +29,7 @@ from ..domain import scope_of_trained_on
 from ..learned import sha256_of_file
 from ..policy import (ACTION_KINDS, ACTION_SCALE, AUTO_PLAN_RULE, BASE_PLANS, EARLY_STEP_CAP_KEYS, LEGACY_BASE_PLAN,
                       MANIFEST_FORMAT, MIN_SHARE, N_OBSERVATIONS, OBSERVATION_NAMES, OOD_Z, ORDER_DEAD_ZONE, SOFT_Z,
-                      STD_FLOOR, PolicyManifest, check_early_step_cap, uses_auto_plan)
+                      STD_FLOOR, PolicyManifest, check_base_plan, check_early_step_cap, uses_auto_plan)
 from .policy_env import (ERROR_REWARDS, EVAL_SEEDS, TRAINED_CFG_SCALES, TRAINED_REFERENCE_STEPS, TRAINED_SEED_POOL,
                          SamplingEnv, configs_of, evaluate_controller)
 
@@ -1050,6 +1050,9 @@ def main(argv) -> int:
                     help="the sampler plan the policy learns to correct: legacy (data prediction, rho plan; the "
                          "default, and what every bundled policy runs on) or current (the sampler's defaults, e.g. "
                          "the shifted-time plan of unguided flow runs); fine-tuning from a manifest keeps its plan")
+    ap.add_argument("--max-order", type=int, choices=(1, 2, 3), default=None,
+                    help="the base plan's predictor order (default: the --init manifest's, else 3; the heuristic "
+                         "takes 2 on guided runs above CFG 2, adaptive_core.sampler.resolve_max_order)")
     ap.add_argument("--early-step-cap", type=parse_early_step_cap, default=None, metavar="P,A",
                     help="cap the step action at A on the decisions before the share P of the λ-span (steps at most "
                          "4^A times the heuristic's there), in training and at run time; e.g. 0.2,0.15 (default: "
@@ -1083,6 +1086,9 @@ def main(argv) -> int:
     base_plan = BASE_PLANS[args.base_plan] if args.base_plan else LEGACY_BASE_PLAN
     if args.base_plan is None and from_manifest and args.init.is_file():   # a policy keeps its plan when fine-tuned
         base_plan = json.loads(args.init.read_text()).get("action", {}).get("base_plan", LEGACY_BASE_PLAN)
+    base_plan = check_base_plan(base_plan)
+    if args.max_order is not None:
+        base_plan["max_order"] = args.max_order
     if args.log_std_init is None:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
