@@ -25,14 +25,16 @@ corrections of CFG 5–7 (the usual scales of SD 1.5 and SDXL): on the MNIST net
 policy trained at CFG ≤ 2 was 1.35× the heuristic's error at 5 NFE (docs/policy/README.md, section 9).
 
 A run's domain also holds its budget (model calls).  A policy is trained at a few budgets, and its gain over the
-heuristic need not hold at every one: the policy for guided ve runs, trained at 5–10 calls, gained at 5–8 and lost
-at 10 on both networks it was trained on (docs/policy/README.md, section 11).
+heuristic need not hold at every one, and none was measured to hold outside them: at 15 and 20 calls the bundled
+policies, all trained at 5–10, lost to the heuristic in most validation cells, up to 4.9× its error
+(docs/policy/validation_auto_15_20.json); the policy for guided ve runs gained at 5–8 calls and lost at 10 on both
+networks it was trained on (docs/policy/README.md, section 11).
 
 **A policy's scope** (:func:`policy_scope`): the manifest's ``applies_to`` (``{"model_types": [...],
 "guidance": [...]}``, optionally ``"flow_shifts": [lo, hi]``, the shifts of flow runs it covers, and
 ``"guidance_scales": [lo, hi]``, the CFG scales of guided runs it covers, and ``"nfe_budgets": [lo, hi]``, the
 budgets it covers), written by the training tools from the configurations a policy was trained on (the guidance
-scales: the range of its guided configurations'; a budget range only where a measurement bounds it); a manifest
+scales: the range of its guided configurations', the budgets: the range of its training budgets); a manifest
 without it covers its ``trained_on.model_types`` under either guidance, any shift, scale and budget.  A guided run
 whose scale is unknown is outside every ``guidance_scales`` range, a run whose budget is unknown outside every
 ``nfe_budgets`` range.
@@ -139,8 +141,10 @@ def check_scope(scope, where: str = "applies_to") -> dict:
 def scope_of_trained_on(trained_on: dict) -> dict:
     """The scope a training run gives its policy, from its manifest's ``trained_on``: its ``model_types``, the
     guidance kinds of its ``configurations`` (keys as ``adaptive_core.tune.policy_env.Config.key``: a
-    class-conditional network's end in ``-cfg<scale>``; the others run unguided) and, where some were guided, the
-    range of their CFG scales (``guidance_scales``)."""
+    class-conditional network's end in ``-cfg<scale>``; the others run unguided), where some were guided the
+    range of their CFG scales (``guidance_scales``), and the range of its ``budgets`` (``nfe_budgets``): outside
+    the budgets they were trained at, the bundled policies lost to the heuristic, up to 4.9× at 15–20 calls
+    (docs/policy/validation_auto_15_20.json)."""
     kinds, guided_scales = set(), []
     for key in trained_on.get("configurations") or trained_on.get("testbeds") or []:
         head, _, tail = str(key).rpartition("-cfg")
@@ -152,6 +156,9 @@ def scope_of_trained_on(trained_on: dict) -> dict:
     scope = {"model_types": sorted(set(trained_on.get("model_types") or [])), "guidance": sorted(kinds)}
     if guided_scales:
         scope["guidance_scales"] = [min(guided_scales), max(guided_scales)]
+    budgets = trained_on.get("budgets") or []
+    if budgets:
+        scope["nfe_budgets"] = [min(budgets), max(budgets)]
     return check_scope(scope, "trained_on")
 
 

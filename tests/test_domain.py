@@ -69,6 +69,8 @@ def test_scopes_are_checked_and_derived_from_training():
     assert scope_of_trained_on(both)["guidance_scales"] == [2.0, 2.0]
     guided = {"model_types": ["ve"], "configurations": ["mnist_unet-ve-cfg1.5", "mnist_unet-ve-cfg4", "x-ve-cfg1"]}
     assert scope_of_trained_on(guided)["guidance_scales"] == [1.5, 4.0]
+    # and the training budgets bound the budgets it covers
+    assert scope_of_trained_on({**guided, "budgets": [8, 5, 10, 6]})["nfe_budgets"] == [5.0, 10.0]
     # a manifest without applies_to covers its trained model types under any guidance
     assert policy_scope({"trained_on": {"model_types": ["ve"]}}) == {"model_types": ["ve"],
                                                                      "guidance": ["guided", "unguided"]}
@@ -184,31 +186,40 @@ def test_an_edited_manifest_is_read_again(tmp_path, monkeypatch):
 
 
 def test_the_bundled_policies_cover_every_domain_within_budget():
-    """Every (model type, guidance) gets a bundled policy under ``policy:auto``; unguided and guided flow (at shift
-    3) get one made for each (the narrowest scope), and a run keeps the NFE cap."""
+    """Every (model type, guidance) gets a bundled policy under ``policy:auto`` at the budgets the policies were
+    trained at (5–10 calls), and none outside them (there they lost to the heuristic, up to 4.9×:
+    docs/policy/validation_auto_15_20.json); unguided and guided flow (at shift 3) get one made for each (the
+    narrowest scope), and a run keeps the NFE cap."""
     for model_type in ("ve", "flow"):
         for guidance, scale in (("unguided", 1.0), ("guided", 2.0)):
-            name = select_policy(JobDomain(model_type, guidance, scale))
+            name = select_policy(JobDomain(model_type, guidance, scale, nfe_budget=8))
             assert name is not None and model_type in bundled_scopes()[name]["model_types"]
-    made_for = bundled_scopes()[select_policy(JobDomain("flow", "unguided", 1.0, 3.0))]
+            for outside in (4, 11, 20, None):
+                assert select_policy(JobDomain(model_type, guidance, scale, nfe_budget=outside)) is None
+    for name, scope in bundled_scopes().items():   # every bundled policy names the budgets it covers
+        assert 5 <= scope["nfe_budgets"][0] <= scope["nfe_budgets"][1] <= 10, name
+    made_for = bundled_scopes()[select_policy(JobDomain("flow", "unguided", 1.0, 3.0, nfe_budget=8))]
     assert (made_for["model_types"], made_for["guidance"]) == (["flow"], ["unguided"])
     for scale in (2.0, 5.0):           # guided flow runs get a guided flow policy, one per side of the order rule
-        guided = bundled_scopes()[select_policy(JobDomain("flow", "guided", scale, 3.0))]
+        guided = bundled_scopes()[select_policy(JobDomain("flow", "guided", scale, 3.0, nfe_budget=8))]
         assert (guided["model_types"], guided["guidance"]) == (["flow"], ["guided"])
         assert guided["guidance_scales"][0] <= scale <= guided["guidance_scales"][1]
-    assert select_policy(JobDomain("flow", "guided", 2.0, 3.0)) != select_policy(JobDomain("flow", "guided", 5.0, 3.0))
+    assert select_policy(JobDomain("flow", "guided", 2.0, 3.0, nfe_budget=8)) != \
+        select_policy(JobDomain("flow", "guided", 5.0, 3.0, nfe_budget=8))
+    for budget in (4, 20):             # beyond the budgets it was trained and measured at: the heuristic
+        assert select_policy(JobDomain("flow", "guided", 5.0, 3.0, nfe_budget=budget)) is None
     for scale in (3.0, 5.0, 7.0):      # guided ve runs at the scales of SD 1.5 and SDXL get the guided ve policy
         guided_ve = bundled_scopes()[select_policy(JobDomain("ve", "guided", scale, nfe_budget=6))]
         assert (guided_ve["model_types"], guided_ve["guidance"]) == (["ve"], ["guided"])
         assert guided_ve["guidance_scales"][0] <= scale <= guided_ve["guidance_scales"][1]
         assert select_policy(JobDomain("ve", "guided", scale, nfe_budget=10)) is None   # where it lost: heuristic
-    low = select_policy(JobDomain("ve", "guided", 2.0))        # where the wider policy measured better, it keeps it
+    low = select_policy(JobDomain("ve", "guided", 2.0, nfe_budget=8))   # where the wider policy measured better
     assert low is not None and set(bundled_scopes()[low]["guidance"]) == {"unguided", "guided"}
-    assert select_policy(JobDomain("ve", "guided", 12.0)) is None      # beyond every measured scale: the heuristic
+    assert select_policy(JobDomain("ve", "guided", 12.0, nfe_budget=8)) is None   # beyond every measured scale
     if "flow_shifts" in made_for:      # outside its measured shifts, a wider policy (or the heuristic) takes the run
         lo = made_for["flow_shifts"][0]
-        assert select_policy(JobDomain("flow", "unguided", 1.0, lo / 2)) != select_policy(JobDomain("flow", "unguided",
-                                                                                                   1.0, lo))
+        assert select_policy(JobDomain("flow", "unguided", 1.0, lo / 2, 8)) != \
+            select_policy(JobDomain("flow", "unguided", 1.0, lo, 8))
     tb = make_testbed("gaussian", "flow")
     calls = []
 

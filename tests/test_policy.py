@@ -516,7 +516,7 @@ def test_policy_eval_auto_measures_the_domain_adapters_choice():
                   None, None)
     for row in res["rows"]:
         name, model_type = row["testbed"].split("-")
-        want = select_policy(job_domain(make_testbed(name, model_type), model_type))
+        want = select_policy(job_domain(make_testbed(name, model_type), model_type, nfe_budget=5))
         assert row["chosen_policy"] == want
         named = evaluate_controller(None if want is None else f"policy:{want}", [(name, model_type)], [5], seeds)
         assert row["policy"] == named[row["testbed"]][5]["rmse"]
