@@ -552,6 +552,10 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
         err = np.full(B, np.nan)
         accepted = ~done
         h_taken = lam_eval - lam_acc
+        # a step from pure noise (flow, λ = −∞) is exact for the constant part of D and infinitely long in λ: its
+        # predictor–corrector gap does not shrink with the step, so the tolerance controller neither rejects it nor
+        # sizes the next step from it (that step keeps the plan's), or the run would retry it or jump to the end
+        from_noise = ~np.isfinite(lam_acc)
         x_corr = x_eval
         if nfe > 1 and opt["corrector"]:
             x_corr = _corrector(x_acc, x_eval, lam_acc, lam_eval, hist_lam, hist_d, hist_n, denoised,
@@ -565,7 +569,7 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
                                               0.0), x)
                 err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu().numpy()
             if tol_ctl is not None and budget - nfe >= 1:  # a rejection must leave a call for the retry
-                accepted = accepted & (tol_ctl.accept(err) | np.isnan(err))
+                accepted = accepted & (tol_ctl.accept(err) | np.isnan(err) | from_noise)
         x_acc = _select(accepted, x_corr, x_acc)
         lam_acc = np.where(accepted, lam_eval, lam_acc)
         _push_history(hist_lam, [(hist_d, denoised)] + ([(hist_e, eps)] if noise_form else []), hist_n,
@@ -613,8 +617,8 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
 
         # the next evaluation point
         if mode == "tolerance":
-            lam_next, h_next = _tolerance_next(tol_ctl, lam_acc, h_taken, h_next, err, accepted, order_used,
-                                               lam_lo, budget - nfe, ends_in_zero)
+            lam_next, h_next = _tolerance_next(tol_ctl, lam_acc, h_taken, h_next, np.where(from_noise, np.nan, err),
+                                               accepted, order_used, lam_lo, budget - nfe, ends_in_zero)
         else:
             lam_next = plan[np.arange(B), np.minimum(plan_idx, plan.shape[1] - 1)]
             if quality_stop is not None:  # shorten a step that would overshoot the target (land on it instead)

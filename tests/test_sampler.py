@@ -160,6 +160,23 @@ def test_flow_from_pure_noise_matches_reference():
     assert errs[2] < 5e-3
 
 
+def test_tolerance_mode_from_pure_noise_keeps_stepping():
+    """A flow run from σ = 1 (λ = −∞) in tolerance mode: the first step counts from where the plan placed it, so the
+    controller does not take its infinite length as room to jump to the end (it used to stop after 3 calls with
+    about 20× the error); a tighter tolerance spends more calls and lands closer to the reference."""
+    tb = make_testbed("gaussian", "flow")
+    x = tb.noise(range(4))
+    ref = tb.reference(x)
+    sigmas = karras_sigmas(40, tb.sigma_min, 1.0)
+    runs = {}
+    for rtol in (0.05, 0.005):
+        trace = Trace()
+        out = sample_adaptive(tb, x, sigmas, model_type="flow", mode="tolerance", rtol=rtol, atol=0.001, trace=trace)
+        runs[rtol] = (trace.sample_nfe(0), rmse(out, ref))
+    assert 3 < runs[0.05][0] < runs[0.005][0] <= 40
+    assert runs[0.005][1] < runs[0.05][1] < 0.05
+
+
 # --- determinism, batch invariance, dtype ------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["budget", "tolerance"])
