@@ -343,10 +343,14 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     controller_spec = options.pop("controller", None)
     model_type = detect_model_type(model) if model_type is None else model_type
     check_model_type(model_type)
+    grid = validate_sigmas(sigmas, model_type)
+    if nfe_budget is None:  # the host's step count, a repeated trailing 0 included (Forge's flow grids)
+        nfe_budget = len(sigmas) - 1
+    if isinstance(nfe_budget, bool) or not isinstance(nfe_budget, int) or nfe_budget < 1:
+        raise ValueError(f"nfe_budget must be an integer ≥ 1, got {nfe_budget!r}")
     domain_note = None
-    if isinstance(controller_spec, str) and controller_spec == AUTO_POLICY:
-        controller_spec, domain_note = _policy_for_job(model, model_type, extra_args,
-                                                       _budget_of_run(nfe_budget, sigmas))
+    if isinstance(controller_spec, str) and controller_spec == AUTO_POLICY:   # the budget is part of the job
+        controller_spec, domain_note = _policy_for_job(model, model_type, extra_args, nfe_budget)
     using_policy = controller_spec is not None and not (isinstance(controller_spec, str) and controller_spec == "heuristic")
     watching = using_policy or any(options.get(k, v) is not v for k, v in MONITOR_OPTIONS.items()
                                    if k != "monitor_device")
@@ -370,11 +374,6 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
                          f"{tuple(x.shape) if torch.is_tensor(x) else ''}")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf")
-    grid = validate_sigmas(sigmas, model_type)
-    if nfe_budget is None:  # the host's step count, a repeated trailing 0 included (Forge's flow grids)
-        nfe_budget = len(sigmas) - 1
-    if isinstance(nfe_budget, bool) or not isinstance(nfe_budget, int) or nfe_budget < 1:
-        raise ValueError(f"nfe_budget must be an integer ≥ 1, got {nfe_budget!r}")
     if mode == "fixed" and nfe_budget < grid.numel() - 1:
         raise ValueError(f"mode='fixed' follows the grid's {grid.numel() - 1} steps, above nfe_budget={nfe_budget}")
     extra_args = {} if extra_args is None else extra_args
@@ -410,17 +409,6 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ±inf λ are handled explicitly
         return _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, ends_in_zero,
                     n_intervals, lam_start, lam_lo, plan, max_order, watch, policy)
-
-
-def _budget_of_run(nfe_budget, sigmas) -> int | None:
-    """The budget a run will have, for the policy choice made before the arguments are checked: ``nfe_budget`` when
-    it is an integer, else the default ``len(sigmas) − 1``; None where neither is known (the checks then fail)."""
-    if nfe_budget is not None:
-        return nfe_budget if isinstance(nfe_budget, int) and not isinstance(nfe_budget, bool) else None
-    try:
-        return len(sigmas) - 1
-    except TypeError:
-        return None
 
 
 def _policy_for_job(model, model_type, extra_args, nfe_budget=None):
