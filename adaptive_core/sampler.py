@@ -557,7 +557,9 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
                                               0.0), x)
                 err = scaled_error(x_eval * inv_a_t, x_corr * inv_a_t, x_acc * inv_a_s, rtol, atol).cpu().numpy()
             if tol_ctl is not None and budget - nfe >= 1:  # a rejection must leave a call for the retry
-                accepted = accepted & (tol_ctl.accept(err) | np.isnan(err) | from_noise)
+                accepted = accepted & (tol_ctl.accept(err) | np.isnan(err) | from_noise
+                                       | ~_retry_can_pass(err, h_taken, order_used, lam_acc, lam_lo, budget - nfe,
+                                                          ends_in_zero))
         x_acc = _select(accepted, x_corr, x_acc)
         lam_acc = np.where(accepted, lam_eval, lam_acc)
         _push_history(hist_lam, [(hist_d, denoised)] + ([(hist_e, eps)] if noise_form else []), hist_n,
@@ -776,14 +778,35 @@ def _policy_next(policy, plan, plan_idx, n_intervals, lam_acc, lam_lo, lam_plann
     return lam_next, labels, order_delta
 
 
+def _retry_can_pass(err, h_taken, order, lam_acc, lam_lo, evals_left, ends_in_zero):
+    """Per sample [B]: whether a retry of a failed step, as short as the budget still allows, is predicted to meet
+    the tolerance.
+
+    The retry starts from the same λ with one call fewer, so the budget reservation (:func:`_tolerance_next`) makes
+    it at least (λ_end − λ) / (calls left + 1) long. Its error is predicted as err · (h_retry / h)^(p+1), the
+    local error order of a p-th order step (Hairer et al. 1993, II.4). Where even that retry would fail, rejecting
+    only spends a call and lengthens every later step, the spiral that ruined tolerance runs at large CFG scales:
+    the step is kept instead, as a fixed-budget sampler would keep it.
+    """
+    shortest_retry = (lam_lo - ctl.planning_start(lam_acc)) / (_calls_to_reserve(evals_left, ends_in_zero) + 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        predicted = err * (shortest_retry / np.maximum(h_taken, 1e-12)) ** (np.maximum(order, 1) + 1.0)
+    return ~(predicted > 1.0)
+
+
+def _calls_to_reserve(evals_left: int, ends_in_zero: bool) -> int:
+    """Calls the tolerance mode keeps for the steps after the next one (the last call of a plan ending in 0
+    evaluates the end point itself)."""
+    return max(evals_left - 1 if ends_in_zero else evals_left, 0)
+
+
 def _tolerance_next(tol_ctl, lam_acc, h_taken, h_prev, err, accepted, order, lam_lo, evals_left, ends_in_zero):
     """Next λ in tolerance mode: PI step-size proposal, then the budget reservation."""
     has_err = ~np.isnan(err)
     h = np.where(has_err, tol_ctl.propose(np.maximum(h_taken, 1e-12), np.nan_to_num(err, nan=1.0), order), h_prev)
     h = np.where(accepted | has_err, h, h_prev)
     start = ctl.planning_start(lam_acc)
-    reserve_left = np.full_like(h, max(evals_left - 1 if ends_in_zero else evals_left, 0))
-    h = ctl.reserve_budget(start, h, lam_lo, reserve_left)
+    h = ctl.reserve_budget(start, h, lam_lo, np.full_like(h, _calls_to_reserve(evals_left, ends_in_zero)))
     return np.where(h >= lam_lo - start, lam_lo, start + h), h
 
 
