@@ -399,12 +399,14 @@ _CACHE: dict[tuple, Policy] = {}
 #: also for flow models, at predictor order 3 (the order action is relative to it).  The sampler runs a policy on
 #: these unless the caller sets the option (:func:`adaptive_core.sample_adaptive`), because the policy scales the
 #: plan's next step and its corrections mean nothing on another plan.
-LEGACY_BASE_PLAN = {"prediction": "data", "flow_shift": None, "predictor": "midpoint", "max_order": 3}
+LEGACY_BASE_PLAN = {"prediction": "data", "flow_shift": None, "predictor": "midpoint", "max_order": 3,
+                    "second_order_max_step": None}
 #: The sampler's own defaults as a base plan (a policy trained on them follows the heuristic's plan of the day,
 #: e.g. the shifted-time plan of unguided flow runs), but at order 3 where the sampler's "auto" order would take 2
 #: (guided runs above CFG 2, ``adaptive_core.sampler.resolve_max_order``); ``policy --base-plan current`` trains
 #: on it.
-CURRENT_BASE_PLAN = {"prediction": "auto", "flow_shift": "auto", "predictor": "auto", "max_order": 3}
+CURRENT_BASE_PLAN = {"prediction": "auto", "flow_shift": "auto", "predictor": "auto", "max_order": 3,
+                     "second_order_max_step": None}
 #: The base plans the tuning tools name (``--base-plan``).
 BASE_PLANS = {"legacy": LEGACY_BASE_PLAN, "current": CURRENT_BASE_PLAN}
 #: What "auto" in a base plan means in this ADO: the rule of ``adaptive_core.sampler.resolve_flow_plan`` and
@@ -421,12 +423,12 @@ def uses_auto_plan(base_plan: dict) -> bool:
 
 
 def check_base_plan(base_plan) -> dict:
-    """A copy of ``base_plan`` (sampler options a policy runs on), with ``max_order`` 3 where it names none (every
-    manifest written before the base plan named it was trained at 3); ValueError unless it is a mapping whose keys
-    are among :data:`LEGACY_BASE_PLAN`'s."""
+    """A copy of ``base_plan`` (sampler options a policy runs on), with ``max_order`` 3 and no
+    ``second_order_max_step`` where it names none (every manifest written before the base plan named them was
+    trained so); ValueError unless it is a mapping whose keys are among :data:`LEGACY_BASE_PLAN`'s."""
     if not isinstance(base_plan, dict) or set(base_plan) - set(LEGACY_BASE_PLAN):
         raise ValueError(f"base_plan must be a mapping with keys among {sorted(LEGACY_BASE_PLAN)}, got {base_plan!r}")
-    return {"max_order": 3, **base_plan}
+    return {"max_order": 3, "second_order_max_step": None, **base_plan}
 
 
 def policy_base_options(spec: Any) -> dict:

@@ -28,8 +28,8 @@ MODES = ("budget", "tolerance", "fixed")
 #: configurations together, not per testbed).
 DEFAULTS = dict(mode="budget", rtol=0.05, atol=0.0078, max_order="auto", corrector=True, rho=10.0,
                 schedule="ado", final_correction=True, predictor="auto",
-                adapt=True, activity_exponent=0.25, high_order_max_step=1.5, prediction="auto",
-                flow_shift="auto")
+                adapt=True, activity_exponent=0.25, high_order_max_step=1.5, second_order_max_step="auto",
+                prediction="auto", flow_shift="auto")
 
 #: The time shift of a flow model's plan when the model declares none: SD3's default (Esser et al. 2024).
 DEFAULT_FLOW_SHIFT = 3.0
@@ -107,6 +107,10 @@ FEW_STEP_BUDGET = 10
 HIGH_GUIDANCE_SCALE = 2.0
 #: ``max_order="auto"`` everywhere else: the order the sampler had before the rule, and every policy trained on.
 DEFAULT_MAX_ORDER = 3
+#: On guided runs at CFG :data:`LONG_STEP_ORDER1_SCALE` or above, ``second_order_max_step="auto"`` allows predictor
+#: order 2 only for steps up to this length in λ; longer steps take order 1 (:func:`resolve_second_order_max_step`).
+GUIDED_SECOND_ORDER_MAX_STEP = 1.0
+LONG_STEP_ORDER1_SCALE = 3.0
 
 
 def noise_form_from_lambda(prediction: str) -> float:
@@ -150,6 +154,38 @@ def resolve_max_order(max_order, model, extra_args: dict | None = None) -> int:
     if isinstance(max_order, bool) or not isinstance(max_order, (int, float)) or max_order not in (1, 2, 3):
         raise ValueError(f"max_order must be 1, 2, 3 or 'auto', got {max_order!r}")
     return int(max_order)
+
+
+def resolve_second_order_max_step(value, model, extra_args: dict | None = None, order_is_auto: bool = True
+                                  ) -> float | None:
+    """The longest step in λ the predictor may take at order 2 or above (longer steps take order 1, the exponential
+    Euler step of DDIM, with the UniC corrector after it as always): ``value`` as given (a number > 0, or None for
+    no limit), or for "auto" :data:`GUIDED_SECOND_ORDER_MAX_STEP` on a guided run whose CFG scale
+    (:func:`detect_guidance_scale`) is at least :data:`LONG_STEP_ORDER1_SCALE` and whose ``max_order`` is "auto"
+    (``order_is_auto``; a run that names its order, e.g. a saved ComfyUI workflow, keeps it), else None.
+    ValueError for anything else.
+
+    Why: a multistep predictor extrapolates the denoised prediction from earlier points, and under large guidance
+    that prediction is rough in λ, so over a long step the extrapolation overshoots; the corrector, which
+    interpolates with the new evaluation, does not.  With few steps every step is long, which is where DPM-Solver
+    (Lu et al. 2022) already lowers the order, and where, under large CFG scales, first-order samplers (DDIM, Euler)
+    beat the multistep ones.  The limit was chosen on the two class-conditional networks at CFG 3/5/7, ve and
+    flow, 5/6/8/10/15 calls (validation seeds 20000–20031): limits of 0.6/0.8/1.0/1.2 in λ gave 0.825/0.831/
+    0.822/0.879× the error of order 2 without a limit on ve runs (worst cells 1.25/1.09/1.08/1.11) and 0.863/0.876/
+    0.874/0.922× on flow runs; 1.0 had the fewest cells above 1.05.  The gain is at 5–8 calls, where every step is
+    long, and grows with the scale: at CFG 2.5 the limit was level (1.02× on ve, 1.00× on flow; worst cells 1.15 and
+    1.37 at 5 calls), at 3 a gain (about 0.95×), at 5 and 7 a large one, hence the scale threshold.  Measured on
+    seeds 30000–30063 (``python -m adaptive_core.bench.guided_order``, ``docs/bench/guided_order.md``).
+    """
+    if value == "auto":
+        scale = detect_guidance_scale(model, extra_args)
+        guided = scale is not None and scale >= LONG_STEP_ORDER1_SCALE
+        return GUIDED_SECOND_ORDER_MAX_STEP if guided and order_is_auto else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"second_order_max_step must be a number > 0, None or 'auto', got {value!r}")
+    return float(value)
 
 
 def detect_guidance_scale(model, extra_args: dict | None = None) -> float | None:
@@ -290,7 +326,10 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
             ``rtol``, ``atol``: tolerances of the scaled error estimate (Hairer et al. 1993);
             ``max_order`` (1–3, or "auto": 2 on guided runs above CFG 2, else 3; :func:`resolve_max_order`):
             predictor order, the corrector adds one; ``high_order_max_step``: order 3
-            only for steps up to this length in λ (None: always); ``corrector`` (bool): UniC corrector;
+            only for steps up to this length in λ (None: always); ``second_order_max_step``: orders 2–3 only for
+            steps up to this length in λ (None: always; "auto": 1.0 on guided runs at CFG 3 or above whose
+            ``max_order`` is "auto", else None;
+            :func:`resolve_second_order_max_step`); ``corrector`` (bool): UniC corrector;
             ``predictor``: "midpoint" (damped, DPM-Solver++(2M)-style), "exact" integration of the interpolant, or
             "auto" (exact on a flow model's shifted-time plan, else midpoint; :func:`resolve_predictor`);
             ``prediction``: "data" (DPM-Solver++), "noise" (DPM-Solver/DEIS form), "hybrid" (data form at high
@@ -365,6 +404,8 @@ def sample_adaptive(model: Callable, x: torch.Tensor, sigmas, extra_args: dict |
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     if opt["schedule"] not in ("ado", "host"):
         raise ValueError(f"unknown schedule {opt['schedule']!r}: expected 'ado' or 'host'")
+    opt["second_order_max_step"] = resolve_second_order_max_step(opt["second_order_max_step"], model, extra_args,
+                                                                 order_is_auto=opt["max_order"] == "auto")
     opt["max_order"] = max_order = resolve_max_order(opt["max_order"], model, extra_args)
     if float(opt["rtol"]) <= 0 or float(opt["atol"]) < 0:
         raise ValueError(f"rtol must be > 0 and atol ≥ 0, got rtol={opt['rtol']} atol={opt['atol']}")
@@ -629,7 +670,8 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
             last_step = ~done & ((lam_next >= lam_lo) | (nfe >= budget))
             if last_step.any():
                 x_end = _predict(x_acc, lam_acc, lam_lo, hist_lam, hist_d, hist_n, max_order, model_type,
-                                 opt["predictor"], None, hist_e if noise_form else None, None, noise_from)[0]
+                                 opt["predictor"], None, hist_e if noise_form else None, None, noise_from,
+                                 opt["second_order_max_step"])[0]
                 out = _select(last_step, x_end, out)
                 done = done | last_step
         if callback is not None:
@@ -647,7 +689,7 @@ def _run(model, x, extra_args, callback, trace, opt, mode, model_type, budget, e
         lam_next = np.where(done, lam_acc, lam_next)
         x_pred, order = _predict(x_acc, lam_acc, lam_next, hist_lam, hist_d, hist_n, max_order, model_type,
                                  opt["predictor"], opt["high_order_max_step"], hist_e if noise_form else None,
-                                 order_delta, noise_from)
+                                 order_delta, noise_from, opt["second_order_max_step"])
         order_used = np.where(done, order_used, order)
         x_eval = _select(done, x_acc, x_pred)
         lam_eval = lam_next
@@ -887,15 +929,18 @@ def _nodes(hist_lam, hist_n, lam_s, count):
 
 
 def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type, weights="exact",
-             high_order_max_step=None, hist_e=None, order_delta=None, noise_from=-math.inf):
+             high_order_max_step=None, hist_e=None, order_delta=None, noise_from=-math.inf,
+             second_order_max_step=None):
     """Predictor x_s → x_t with per-sample order min(max_order, finite history); returns (x_t, order).
 
     With ``high_order_max_step``, orders above 2 are used only for steps of at most that many units of λ
-    (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps).
+    (long steps extrapolate a quadratic too far; Lu et al. 2022 likewise lower the order for few steps); with
+    ``second_order_max_step``, orders above 1 only for steps up to that length (guided runs,
+    :func:`resolve_second_order_max_step`).
     ``hist_e`` (ε̂ history) selects the noise-prediction form for the steps that start at λ ≥ ``noise_from``,
     except for steps from pure noise.  ``order_delta`` (per sample, a policy's choice,
     :func:`adaptive_core.policy.order_delta_from_action`): −1 lowers that order by one (at least 1), +1 drops the
-    long-step limit, 0 keeps it.
+    long-step limits, 0 keeps them.
     """
     noise_rows = _noise_rows(hist_e, lam_s, noise_from)
     history_order = np.clip(hist_n, 1, max_order)
@@ -903,6 +948,8 @@ def _predict(x_s, lam_s, lam_t, hist_lam, hist_d, hist_n, max_order, model_type,
     h = lam_t - lam_s
     if high_order_max_step is not None:
         order = np.where(h > high_order_max_step, np.minimum(order, 2), order)
+    if second_order_max_step is not None:
+        order = np.where(h > second_order_max_step, 1, order)
     if order_delta is not None:
         order = np.where(order_delta > 0, history_order, np.where(order_delta < 0, np.maximum(order - 1, 1), order))
     sigma_s, sigma_t = _sig(lam_s, model_type), _sig(lam_t, model_type)

@@ -73,7 +73,8 @@ class ADOAdaptiveSampler:
                                                       "ends; host: the connected sigmas are the plan."}),
             "max_order": ("INT", {"default": 0, "min": 0, "max": 3,
                                   "tooltip": "Highest order of the multistep predictor (the corrector adds one). "
-                                             "0 = auto: 2 on guided runs above CFG 2, else 3."}),
+                                             "0 = auto: 2 on guided runs above CFG 2 (from CFG 3, 1 on steps "
+                                             "longer than 1 in log-SNR/2), else 3."}),
             "model_type": ([AUTO, "ve", "flow"], {"default": AUTO,
                                                    "tooltip": "auto: flow for rectified-flow models (SD3, Flux, "
                                                               "Wan…), ve for eps / v models (SD1.x, SDXL)."}),

@@ -225,6 +225,8 @@ def _sample():
     # the CFG scale Forge hands its denoiser (extra_args["cond_scale"], 5 here) sets the heuristic's order: 2 above 2
     assert p.sampler.ado_trace.options["max_order"] == 2, p.sampler.ado_trace.options
     report["facts"]["max_order_cfg5"] = p.sampler.ado_trace.options["max_order"]
+    assert p.sampler.ado_trace.options["second_order_max_step"] == 1.0, p.sampler.ado_trace.options
+    report["facts"]["second_order_max_step_cfg5"] = p.sampler.ado_trace.options["second_order_max_step"]
 
 
 @stage("infotext")
@@ -277,18 +279,19 @@ def _policy_auto():
     shared.opts.ado_controller = "policy:auto"
     try:
         # flow (SD3-style, shift 3) guided and unguided; ve (SD 1.5-style epsilon prediction) at CFG 7, its users' scale
-        for prediction, model_type, cfg, fact in ((PredictionDiscreteFlow(shift=3.0), "flow", 5.0, "policy_auto_cfg5"),
-                                                  (PredictionDiscreteFlow(shift=3.0), "flow", 1.0, "policy_auto_cfg1"),
-                                                  (Prediction(prediction_type="epsilon"), "ve", 7.0,
-                                                   "policy_auto_ve_cfg7")):
+        # (at budgets inside the guided policies' scopes: 10 and 8 calls)
+        for prediction, model_type, cfg, steps, fact in (
+                (PredictionDiscreteFlow(shift=3.0), "flow", 5.0, 10, "policy_auto_cfg5"),
+                (PredictionDiscreteFlow(shift=3.0), "flow", 1.0, 6, "policy_auto_cfg1"),
+                (Prediction(prediction_type="epsilon"), "ve", 7.0, 8, "policy_auto_ve_cfg7")):
             guidance = "unguided" if cfg == 1.0 else "guided"
-            p, samples, _ = run(prediction, steps=6, cfg_scale=cfg)
+            p, samples, _ = run(prediction, steps=steps, cfg_scale=cfg)
             trace = p.sampler.ado_trace
             prefix = f"domain adapter: {model_type}, {guidance} (CFG {cfg:g})"
             (note,) = [n for n in trace.notes if n.startswith(prefix)]
             shift = float(note.split("shift ")[1].split(",")[0]) if model_type == "flow" else None
-            want = select_policy(JobDomain(model_type, guidance, cfg, shift, nfe_budget=6))
-            assert torch.isfinite(samples).all() and trace.nfe <= 6
+            want = select_policy(JobDomain(model_type, guidance, cfg, shift, nfe_budget=steps))
+            assert torch.isfinite(samples).all() and trace.nfe <= steps
             assert trace.options["controller"] == ("heuristic" if want is None else f"policy:{want}"), trace.options
             assert model_type == "flow" or want is not None     # guided ve at CFG 7 has a bundled policy
             report["facts"][fact] = trace.options["controller"] + ("" if shift is None else f" (shift {shift:g})")

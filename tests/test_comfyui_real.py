@@ -182,18 +182,19 @@ def test_policy_auto_on_a_guided_ve_run_at_cfg_7(real):
     """An SD 1.5-style run (epsilon prediction: ve to ADO) at CFG 7 under "policy:auto": the real CFGGuider's scale
     takes it to the bundled policy whose scope covers guided ve runs there (docs/policy/README.md, section 10)."""
     from adaptive_core.domain import JobDomain, select_policy
-    _, trace = run_policy_auto(real, "eps", 7.0, "karras", 6)
-    want = select_policy(JobDomain("ve", "guided", 7.0, nfe_budget=6))
+    _, trace = run_policy_auto(real, "eps", 7.0, "karras", 8)
+    want = select_policy(JobDomain("ve", "guided", 7.0, nfe_budget=8))
     assert want is not None and trace.options["controller"] == f"policy:{want}"
     assert any(n.startswith("domain adapter: ve, guided (CFG 7)") for n in trace.notes)
 
 
-@pytest.mark.parametrize("cfg,order", [(7.0, 2), (2.0, 3), (1.0, 3)])
-def test_the_real_guiders_cfg_sets_the_predictor_order(real, cfg, order):
+@pytest.mark.parametrize("cfg,order,limit", [(7.0, 2, 1.0), (2.0, 3, None), (1.0, 3, None)])
+def test_the_real_guiders_cfg_sets_the_predictor_order(real, cfg, order, limit):
     """The heuristic's ``max_order="auto"`` (the node's widget 0) reads the real CFGGuider's scale: order 2 above
-    CFG 2 (adaptive_core.sampler.resolve_max_order), else 3."""
+    CFG 2 (adaptive_core.sampler.resolve_max_order), else 3; and above CFG 2 order 1 on steps longer than 1 in λ
+    (resolve_second_order_max_step)."""
     _, trace = run_policy_auto(real, "eps", cfg, "karras", 8, controller="heuristic")
-    assert trace.options["max_order"] == order
+    assert trace.options["max_order"] == order and trace.options["second_order_max_step"] == limit
 
 
 @pytest.mark.parametrize("kind", KINDS)

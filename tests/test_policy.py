@@ -1449,10 +1449,16 @@ def test_a_policy_keeps_the_order_it_was_trained_at_on_a_guided_run(tmp_path, ha
         trace = Trace()
         sample_adaptive(tb, x, grid, model_type="ve", trace=trace, **kw)
         return trace.options["max_order"]
-    assert order() == 2
-    assert order(controller=f"policy:{hand_policy}") == 3
+
+    def step_limit(**kw):
+        trace = Trace()
+        sample_adaptive(tb, x, grid, model_type="ve", trace=trace, **kw)
+        return trace.options["second_order_max_step"]
+    assert order() == 2 and step_limit() == 1.0
+    assert order(controller=f"policy:{hand_policy}") == 3 and step_limit(controller=f"policy:{hand_policy}") is None
     assert order(controller=f"policy:{hand_policy}", max_order=1) == 1
-    assert check_base_plan({"prediction": "data"}) == {"prediction": "data", "max_order": 3}
+    assert check_base_plan({"prediction": "data"}) == {"prediction": "data", "max_order": 3,
+                                                       "second_order_max_step": None}
     own = _write_policy(tmp_path / "o", _Tanh(), "own", base_plan={**LEGACY_BASE_PLAN, "max_order": 2})
     assert order(controller=f"policy:{own}") == 2
 

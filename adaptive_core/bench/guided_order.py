@@ -1,4 +1,5 @@
-"""Guided runs: the predictor order of ``max_order="auto"`` (2 above CFG 2) against order 3 and the peers.
+"""Guided runs: the predictor order of ``max_order="auto"`` (2 above CFG 2; from CFG 3, 1 on steps longer than 1 in
+λ) against order 3, order 2 and the peers.
 
 ``python -m adaptive_core.bench.guided_order [--testbeds mnist_unet digits_unet] [--model-types ve flow]
 [--cfg 1.5 2 2.5 3 5 7] [--nfe 5 6 8 10 15 20] [--seeds 64] [--first-seed 30000] [--peers default|none|NAME ...]
@@ -7,9 +8,12 @@
 For each class-conditional network, model type, CFG scale and budget it runs, on the same noises and against a
 λ-uniform reference solve (:data:`REFERENCE_STEPS` steps, as the policy measurements):
 
-* ``ado``: ADO as shipped, ``max_order="auto"`` (:func:`~adaptive_core.sampler.resolve_max_order`);
-* ``order3``: ``max_order=3``, what ADO ran on every guided run before the rule (2026-11-28);
-* ``order2``: ``max_order=2`` (at CFG ≤ 2, where ``ado`` is ``order3``: the evidence for the rule's threshold);
+* ``ado``: ADO as shipped, ``max_order="auto"`` (:func:`~adaptive_core.sampler.resolve_max_order`) and
+  ``second_order_max_step="auto"`` (:func:`~adaptive_core.sampler.resolve_second_order_max_step`);
+* ``order3``: ``max_order=3`` without the step limit, what ADO ran on every guided run before the rules
+  (2026-11-28);
+* ``order2``: ``max_order=2`` without the step limit, what ADO ran above CFG 2 between the two rules (at CFG ≤ 2,
+  where ``ado`` is ``order3``: the evidence for the first rule's threshold);
 * the peers (:data:`~adaptive_core.bench.trained.DEFAULT_PEERS`, fixed-grid samplers), the best of them per budget.
 
 Writes ``<out>.json``, ``<out>.md`` (tables and a summary) and ``<out>.png`` (order 2 / order 3 and ADO / best
@@ -55,7 +59,8 @@ def measure_config(name: str, model_type: str, cfg: float, nfes, seeds, peers) -
     for n in nfes:
         grid = host_sigmas(tb, n)
         row = {"nfe": int(n), "peers": {}}
-        for label, opts in (("ado", {}), ("order3", {"max_order": 3}), ("order2", {"max_order": 2})):
+        for label, opts in (("ado", {}), ("order3", {"max_order": 3, "second_order_max_step": None}),
+                            ("order2", {"max_order": 2, "second_order_max_step": None})):
             row[label] = rmse(sample_adaptive(tb, x, grid, nfe_budget=n, model_type=model_type, **opts), ref)
         add_peers(row, peers, tb, x, n, ref)
         rows.append(row)
@@ -75,7 +80,8 @@ def summary(results: dict) -> dict:
     out = {}
     for group, auto_order in (("rule_order2", 2), ("rule_order3", 3)):
         configs = [c for c in results["configs"] if c["auto_order"] == auto_order]
-        for key, num, den in (("order2_vs_order3", "order2", "order3"), ("ado_vs_best_peer", "ado", "best_peer_rmse"),
+        for key, num, den in (("order2_vs_order3", "order2", "order3"), ("ado_vs_order2", "ado", "order2"),
+                              ("ado_vs_best_peer", "ado", "best_peer_rmse"),
                               ("order3_vs_best_peer", "order3", "best_peer_rmse")):
             cells = [(r[num] / r[den], c["testbed"], r["nfe"]) for c in configs for r in c["rows"] if den in r]
             if cells:
@@ -89,14 +95,16 @@ def summary(results: dict) -> dict:
 def markdown(results: dict) -> str:
     """The report: how to reproduce, the summary, and one table per configuration."""
     meta, summ = results["meta"], results["summary"]
-    lines = ["# Guided runs: predictor order 2 above CFG 2 (`max_order=\"auto\"`)", "",
+    lines = ["# Guided runs: predictor order 2 above CFG 2, order 1 on long steps", "",
              (f"`{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}, torch {meta['torch']}; seeds "
               f"{meta['seeds'][0]}–{meta['seeds'][1] - 1}). RMSE to a {REFERENCE_STEPS}-step λ-uniform solve over "
               "all pixels of all images. `ado` is ADO as shipped (`max_order=\"auto\"`: 2 on guided runs above CFG "
-              "2, else 3), `order3` what it ran before, `order2` order 2 forced; the peers are fixed-grid samplers on "
-              "the same noises."), ""]
+              "2, else 3; `second_order_max_step=\"auto\"`: from CFG 3 order 1 on steps longer than 1 in λ), "
+              "`order3` what it ran before both rules, `order2` order 2 without the step limit (what it ran between "
+              "them); the peers are fixed-grid samplers on the same noises."), ""]
     names = {"rule_order2": "CFG above 2 (the rule takes order 2)", "rule_order3": "CFG up to 2 (the rule keeps 3)"}
-    labels = {"order2_vs_order3": "order 2 / order 3", "ado_vs_best_peer": "ADO / best peer",
+    labels = {"order2_vs_order3": "order 2 / order 3", "ado_vs_order2": "ADO / order 2 (the step limit)",
+              "ado_vs_best_peer": "ADO / best peer",
               "order3_vs_best_peer": "order 3 / best peer"}
     for group, parts in summ.items():
         for key, s in parts.items():
@@ -105,7 +113,7 @@ def markdown(results: dict) -> str:
                          f"{s['worst_cell'][1]} NFE); {s['cells_above_1']} cells above 1.")
     groups = [(t, auto_order) for auto_order in (2, 3) for t in ("ve", "flow")
               if any(c["model_type"] == t and c["auto_order"] == auto_order for c in results["configs"])]
-    lines += ["", "Geometric means per budget, order 2 / order 3 and ADO / best peer:", "",
+    lines += ["", "Geometric means per budget, order 2 / order 3, ADO / order 2 and ADO / best peer:", "",
               "| NFE | " + " | ".join(f"{t}, CFG {'above' if o == 2 else 'up to'} 2" for t, o in groups) + " |",
               "|---|" + "---|" * len(groups)]
     for n in meta["nfe"]:
@@ -115,31 +123,33 @@ def markdown(results: dict) -> str:
                     for r in c["rows"] if r["nfe"] == n]
             peers = [r["ado"] / r["best_peer_rmse"] for r in rows if "best_peer_rmse" in r]
             cells.append(f"{geometric_mean(r['order2'] / r['order3'] for r in rows):.3f} / "
+                         f"{geometric_mean(r['ado'] / r['order2'] for r in rows):.3f} / "
                          + (f"{geometric_mean(peers):.3f}" if peers else "–"))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     for c in results["configs"]:
         lines += ["", f"## {c['testbed']} (ADO runs order {c['auto_order']})", "",
-                  "| NFE | ado | order 3 | order 2 | order 2 / order 3 | best peer | ado / best peer |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| NFE | ado | order 3 | order 2 | order 2 / order 3 | ado / order 2 | best peer | ado / best peer |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in c["rows"]:
             peer = (f"{r['best_peer']} {r['best_peer_rmse']:.4g} | {r['ado'] / r['best_peer_rmse']:.3f}"
                     if "best_peer" in r else "– | –")
             lines.append(f"| {r['nfe']} | {r['ado']:.4g} | {r['order3']:.4g} | {r['order2']:.4g} | "
-                         f"{r['order2'] / r['order3']:.3f} | {peer} |")
+                         f"{r['order2'] / r['order3']:.3f} | {r['ado'] / r['order2']:.3f} | {peer} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """One row per model type: order 2 / order 3, and ADO / best peer, against NFE (log scales), one line per
-    network and CFG scale (dashed where the rule keeps order 3)."""
+    """One row per model type: order 2 / order 3, ADO / order 2 and ADO / best peer against NFE (log scales), one
+    line per network and CFG scale (dashed where the rule keeps order 3)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     types = sorted({c["model_type"] for c in results["configs"]})
-    fig, axes = plt.subplots(len(types), 2, figsize=(12, 4.2 * len(types)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(types), 3, figsize=(17, 4.2 * len(types)), squeeze=False, sharex=True)
     for row, model_type in zip(axes, types):
         for ax, (num, den, title) in zip(row, (("order2", "order3", "order 2 / order 3"),
+                                               ("ado", "order2", "ADO as shipped / order 2 (the step limit)"),
                                                ("ado", "best_peer_rmse", "ADO as shipped / best peer"))):
             for c in (c for c in results["configs"] if c["model_type"] == model_type):
                 rows = [r for r in c["rows"] if den in r]
