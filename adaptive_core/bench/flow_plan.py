@@ -193,10 +193,7 @@ def plot(results: dict, path: Path) -> None:
         axes[1].legend(fontsize=7)
     elif axes[0].get_lines()[:-1]:
         axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -251,6 +248,15 @@ def run_jobs(job, jobs: list, processes: int, desc: str, unit: str) -> list:
         with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
             return list(tqdm(pool.map(job, jobs), total=len(jobs), desc=desc, unit=unit))
     return [job(j) for j in tqdm(jobs, desc=desc, unit=unit)]
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (creating its folder) at the reports' resolution, and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_outputs(results: dict, out: Path, markdown, plot) -> None:

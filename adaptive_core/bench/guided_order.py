@@ -36,6 +36,7 @@ from .flow_plan import (
     config_and_reference,
     geometric_mean,
     run_jobs,
+    save_figure,
     write_outputs,
 )
 
@@ -168,10 +169,7 @@ def plot(results: dict, path: Path) -> None:
         row[0].legend(fontsize=6, ncol=2)
     for ax in axes[-1]:
         ax.set_xlabel("model calls (NFE)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,7 @@ from .flow_plan import (
     config_and_reference,
     geometric_mean,
     run_jobs,
+    save_figure,
     write_outputs,
 )
 
@@ -192,10 +193,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("model calls (mean per image)", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("RMSE to the reference", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
