@@ -113,6 +113,14 @@ def geometric_mean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def ratio_summary(cells, above: float = 1.0) -> dict:
+    """Summary of ``cells`` [(ratio, *where)]: geometric mean, worst and best ratio, where the worst is, the count
+    of cells and of those above ``above`` (key ``cells_above_<above>``)."""
+    worst = max(cells)
+    return {"geomean": geometric_mean(v[0] for v in cells), "worst": worst[0], "worst_cell": list(worst[1:]),
+            "best": min(cells)[0], "cells": len(cells), f"cells_above_{above:g}": sum(v[0] > above for v in cells)}
+
+
 def summary(results: dict) -> dict:
     """Geometric means and worst cells of ado / ado_before and ado / best peer over the unguided rows (and per
     regime), and of the unguided rule forced on guided rows / ado_before ("guided_unguided_rule_vs_before")."""

@@ -35,6 +35,7 @@ from .flow_plan import (
     add_run_arguments,
     config_and_reference,
     geometric_mean,
+    ratio_summary,
     run_jobs,
     save_figure,
     write_outputs,
@@ -86,10 +87,7 @@ def summary(results: dict) -> dict:
                               ("order3_vs_best_peer", "order3", "best_peer_rmse")):
             cells = [(r[num] / r[den], c["testbed"], r["nfe"]) for c in configs for r in c["rows"] if den in r]
             if cells:
-                out.setdefault(group, {})[key] = {
-                    "geomean": geometric_mean(v[0] for v in cells), "worst": max(cells)[0],
-                    "worst_cell": list(max(cells)[1:]), "best": min(cells)[0], "cells": len(cells),
-                    "cells_above_1": sum(v[0] > 1 for v in cells)}
+                out.setdefault(group, {})[key] = ratio_summary(cells)
     return out
 
 

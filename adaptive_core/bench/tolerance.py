@@ -33,7 +33,7 @@ import torch
 from .flow_plan import (
     add_run_arguments,
     config_and_reference,
-    geometric_mean,
+    ratio_summary,
     run_jobs,
     save_figure,
     write_outputs,
@@ -112,17 +112,11 @@ def summary(results: dict) -> dict:
     grew = [(later["tolerance"] / earlier["tolerance"], c["testbed"], later["rtol"]) for c in results["configs"]
             for earlier, later in zip(c["rows"], c["rows"][1:])
             if later["rtol"] < earlier["rtol"] and later["tolerance"] > 1.5 * earlier["tolerance"]]
-    out = {"tolerance_vs_budget": {"geomean": geometric_mean(v[0] for v in cells), "worst": max(cells)[0],
-                                   "worst_cell": list(max(cells)[1:]), "best": min(cells)[0], "cells": len(cells),
-                                   "cells_above_1.5": sum(v[0] > 1.5 for v in cells)},
-           "non_monotone": [list(g) for g in grew]}
+    out = {"tolerance_vs_budget": ratio_summary(cells, above=1.5), "non_monotone": [list(g) for g in grew]}
     peer_cells = [(r["tolerance"] / p["rmse"], c["testbed"], r["rtol"], name) for c in results["configs"]
                   for r in c["rows"] for name, p in r["peers"].items() if p["nfe"] <= r["nfe"]]
     if peer_cells:
-        out["tolerance_vs_peer_within_calls"] = {
-            "geomean": geometric_mean(v[0] for v in peer_cells), "worst": max(peer_cells)[0],
-            "worst_cell": list(max(peer_cells)[1:]), "cells": len(peer_cells),
-            "cells_above_1": sum(v[0] > 1 for v in peer_cells)}
+        out["tolerance_vs_peer_within_calls"] = ratio_summary(peer_cells)
     return out
 
 
