@@ -1460,7 +1460,22 @@ def test_a_policy_keeps_the_order_it_was_trained_at_on_a_guided_run(tmp_path, ha
     assert check_base_plan({"prediction": "data"}) == {"prediction": "data", "max_order": 3,
                                                        "second_order_max_step": None}
     own = _write_policy(tmp_path / "o", _Tanh(), "own", base_plan={**LEGACY_BASE_PLAN, "max_order": 2})
-    assert order(controller=f"policy:{own}") == 2
+    assert order(controller=f"policy:{own}") == 2 and step_limit(controller=f"policy:{own}") is None
+    limited = _write_policy(tmp_path / "l", _Tanh(), "limited",
+                            base_plan={**LEGACY_BASE_PLAN, "max_order": 2, "second_order_max_step": 1.0})
+    assert order(controller=f"policy:{limited}") == 2 and step_limit(controller=f"policy:{limited}") == 1.0
+
+
+def test_second_order_max_step_option_of_policy_training():
+    """``tune policy --second-order-max-step`` sets the base plan's step limit: a number > 0, or 'none'; anything
+    else is an argparse error naming the value."""
+    import argparse
+
+    from adaptive_core.tune.policy_train import parse_second_order_max_step
+    assert parse_second_order_max_step("1.0") == 1.0 and parse_second_order_max_step("None") is None
+    for bad in ("0", "-1", "nan", "inf", "auto", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            parse_second_order_max_step(bad)
 
 
 @pytest.mark.parametrize("model_type", ["ve", "flow"])

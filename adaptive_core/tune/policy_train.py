@@ -946,6 +946,21 @@ def parse_early_step_cap(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
+def parse_second_order_max_step(text: str) -> float | None:
+    """"1.0" → 1.0, "none" → None: ``--second-order-max-step``, the base plan's longest step in λ at predictor order
+    2 or above (checked by :func:`adaptive_core.sampler.resolve_second_order_max_step`, the rule of DPM-Solver, Lu et
+    al. 2022, which lowers the order on long steps); argparse reports its message on bad input."""
+    import argparse
+
+    from ..sampler import resolve_second_order_max_step
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return resolve_second_order_max_step(float(text), model=None)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def manifest_early_step_cap(manifest_path: Path) -> tuple[float, float] | None:
     """The early-step cap a policy manifest was trained under (None when it has none, or the file is missing:
     ``train`` reports that), checked by :func:`adaptive_core.policy.check_early_step_cap`; ``policy --init`` keeps
@@ -1053,6 +1068,11 @@ def main(argv) -> int:
     ap.add_argument("--max-order", type=int, choices=(1, 2, 3), default=None,
                     help="the base plan's predictor order (default: the --init manifest's, else 3; the heuristic "
                          "takes 2 on guided runs above CFG 2, adaptive_core.sampler.resolve_max_order)")
+    ap.add_argument("--second-order-max-step", type=parse_second_order_max_step, default=False, metavar="H",
+                    help="the base plan's longest step in λ at predictor order 2 or above, longer steps taking order 1 "
+                         "(the heuristic's rule on guided runs at CFG ≥ 3 is 1.0, "
+                         "adaptive_core.sampler.resolve_second_order_max_step); 'none': no limit (default: the --init "
+                         "manifest's, else none)")
     ap.add_argument("--early-step-cap", type=parse_early_step_cap, default=None, metavar="P,A",
                     help="cap the step action at A on the decisions before the share P of the λ-span (steps at most "
                          "4^A times the heuristic's there), in training and at run time; e.g. 0.2,0.15 (default: "
@@ -1089,6 +1109,8 @@ def main(argv) -> int:
     base_plan = check_base_plan(base_plan)
     if args.max_order is not None:
         base_plan["max_order"] = args.max_order
+    if args.second_order_max_step is not False:
+        base_plan["second_order_max_step"] = args.second_order_max_step
     if args.log_std_init is None:
         args.log_std_init = FINE_TUNE_LOG_STD_INIT[0] if from_manifest else -1.0
     if args.order_log_std_init is None:
