@@ -226,11 +226,8 @@ def main(argv=None) -> int:
             for cfg in (args.cfg if name in CONDITIONAL_TESTBED_NAMES else [1.0])]
     t0 = time.time()
     measured = run_jobs(_job, jobs, args.jobs, "flow testbeds", "testbed")
-    results = {"meta": {"command": "python -m adaptive_core.bench.flow_plan "
-                                   + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "seeds": [seeds[0], seeds[-1] + 1], "nfe": list(args.nfe), "peers": peers,
-                        "torch": torch.__version__, "seconds": time.time() - t0,
-                        "machine": f"{platform.machine()}, {min(args.jobs, len(jobs))} process(es) of 1 thread"},
+    results = {"meta": report_meta("flow_plan", argv, seeds, min(args.jobs, len(jobs)), t0, nfe=list(args.nfe),
+                                   peers=peers),
                "testbeds": measured}
     results["summary"] = summary(results)
     write_outputs(results, args.out, markdown, plot)
@@ -256,6 +253,15 @@ def run_jobs(job, jobs: list, processes: int, desc: str, unit: str) -> list:
         with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
             return list(tqdm(pool.map(job, jobs), total=len(jobs), desc=desc, unit=unit))
     return [job(j) for j in tqdm(jobs, desc=desc, unit=unit)]
+
+
+def report_meta(module: str, argv, seeds: list, processes: int, started: float, **fields) -> dict:
+    """The ``meta`` block of a report: the command that ran it (``python -m adaptive_core.bench.<module>`` and
+    ``argv``, or the process's own arguments), the seed range, ``fields``, the torch version, the seconds since
+    ``started`` and the machine (``processes`` worker processes of one thread each)."""
+    return {"command": f"python -m adaptive_core.bench.{module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seeds": [seeds[0], seeds[-1] + 1], **fields, "torch": torch.__version__, "seconds": time.time() - started,
+            "machine": f"{platform.machine()}, {processes} process(es) of 1 thread"}
 
 
 def save_figure(fig, path: Path) -> None:

@@ -23,7 +23,6 @@ peer against NFE, one line per scale).  The seeds default to 30000 onwards: the 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from .flow_plan import (
     config_and_reference,
     geometric_mean,
     ratio_summary,
+    report_meta,
     run_jobs,
     save_figure,
     write_outputs,
@@ -196,12 +196,8 @@ def main(argv=None) -> int:
             for cfg in args.cfg]
     t0 = time.time()
     measured = run_jobs(_job, jobs, args.jobs, "guided configurations", "config")
-    results = {"meta": {"command": "python -m adaptive_core.bench.guided_order "
-                                   + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "seeds": [seeds[0], seeds[-1] + 1], "nfe": list(args.nfe), "cfg": list(args.cfg),
-                        "peers": {t: list(p) for t, p in peers.items()}, "torch": torch.__version__,
-                        "seconds": time.time() - t0,
-                        "machine": f"{platform.machine()}, {min(args.jobs, len(jobs))} process(es) of 1 thread"},
+    results = {"meta": report_meta("guided_order", argv, seeds, min(args.jobs, len(jobs)), t0, nfe=list(args.nfe),
+                                   cfg=list(args.cfg), peers={t: list(p) for t, p in peers.items()}),
                "configs": measured}
     results["summary"] = summary(results)
     write_outputs(results, args.out, markdown, plot)

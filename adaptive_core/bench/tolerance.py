@@ -22,7 +22,6 @@ configuration).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from .flow_plan import (
     add_run_arguments,
     config_and_reference,
     ratio_summary,
+    report_meta,
     run_jobs,
     save_figure,
     write_outputs,
@@ -219,11 +219,8 @@ def main(argv=None) -> int:
     jobs = [(name, t, cfg, rtols, args.max_nfe, seeds, peers) for name, t, cfg in configs]
     t0 = time.time()
     measured = run_jobs(_job, jobs, args.jobs, "configurations", "config")
-    results = {"meta": {"command": "python -m adaptive_core.bench.tolerance "
-                                   + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "seeds": [seeds[0], seeds[-1] + 1], "rtol": rtols, "max_nfe": args.max_nfe,
-                        "peers": list(peers), "torch": torch.__version__, "seconds": time.time() - t0,
-                        "machine": f"{platform.machine()}, {min(args.jobs, len(jobs))} process(es) of 1 thread"},
+    results = {"meta": report_meta("tolerance", argv, seeds, min(args.jobs, len(jobs)), t0, rtol=rtols,
+                                   max_nfe=args.max_nfe, peers=list(peers)),
                "configs": measured}
     results["summary"] = summary(results)
     write_outputs(results, args.out, markdown, plot)
