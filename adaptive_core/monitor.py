@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .learned import (JsonManifest, check_io_names, import_onnxruntime, load_cached, open_verified_session,
-                      sha256_of_bytes, sha256_of_file)
+from .learned import (JsonManifest, check_io_names, graph_runner, import_onnxruntime, load_cached,
+                      open_verified_session, sha256_of_bytes, sha256_of_file)
 
 #: Manifest format tag (bumped when the manifest's meaning changes).
 MANIFEST_FORMAT = "ado-quality-monitor/1"
@@ -105,14 +105,15 @@ class QualityMonitor:
                                                               device, "monitor", MonitorLoadError, MonitorIntegrityError)
         check_io_names(self._session, self.manifest.input_name, self.manifest.output_name,
                        self.path.parent / self.manifest.onnx_file, MonitorLoadError)
-        self._input, self._outputs = self.manifest.input_name, [self.manifest.output_name]
+        self._run_graph = graph_runner(self._session, self.manifest.input_name, self.manifest.output_name,
+                                       np.zeros((1, len(FEATURE_NAMES)), np.float32))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """The raw outputs [B, 2] (log10 RMSE to the run's final sample, to the reference) for features [B, N]."""
         f = np.ascontiguousarray(features, dtype=np.float32)
         if f.ndim != 2 or f.shape[1] != len(FEATURE_NAMES):
             raise ValueError(f"monitor features must be [B, {len(FEATURE_NAMES)}], got shape {f.shape}")
-        return self._session.run(self._outputs, {self._input: f})[0].astype(np.float64)
+        return self._run_graph(f).astype(np.float64)
 
     def estimate(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(remaining RMSE to the run's final sample, RMSE to the converged reference) per image, float64 [B]."""

@@ -63,7 +63,13 @@ from typing import Any
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .learned import JsonManifest, check_io_names, load_cached, open_verified_session
+from .learned import (
+    JsonManifest,
+    check_io_names,
+    graph_runner,
+    load_cached,
+    open_verified_session,
+)
 
 #: Manifest format tag.
 MANIFEST_FORMAT = "ado-ppo-policy/1"
@@ -244,6 +250,7 @@ class Policy:
             self._mean = np.asarray(m.normalisation["mean"], dtype=np.float64)
             self._std = np.maximum(np.sqrt(np.asarray(m.normalisation["var"], dtype=np.float64)),
                                    float(m.fallback.get("std_floor", STD_FLOOR)))
+            self._inv_std = 1.0 / self._std
         except (KeyError, TypeError, ValueError) as e:
             raise PolicyLoadError(f"{self.path}: incomplete action mapping or normalisation ({e!r})") from None
         if not 0.0 <= self.min_lambda_progress < 1.0:
@@ -273,13 +280,17 @@ class Policy:
         if soft_z is not None and (isinstance(soft_z, bool) or not isinstance(soft_z, (int, float))):
             raise PolicyLoadError(f"{self.path}: fallback soft_z must be a number, got {soft_z!r}")
         self.soft_z = None if soft_z is None else float(soft_z)
+        undamped_z = self.ood_z if self.soft_z is None else self.soft_z   # rows inside act undamped: decide's fast path
+        self._undamped_box = ((self._mean - undamped_z * self._std).tolist(),
+                              (self._mean + undamped_z * self._std).tolist())
         if self.soft_z is not None and not 0.0 <= self.soft_z < self.ood_z:
             raise PolicyLoadError(f"{self.path}: fallback soft_z must be in [0, ood_z={self.ood_z:g}), got "
                                   f"{self.soft_z:g}")
         self._session, self.providers = open_verified_session(self.path, m.onnx_file, m.sha256, device, "policy",
                                                               PolicyLoadError, PolicyIntegrityError)
         check_io_names(self._session, m.input_name, m.output_name, self.path.parent / m.onnx_file, PolicyLoadError)
-        self._input_name, self._output_names = m.input_name, [m.output_name]
+        self._run_graph = graph_runner(self._session, m.input_name, m.output_name,
+                                       self._mean.reshape(1, -1).astype(np.float32))
         try:   # one probe row: the graph must give the action width its manifest's kind says
             self.act(self._mean.reshape(1, -1))
         except PolicyLoadError:
@@ -293,18 +304,18 @@ class Policy:
         o = np.ascontiguousarray(observation, dtype=np.float32)
         if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
             raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
-        out = self._session.run(self._output_names, {self._input_name: o})[0]
-        a = out.reshape(o.shape[0], -1).astype(np.float64)
+        a = self._run_graph(o).reshape(o.shape[0], -1).astype(np.float64)
         if a.shape[1] != self.n_actions:
             raise PolicyLoadError(f"{self.path}: the graph gives {a.shape[1]} action(s) per row, its action kind "
                                   f"{self.manifest.action['kind']!r} needs {self.n_actions}")
-        return np.minimum(np.maximum(a, -1.0), 1.0)   # (the graph clips already; cheap guard for other graphs)
+        np.maximum(a, -1.0, out=a)   # (the graph clips already; cheap guard for other graphs)
+        return np.minimum(a, 1.0, out=a)
 
     def _largest_z(self, o: np.ndarray) -> np.ndarray:
         """Per row of float64 observations, the largest |z| (NaN where an entry is NaN, inf where one is ±inf)."""
-        with np.errstate(invalid="ignore"):
-            z = np.abs(o - self._mean)
-            z /= self._std
+        z = o - self._mean   # (mean and std are finite, std > 0: no floating-point warning, NaN stays NaN)
+        np.abs(z, out=z)
+        z *= self._inv_std
         return z.max(1)
 
     def out_of_range(self, observation: np.ndarray) -> list[str | None]:
@@ -330,7 +341,8 @@ class Policy:
         return reasons
 
     def _gain(self, z_max: np.ndarray) -> np.ndarray:
-        return np.clip((self.ood_z - np.nan_to_num(z_max, nan=np.inf)) / (self.ood_z - self.soft_z), 0.0, 1.0)
+        gain = np.minimum((self.ood_z - z_max) / (self.ood_z - self.soft_z), 1.0)
+        return np.where(z_max <= self.ood_z, gain, 0.0)   # (NaN compares False: 0)
 
     def action_gain(self, observation: np.ndarray) -> np.ndarray:
         """Per row, the factor :meth:`decide` scales the policy's actions by (module docstring, "Damping before the
@@ -339,24 +351,42 @@ class Policy:
         o = np.asarray(observation, dtype=np.float64)
         return np.ones(o.shape[0]) if self.soft_z is None else self._gain(self._largest_z(o))
 
+    def _all_rows_undamped(self, o: np.ndarray) -> bool:
+        """Whether every row of ``o`` [B, N_OBSERVATIONS] lies within ``soft_z`` (without one: ``ood_z``) std of the
+        training mean, where :meth:`decide` is the bare actor (a NaN compares False).  A sampler decides one row per
+        image: for a few rows this compares in plain Python, since on a slow CPU each numpy call ahead of the ONNX
+        call costs more than its arithmetic (section 14 of docs/policy/README.md)."""
+        lo, hi = self._undamped_box
+        if o.shape[0] > 8:
+            return bool(((o >= lo) & (o <= hi)).all())
+        for row in o.tolist():
+            for value, low, high in zip(row, lo, hi):
+                if not low <= value <= high:
+                    return False
+        return True
+
     def decide(self, observation: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
         """(actions [B, n_actions], per-row fallback reason or None): rows out of the training range get action 0,
         the heuristic's own step and order; rows between ``soft_z`` and ``ood_z`` std out get the policy's actions
         scaled by :meth:`action_gain`."""
-        o = np.asarray(observation, dtype=np.float64)
+        o = np.asarray(observation)
+        if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
+            raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
+        if self._all_rows_undamped(o):
+            return self.act(o), [None] * o.shape[0]
+        o = o.astype(np.float64)
         z_max = self._largest_z(o)
-        reasons = self._reasons(o, z_max)
         ok = z_max <= self.ood_z
         if ok.all():
-            actions = self.act(o)
+            reasons: list[str | None] = [None] * o.shape[0]
+            actions = self.act(observation)
         else:
+            reasons = self._reasons(o, z_max)
             actions = np.zeros((len(reasons), self.n_actions))
             if ok.any():
                 actions[ok] = self.act(o[ok])
-        if self.soft_z is not None:
-            damped = z_max > self.soft_z   # (NaN compares False: such rows act 0 already)
-            if damped.any():
-                actions[damped] *= self._gain(z_max[damped])[:, None]
+        if self.soft_z is not None:   # (gain 1 up to soft_z; fallback rows act 0 already)
+            actions *= self._gain(z_max)[:, None]
         return actions, reasons
 
     def __repr__(self) -> str:

@@ -169,6 +169,52 @@ def test_actions_are_damped_between_soft_z_and_the_fallback(tmp_path):
             Policy(tmp_path / "b" / "bad.json")
 
 
+def test_decide_gives_the_same_decisions_row_by_row_and_in_a_batch(tmp_path):
+    """decide checks a few rows in plain Python and many with numpy: both give, per row, the actor's actions times
+    action_gain inside ood_z, action 0 and a reason outside it or for a non-finite row."""
+    policy = Policy(_write_policy(tmp_path, _Tanh(2), "soft", kind="share_and_order", soft_z=3.0))
+    rng = np.random.default_rng(0)
+    obs = rng.normal(0.0, 2.0, (40, N_OBSERVATIONS)).astype(np.float32)   # std 2: |z| 1 on average
+    obs[5, 2], obs[6, 0], obs[7, 9], obs[8, 16] = 7.0, -10.0, 13.0, -30.0   # |z| 3.5, 5, 6.5, 15
+    obs[9, 4], obs[10, 1], obs[11, 3] = np.nan, np.inf, 6.0                # 6.0: |z| 3, the soft limit itself
+    gain = policy.action_gain(obs)
+    want = policy.act(obs) * gain[:, None]
+    want_reasons = policy.out_of_range(obs)
+    assert gain[5] < 1.0 and gain[6] < 1.0 and [r is not None for r in want_reasons[7:11]] == [True] * 4
+    want[[r is not None for r in want_reasons]] = 0.0
+    batch, batch_reasons = policy.decide(obs)               # 40 rows: numpy
+    assert np.allclose(batch, want) and batch_reasons == want_reasons
+    for i in range(len(obs)):                               # one row: plain Python
+        row, row_reasons = policy.decide(obs[i:i + 1])
+        assert np.allclose(row, want[i:i + 1]) and row_reasons == want_reasons[i:i + 1]
+    assert np.allclose(policy.decide(obs[:8].astype(np.float64))[0], want[:8], atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \[B, "):
+        policy.decide(obs[:, :5])
+
+
+def test_graph_runner_calls_the_session_core_only_where_it_gives_the_public_output():
+    """graph_runner runs a CPU session through its compiled core, with the public run's output; a session without
+    that core (or on another provider) keeps the public run."""
+    from adaptive_core.learned import graph_runner
+    from adaptive_core.policy import resolve_policy_path
+    policy = Policy(resolve_policy_path("ppo_ve_guided"))
+    session = policy._session
+    probe = np.random.default_rng(1).normal(size=(3, N_OBSERVATIONS)).astype(np.float32)
+    run = graph_runner(session, "observation", "action", probe[:1])
+    assert run.__name__ == "direct"
+    assert np.array_equal(run(probe), session.run(["action"], {"observation": probe})[0])
+
+    class PublicOnly:   # an ONNX Runtime without the compiled core attribute
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+        def run(self, names, feeds):
+            return session.run(names, feeds)
+
+    run = graph_runner(PublicOnly(), "observation", "action", probe[:1])
+    assert run.__name__ == "public" and np.array_equal(run(probe), policy.act(probe).astype(np.float32))
+
+
 def test_damped_decisions_are_noted_in_the_trace(tmp_path):
     path = _write_policy(tmp_path, _Tanh(), "soft0", ood_z=1e6, soft_z=0.0)   # every row is damped a little
     tb = make_testbed("gaussian", "ve")
@@ -521,6 +567,20 @@ def test_policy_eval_auto_measures_the_domain_adapters_choice():
         named = evaluate_controller(None if want is None else f"policy:{want}", [(name, model_type)], [5], seeds)
         assert row["policy"] == named[row["testbed"]][5]["rmse"]
     assert "policy:auto" in res["policy"] and res["latency_us_per_decision"] > 0
+
+
+def test_policy_eval_latency_only_times_every_bundled_policy(capsys, hand_policy):
+    """``policy-eval --latency-only``: one row per policy (every bundled one for 'auto'), a positive time for 1
+    and 8 rows, and no sampling run."""
+    from adaptive_core.policy import bundled_policies
+    from adaptive_core.tune.policy_eval import main
+    assert main(["--policy", "auto", "--latency-only"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == bundled_policies()
+    assert all(float(t) > 0 for r in rows for t in r[1:])
+    assert main(["--policy", str(hand_policy), "--latency-only"]) == 0
+    assert "| hand |" in capsys.readouterr().out
+
 
 def test_keep_best_ends_with_the_best_evaluated_policy(monkeypatch):
     """--keep-best: the model and observation statistics handed back are those of the best periodic evaluation
