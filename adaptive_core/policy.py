@@ -280,12 +280,12 @@ class Policy:
         if soft_z is not None and (isinstance(soft_z, bool) or not isinstance(soft_z, (int, float))):
             raise PolicyLoadError(f"{self.path}: fallback soft_z must be a number, got {soft_z!r}")
         self.soft_z = None if soft_z is None else float(soft_z)
-        undamped_z = self.ood_z if self.soft_z is None else self.soft_z   # rows inside act undamped: decide's fast path
-        self._undamped_box = ((self._mean - undamped_z * self._std).tolist(),
-                              (self._mean + undamped_z * self._std).tolist())
         if self.soft_z is not None and not 0.0 <= self.soft_z < self.ood_z:
             raise PolicyLoadError(f"{self.path}: fallback soft_z must be in [0, ood_z={self.ood_z:g}), got "
                                   f"{self.soft_z:g}")
+        undamped_z = self.ood_z if self.soft_z is None else self.soft_z   # rows inside act undamped: decide's fast path
+        self._undamped_box = ((self._mean - undamped_z * self._std).tolist(),
+                              (self._mean + undamped_z * self._std).tolist())
         self._session, self.providers = open_verified_session(self.path, m.onnx_file, m.sha256, device, "policy",
                                                               PolicyLoadError, PolicyIntegrityError)
         check_io_names(self._session, m.input_name, m.output_name, self.path.parent / m.onnx_file, PolicyLoadError)
