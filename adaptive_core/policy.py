@@ -174,6 +174,13 @@ def policy_observation(features, estimates, base_share) -> np.ndarray:
     return np.concatenate(cols, 1).astype(np.float32)
 
 
+def _observation_rows(o: np.ndarray) -> np.ndarray:
+    """``o`` itself if it is a [B, N_OBSERVATIONS] array of observation rows, else a ValueError naming its shape."""
+    if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
+        raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
+    return o
+
+
 @dataclass
 class PolicyManifest(JsonManifest):
     """What a policy file is: the JSON written next to the ONNX actor.
@@ -301,9 +308,7 @@ class Policy:
     def act(self, observation: np.ndarray) -> np.ndarray:
         """Deterministic actions [B, n_actions] in [−1, 1] for raw observations [B, N_OBSERVATIONS]
         (normalisation is in the graph)."""
-        o = np.ascontiguousarray(observation, dtype=np.float32)
-        if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
-            raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
+        o = _observation_rows(np.ascontiguousarray(observation, dtype=np.float32))
         a = self._run_graph(o).reshape(o.shape[0], -1).astype(np.float64)
         if a.shape[1] != self.n_actions:
             raise PolicyLoadError(f"{self.path}: the graph gives {a.shape[1]} action(s) per row, its action kind "
@@ -369,9 +374,7 @@ class Policy:
         """(actions [B, n_actions], per-row fallback reason or None): rows out of the training range get action 0,
         the heuristic's own step and order; rows between ``soft_z`` and ``ood_z`` std out get the policy's actions
         scaled by :meth:`action_gain`."""
-        o = np.asarray(observation)
-        if o.ndim != 2 or o.shape[1] != N_OBSERVATIONS:
-            raise ValueError(f"policy observations must be [B, {N_OBSERVATIONS}], got shape {o.shape}")
+        o = _observation_rows(np.asarray(observation))
         if self._all_rows_undamped(o):
             return self.act(o), [None] * o.shape[0]
         o = o.astype(np.float64)

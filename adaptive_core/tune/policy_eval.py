@@ -238,7 +238,7 @@ def plot_per_image(res: dict, path: Path) -> None:
 
 
 def print_latency(spec: Path) -> int:
-    """Print the median latency per decision (:func:`decision_latency_us`, 1 and 8 rows) of the policy ``spec``
+    """Print the latency per decision (:func:`decision_latency_us`: the lowest block median; 1 and 8 rows) of ``spec``
     (a manifest path, or 'auto': every bundled policy)."""
     from ..policy import bundled_policies, load_policy
     names = bundled_policies() if str(spec) == "auto" else [str(spec)]
