@@ -6,8 +6,9 @@
 small policy to imitate another, e.g. an ensemble), ``python -m adaptive_core.tune policy-critic ...`` (fit the
 critic that fine-tuning a policy file starts from), ``python -m adaptive_core.tune policy-calibrate ...`` (fit a
 policy's step offset to a new model by a paired line search), ``python -m adaptive_core.tune policy-adapt ...``
-(adapt a policy to another trained network: its oracle grids, distillation, measurement) and
-``python -m adaptive_core.tune policy-study ...`` (the trials of a shared Optuna search)."""
+(adapt a policy to another trained network: its oracle grids, distillation, measurement),
+``python -m adaptive_core.tune policy-headroom ...`` (how much room a step policy has, and how much of it its
+observations reveal) and ``python -m adaptive_core.tune policy-study ...`` (the trials of a shared Optuna search)."""
 from __future__ import annotations
 
 import argparse
@@ -91,13 +92,13 @@ def monitor_main(argv) -> int:
 
 def main(argv=None) -> int:
     """Dispatch ``monitor``, ``monitor-eval``, ``policy``, ``policy-eval``, ``policy-study``, ``policy-ensemble``,
-    ``policy-distill``, ``policy-critic``, ``policy-calibrate`` and ``policy-adapt``."""
+    ``policy-distill``, ``policy-critic``, ``policy-calibrate``, ``policy-adapt`` and ``policy-headroom``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("monitor", "monitor-eval", "policy", "policy-eval", "policy-study",
                                        "policy-ensemble", "policy-distill", "policy-critic", "policy-calibrate",
-                                       "policy-adapt"):
+                                       "policy-adapt", "policy-headroom"):
         print("usage: python -m adaptive_core.tune {monitor,monitor-eval,policy,policy-eval,policy-study,policy-ensemble,"
-              "policy-distill,policy-critic,policy-calibrate,policy-adapt} [options]   (-h after the command)")
+              "policy-distill,policy-critic,policy-calibrate,policy-adapt,policy-headroom} [options]   (-h after the command)")
         return 2
     if argv[0] == "policy-study":
         from .policy_train import study_main
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
     if argv[0] == "policy-distill":
         from .policy_distill import main as distill_main
         return distill_main(argv[1:])
+    if argv[0] == "policy-headroom":
+        from .policy_headroom import main as headroom_main
+        return headroom_main(argv[1:])
     if argv[0] == "policy-adapt":
         from .policy_adapt import main as adapt_main
         return adapt_main(argv[1:])
