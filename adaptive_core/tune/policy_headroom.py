@@ -22,7 +22,9 @@ integrator and on the held-out measurement seeds (30000 on), against the heurist
 
 The observations are recorded on a run that follows the shared grid exactly (budget mode with the grid as the
 plan, ``schedule="host"``, and a policy that keeps the plan: :class:`GridObserver`), so the image at call k is the
-one every continuation starts from.  Calls k = 1 and ⌊NFE/2⌋ are measured.  The policy of ``policy:auto`` is
+one every continuation starts from.  Calls k = 1 and ⌊NFE/2⌋ are measured.  (A flow run's first call is at pure
+noise, where the denoiser predicts the same for every image: its observation at call 1 does not differ between
+images, and the rule there picks one continuation for all.)  The policy of ``policy:auto`` is
 measured on the same images for comparison.
 
 The report (``--out``, JSON, a markdown table on stdout and a bar chart next to the JSON) gives each bound as a
@@ -77,13 +79,22 @@ class GridObserver:
 def grid_observations(testbed, x: torch.Tensor, grid: torch.Tensor, model_type: str, prediction: str,
                       extra_args: dict | None = None) -> tuple[list[np.ndarray], torch.Tensor]:
     """The policy observations [B, 17] at calls 1 … NFE − 2 of a run that follows ``grid`` (σ, descending, ending
-    in 0; NFE = len(grid) − 1) exactly, and its samples (the last call is the end point's, decided by no policy).  The samples equal ADO's ``mode="fixed"`` run on the grid."""
+    in 0; NFE = len(grid) − 1) exactly, and its samples (the last call is the end point's, decided by no policy).
+    The samples equal ADO's ``mode="fixed"`` run on the grid with the same :func:`run_options`."""
     from ..sampler import sample_adaptive
     observer = GridObserver()
     nfe = int(grid.numel()) - 1
     out = sample_adaptive(testbed, x, grid, extra_args, nfe_budget=nfe, model_type=model_type, schedule="host",
-                          prediction=prediction, controller=observer)
+                          controller=observer, **run_options(prediction))
     return observer.observations, out
+
+
+def run_options(prediction: str) -> dict:
+    """The integrator options of every run here: the plan the bundled policies run on
+    (:data:`~adaptive_core.policy.LEGACY_BASE_PLAN`, the same with or without a policy) in the form ``prediction``
+    the oracle grid was fitted in."""
+    from ..policy import LEGACY_BASE_PLAN
+    return {**LEGACY_BASE_PLAN, "prediction": prediction}
 
 
 def continuation_grids(grid: torch.Tensor, model_type: str, after_call: int) -> list[torch.Tensor]:
@@ -167,7 +178,7 @@ def _per_image_errors(config, tb, seeds, x, ref, grids, prediction) -> np.ndarra
     from .policy_env import rmse_per_sample, set_config_labels
     set_config_labels(config, tb, seeds)
     return np.stack([rmse_per_sample(sample_adaptive(tb, x, g, model_type=config.model_type, mode="fixed",
-                                                     prediction=prediction), ref) for g in grids], 1)
+                                                     **run_options(prediction)), ref) for g in grids], 1)
 
 
 def per_image_oracle(config, tb, seeds, x, ref, grid, prediction, progress=None) -> np.ndarray:
@@ -182,7 +193,8 @@ def per_image_oracle(config, tb, seeds, x, ref, grid, prediction, progress=None)
         xi, ri = x[i:i + 1], ref[i:i + 1]
 
         def run(sigmas, xi=xi):
-            return sample_adaptive(tb, xi, sigmas, model_type=config.model_type, mode="fixed", prediction=prediction)
+            return sample_adaptive(tb, xi, sigmas, model_type=config.model_type, mode="fixed",
+                                   **run_options(prediction))
         errors.append(optimize_schedule(run, ri, grid, config.model_type, sweeps=2, iters=8)[1])
         if progress is not None:
             progress.update(1)
@@ -376,4 +388,5 @@ def main(argv) -> int:
 
 
 __all__ = ["GridObserver", "continuation_grids", "grid_observations", "markdown", "measure_cell",
-           "nearest_neighbour_choice", "oracle_grid_of", "parse_cell", "per_image_oracle", "plot", "pooled"]
+           "nearest_neighbour_choice", "oracle_grid_of", "parse_cell", "per_image_oracle", "plot", "pooled",
+           "run_options"]
