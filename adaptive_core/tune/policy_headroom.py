@@ -211,7 +211,6 @@ def measure_cell(testbed: str, model_type: str, cfg: float, nfe: int, train_seed
         TRAINED_REFERENCE_STEPS,
         Config,
         evaluate_controller,
-        make_config_testbed,
         noise_and_reference,
         set_config_labels,
     )
@@ -225,14 +224,13 @@ def measure_cell(testbed: str, model_type: str, cfg: float, nfe: int, train_seed
     steps = TRAINED_REFERENCE_STEPS if reference_steps is None else int(reference_steps)
     config = Config(testbed, model_type, float(cfg))
     grid, prediction = oracle_grid_of(config.key, nfe, oracle_files)
-    tb = make_config_testbed(config)
     refs: dict = {}
     kw = {"cfg_scales": (float(cfg),), "reference_steps": steps}
     heur = np.array(evaluate_controller(None, [(testbed, model_type)], [nfe], seeds, refs, **kw)[config.key][nfe]
                     ["rmse_images"])
     auto = np.array(evaluate_controller("policy:auto", [(testbed, model_type)], [nfe], seeds, refs, **kw)
                     [config.key][nfe]["rmse_images"])
-    _, x, ref = refs[config.key]
+    tb, x, ref = refs[config.key]   # the testbed the measurement seeds were drawn on
     x_train, ref_train = noise_and_reference(config, tb, train_seeds, steps)
     set_config_labels(config, tb, train_seeds)
     obs_train, _ = grid_observations(tb, x_train, grid, model_type, prediction)
