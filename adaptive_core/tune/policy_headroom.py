@@ -212,6 +212,7 @@ def measure_cell(testbed: str, model_type: str, cfg: float, nfe: int, train_seed
         Config,
         evaluate_controller,
         noise_and_reference,
+        rmse_per_sample,
         set_config_labels,
     )
     if nfe < 3:
@@ -232,18 +233,22 @@ def measure_cell(testbed: str, model_type: str, cfg: float, nfe: int, train_seed
                     [config.key][nfe]["rmse_images"])
     tb, x, ref = refs[config.key]   # the testbed the measurement seeds were drawn on
     x_train, ref_train = noise_and_reference(config, tb, train_seeds, steps)
+    # the observed runs are the shared grid's fixed runs: their errors are every decision call's first column
     set_config_labels(config, tb, train_seeds)
-    obs_train, _ = grid_observations(tb, x_train, grid, model_type, prediction)
+    obs_train, out_train = grid_observations(tb, x_train, grid, model_type, prediction)
+    shared_train = rmse_per_sample(out_train, ref_train)
     set_config_labels(config, tb, seeds)
-    obs, _ = grid_observations(tb, x, grid, model_type, prediction)
+    obs, out = grid_observations(tb, x, grid, model_type, prediction)
+    shared = rmse_per_sample(out, ref)
     h = pooled(heur)
     row = {"configuration": config.key, "nfe": int(nfe), "train_seeds": [min(train_seeds), max(train_seeds) + 1],
            "seeds": [min(seeds), max(seeds) + 1], "heuristic_rmse": h, "policy_auto": pooled(auto) / h,
            "shared_oracle_grid": grid.tolist(), "prediction": prediction, "decide_after_call": {}}
     for k in sorted({1, max(1, nfe // 2)}):
         grids = continuation_grids(grid, model_type, k)
-        err_train = _per_image_errors(config, tb, train_seeds, x_train, ref_train, grids, prediction)
-        err = _per_image_errors(config, tb, seeds, x, ref, grids, prediction)
+        err_train = np.c_[shared_train, _per_image_errors(config, tb, train_seeds, x_train, ref_train, grids[1:],
+                                                           prediction)]
+        err = np.c_[shared, _per_image_errors(config, tb, seeds, x, ref, grids[1:], prediction)]
         cell = {"shared_grid": pooled(err[:, 0]) / h,
                 "best_single_continuation": min(pooled(err[:, j]) for j in range(err.shape[1])) / h,
                 "per_image_best_continuation": pooled(err.min(1)) / h,
@@ -285,7 +290,7 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels, series = [], {"policy:auto": [], "shared oracle grid": [], "best single continuation": [],
-                          "chosen from the observation (k = 64)": [], "per-image best continuation (hindsight)": [],
+                          f"chosen from the observation (k = {NEIGHBOURS[-1]})": [], "per-image best continuation (hindsight)": [],
                           "per-image oracle (hindsight)": []}
     for r in rows:
         for k, c in r["decide_after_call"].items():
